@@ -1,0 +1,125 @@
+"""Typed settings of the algorithms.
+
+Every field carries a docstring (the string literal under it); `launch.config` reads them to
+explain keys and a test checks none is missing. Defaults are the reference implementation's
+sizes (the `paper` preset); `configs/size/tiny.yaml` shrinks them for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    deter: int = 200
+    """Size of the GRU's deterministic state h_t."""
+    hidden: int = 200
+    """Width of the RSSM's input and prior/posterior hidden layers."""
+    stoch: int = 32
+    """Number of categorical latent variables in the stochastic state."""
+    classes: int = 32
+    """Number of classes of each categorical latent variable."""
+    mlp_units: int = 400
+    """Width of the MLP encoder, decoder and reward head."""
+    mlp_layers: int = 4
+    """Depth of the MLP encoder, decoder and reward head."""
+    cnn_depth: int = 48
+    """Channels of the first convolution of the pixel encoder (doubled at each of 4 layers)."""
+    kl_balance: float = 0.8
+    """Weight of the prior's side of the balanced KL (DreamerV2 KL balancing)."""
+    kl_free: float = 1.0
+    """Free nats applied to the batch-mean KL."""
+    lr: float = 3e-4
+    """Adam learning rate of the world model."""
+    eps: float = 1e-5
+    """Adam epsilon of the world model."""
+    grad_clip: float = 100.0
+    """Gradient-norm clip of the world model."""
+    weight_decay: float = 1e-6
+    """Multiplicative decay applied to the world model's parameters before each Adam step."""
+
+
+@dataclass(frozen=True)
+class ActorCriticConfig:
+    horizon: int = 15
+    """Imagination horizon in steps (the rollout holds horizon + 1 states)."""
+    discount: float = 0.99
+    """Constant discount of imagined returns (no discount head: these tasks never terminate)."""
+    lambda_: float = 0.95
+    """Lambda of the lambda-returns."""
+    units: int = 400
+    """Width of actor and critic MLPs."""
+    layers: int = 4
+    """Depth of actor and critic MLPs."""
+    actor_lr: float = 8e-5
+    """Adam learning rate of every actor (exploration, skills, meta-controller)."""
+    critic_lr: float = 8e-5
+    """Adam learning rate of every critic."""
+    eps: float = 1e-5
+    """Adam epsilon of actors and critics."""
+    grad_clip: float = 100.0
+    """Gradient-norm clip of actors and critics."""
+    actor_min_std: float = 0.1
+    """Lower bound of the actor's standard deviation."""
+    actor_entropy: float = 0.0
+    """Entropy bonus of the actors during pretraining."""
+    slow_target_every: int = 100
+    """Updates between copies of the critic into its slow target."""
+    slow_target_fraction: float = 1.0
+    """Fraction of the critic mixed into the slow target at each copy (1 = hard copy)."""
+
+
+@dataclass(frozen=True)
+class ChoreographerConfig:
+    num_codes: int = 64
+    """Number of skills: codes in the VQ-VAE codebook."""
+    code_dim: int = 16
+    """Dimension of each code."""
+    ema_decay: float = 0.99
+    """Decay of the codebook's exponential moving averages."""
+    commitment: float = 1e-4
+    """Weight of the VQ commitment loss."""
+    resample_every: int = 200
+    """Skill updates between code resamplings (0 switches resampling off)."""
+    skill_lr: float = 8e-5
+    """Adam learning rate of the skill auto-encoder."""
+    knn_k: int = 30
+    """Neighbours of the k-NN particle entropy reward (the point itself included)."""
+    knn_clip: float = 1e-4
+    """Distances are reduced by this and clipped at 0 before averaging."""
+    knn_chunk: int = 2048
+    """Rows per chunk of the exact k-NN computation; bounds its memory to chunk x N."""
+    knn_bf16: bool = False
+    """Compute k-NN distances in bfloat16 (approximate; faster where the CPU/GPU supports it)."""
+    exploration_reward_momentum: float = 0.95
+    """Momentum of the running magnitude that normalises the LBS exploration reward."""
+    reward_gate: float = 1e-4
+    """Fine-tuning trains only the world model until a batch holds a reward at least this big."""
+    random_skill_every: int = 125
+    """Agent steps a random skill is held while the reward gate is closed."""
+    meta_entropy: float = 1e-4
+    """Entropy bonus of the meta-controller."""
+    finetune_actor_entropy: float = 1e-4
+    """Entropy bonus of the skill actors during fine-tuning."""
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    autocast: Literal["auto", "off", "bf16"] = "auto"
+    """Mixed precision of the learner: auto = bf16 autocast on CUDA, float32 on the CPU."""
+    compile: bool = False
+    """Compile the update's hot modules with torch.compile (CUDA only)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    """The DreamerV2-style world model."""
+    actor_critic: ActorCriticConfig = field(default_factory=ActorCriticConfig)
+    """Actor-critics trained in imagination."""
+    choreographer: ChoreographerConfig = field(default_factory=ChoreographerConfig)
+    """Skill codebook, skill rewards, exploration and meta-controller."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Mixed precision and compilation."""

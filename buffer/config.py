@@ -1,0 +1,23 @@
+"""Typed settings of the replay service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int = 2_000_000
+    """Steps held in all shards together; the oldest are evicted first."""
+    batch_size: int = 50
+    """Sequences per training batch."""
+    batch_length: int = 50
+    """Steps per sequence; a sequence never crosses an episode boundary."""
+    chunk_length: int = 50
+    """Steps per chunk that an environment worker sends to its shard."""
+    samples_per_insert: float = 250.0
+    """Target ratio of sampled to inserted steps (0 = no limit: actors and learner run freely)."""
+    tolerance: float = 0.1
+    """Relative tolerance around samples_per_insert before the learner or the actors wait."""
+    min_size: int = 4000
+    """Steps the replay must hold before the learner starts sampling."""

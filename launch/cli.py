@@ -1,0 +1,97 @@
+"""The `choreo` command line. Subcommands import their modules lazily so that `choreo config`
+answers in a fraction of a second (torch alone takes one)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="preset from configs/{algo,suite,size}/ (repeatable), e.g. --preset pixels --preset tiny")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. agent.world_model.lr=1e-4")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from launch.config import iter_fields, load_config, to_yaml
+
+    config = load_config(args.preset, args.overrides)
+    if args.explain:
+        for key, _tp, doc in iter_fields():
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            print(f"{key} = {value!r}\n    {doc}")
+    else:
+        sys.stdout.write(to_yaml(config))
+    return 0
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    from launch.envs_cmd import check_envs, list_envs
+
+    if args.check:
+        return check_envs(args.ids, obs=args.obs)
+    return list_envs(args.ids)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from launch import bench
+
+    return bench.main(args.what, args.rest, as_json=args.json)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from launch.pretrain import pretrain
+
+    return pretrain(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="choreo", description="Unsupervised skill learning with world models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _config_args(p)
+    p.add_argument("--explain", action="store_true", help="print every key with its value and meaning")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("envs", help="list environments, or check that they build and step")
+    p.add_argument("ids", nargs="*", help="environment ids (default: all built-in ids)")
+    p.add_argument("--check", action="store_true", help="build, reset and step each id; exit non-zero naming failures")
+    p.add_argument("--obs", choices=["states", "pixels"], default="states")
+    p.set_defaults(func=cmd_envs)
+
+    p = sub.add_parser("bench", help="measure speed and memory (figures, not tests)")
+    p.add_argument("what", choices=["envs", "learner"])
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pretrain", help="pretrain skills without rewards")
+    _config_args(p)
+    p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
+    p.add_argument("--local", action="store_true", help="run every component in this process, without Ray")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launch.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"choreo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("choreo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The run configuration: typed, composed from YAML presets, validated before anything starts.
+
+Composition order (later wins):
+    configs/base.yaml -> configs/algo/<algo>.yaml -> configs/suite/<suite>.yaml
+    -> configs/size/<size>.yaml -> key=value overrides from the command line.
+
+`--preset NAME` picks the preset NAME from whichever group has it, so `--preset pixels --preset
+tiny` and `--preset tiny --preset pixels` mean the same. The group choices are themselves keys
+(`algo`, `suite`, `size`) and may also be given as overrides (`algo=dads`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from actors.config import EnvConfig
+from agents.config import AgentConfig
+from buffer.config import ReplayConfig
+from learner.config import LearnerConfig
+
+CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+GROUPS = ("algo", "suite", "size")
+"""Preset groups, in composition order after base."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the key or file at fault."""
+
+
+@dataclass(frozen=True)
+class Config:
+    algo: Literal["choreographer", "dads"] = "choreographer"
+    """Algorithm; selects configs/algo/<algo>.yaml."""
+    suite: Literal["states", "pixels", "metaworld"] = "states"
+    """Observation suite; selects configs/suite/<suite>.yaml."""
+    size: Literal["paper", "tiny"] = "paper"
+    """Model and run size; selects configs/size/<size>.yaml."""
+    seed: int = 0
+    """Root seed; every actor, environment and shard seed is derived from it."""
+    logdir: str = "runs"
+    """Folder that holds the run directories."""
+    run_name: str = ""
+    """Name of the run directory under logdir (empty: <task>-<algo>-<timestamp>)."""
+    num_actors: int = 2
+    """Environment workers (Ray actors)."""
+    envs_per_actor: int = 1
+    """Environments stepped by each worker with one batched policy call."""
+    num_shards: int = 1
+    """Replay shards (Ray actors)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The environment."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """The algorithm's networks and losses."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """The sharded replay service."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The learner process."""
+
+
+# ----------------------------------------------------------------------------- field docs
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass: the string literal under each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
+    """(dotted key, type, doc) for every leaf field under cls."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, docs.get(f.name, "")
+
+
+# ----------------------------------------------------------------------------- value checking
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """value as type tp, or a ConfigError naming key. Strings from the command line are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(key, v, typing.get_args(tp)[0]) for v in value)
+    elif tp is type(None):
+        if value is None or value in ("null", "None", "none"):
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            return value
+        else:
+            try:
+                number = float(value)  # accepts 2e6 and 2_000_000
+            except (TypeError, ValueError):
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _unknown_key(key: str, section_cls: type, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(section_cls)]
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys in {where}: {', '.join(names)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, cls, prefix)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. '{key}.<name>=...'")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{p}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_yaml(path: Path) -> dict:
+    """A preset file as a dict, with a clear error for unreadable or malformed YAML."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed YAML in {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def available_presets() -> dict[str, list[str]]:
+    """Preset names by group, from the files in CONFIG_DIR."""
+    return {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in GROUPS}
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r} is not of the form key=value (dotted keys for sections)")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[str] = ()) -> Config:
+    """Compose base, the group presets and the overrides into a validated Config."""
+    by_group = available_presets()
+    choice: dict[str, str] = {}
+    for name in presets:
+        groups = [g for g, names in by_group.items() if name in names]
+        if not groups:
+            valid = ", ".join(n for names in by_group.values() for n in names)
+            raise ConfigError(f"unknown preset '{name}'; valid presets: {valid}")
+        choice[groups[0]] = name
+    parsed = [parse_override(o) for o in overrides]
+    for key, value in parsed:
+        if key in GROUPS:
+            if value not in by_group[key]:
+                raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(by_group[key])}")
+            choice[key] = value
+
+    tree = load_yaml(CONFIG_DIR / "base.yaml")
+    for group in GROUPS:
+        name = choice.get(group, tree.get(group, getattr(Config, group)))
+        if name not in by_group[group]:
+            raise ConfigError(f"config key '{group}': {name!r} is not one of {', '.join(by_group[group])}")
+        tree = _merge(tree, load_yaml(CONFIG_DIR / group / f"{name}.yaml"))
+        tree[group] = name
+    for key, value in parsed:
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Combinations that cannot run, caught before anything starts."""
+    from actors.envs import ENV_IDS, is_gym_id
+
+    task = config.env.task
+    if task not in ENV_IDS and not is_gym_id(task):
+        close = difflib.get_close_matches(task, ENV_IDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"config key 'env.task': unknown environment {task!r}{hint}; "
+            f"valid: {', '.join(ENV_IDS)}, or gym:<id> for any gymnasium environment"
+        )
+    if config.suite == "metaworld" and not task.startswith("mw_"):
+        raise ConfigError(f"config key 'env.task': suite 'metaworld' needs a Meta-World task (mw_reach), not {task!r}")
+    if config.algo == "dads" and config.env.obs == "pixels":
+        raise ConfigError("config key 'env.obs': DADS learns from states only; use suite=states with algo=dads")
+    positive = {
+        "env.action_repeat": config.env.action_repeat,
+        "env.image_size": config.env.image_size,
+        "num_actors": config.num_actors,
+        "envs_per_actor": config.envs_per_actor,
+        "num_shards": config.num_shards,
+        "replay.batch_size": config.replay.batch_size,
+        "replay.batch_length": config.replay.batch_length,
+        "replay.chunk_length": config.replay.chunk_length,
+        "agent.choreographer.num_codes": config.agent.choreographer.num_codes,
+        "agent.choreographer.knn_k": config.agent.choreographer.knn_k,
+        "agent.choreographer.knn_chunk": config.agent.choreographer.knn_chunk,
+        "agent.actor_critic.horizon": config.agent.actor_critic.horizon,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
+    if config.env.obs == "pixels" and config.env.image_size != 64:
+        raise ConfigError(
+            f"config key 'env.image_size': the convolutional encoder takes 64x64 images, got {config.env.image_size}"
+        )
+    if not 0 <= config.env.goal_index < 50:
+        raise ConfigError(f"config key 'env.goal_index' must be in 0..49, got {config.env.goal_index}")
+    if config.env.goal_set not in (1, 2, 3):
+        raise ConfigError(f"config key 'env.goal_set' must be 1, 2 or 3, got {config.env.goal_set}")
+    if config.replay.samples_per_insert < 0:
+        raise ConfigError("config key 'replay.samples_per_insert' must be >= 0 (0 switches the limiter off)")
+    if config.replay.batch_size * config.replay.batch_length > config.replay.capacity:
+        raise ConfigError("config key 'replay.capacity' is smaller than one batch (batch_size x batch_length)")
+    if not 0 < config.agent.choreographer.ema_decay < 1:
+        raise ConfigError("config key 'agent.choreographer.ema_decay' must be in (0, 1)")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(config: Any) -> dict:
+    """A plain nested dict (tuples as lists) for YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def from_yaml_file(path: Path) -> Config:
+    """Read a resolved config back, e.g. from a run directory."""
+    config = _build(Config, load_yaml(path))
+    validate(config)
+    return config
+
+
+def save_config(config: Config, run_dir: Path) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(config))
+    os.replace(tmp, path)
+    return path

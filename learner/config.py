@@ -1,0 +1,24 @@
+"""Typed settings of the learner process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner trains: auto picks CUDA when there is one."""
+    total_frames: int = 2_000_000
+    """Environment frames (agent steps x action repeat) of the whole run."""
+    seed_frames: int = 4000
+    """Frames of uniformly random actions in [-1, 1] before the policy acts."""
+    publish_every: int = 10
+    """Updates between publications of the acting weights."""
+    checkpoint_minutes: float = 10.0
+    """Minutes between checkpoints of the learner state and the replay."""
+    snapshot_frames: tuple[int, ...] = field(default=(100_000, 500_000, 1_000_000, 2_000_000))
+    """Frame counts at which a snapshot for fine-tuning is written."""
+    log_every: int = 100
+    """Updates between metric writes to TensorBoard."""
