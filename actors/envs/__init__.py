@@ -1,9 +1,34 @@
 """Environments: the URL benchmark on dm_control, Meta-World sparse reach, any gymnasium env.
 
-Every environment is a gymnasium.Env with a Box action space in [-1, 1].
+Every environment is a gymnasium.Env with a Box action space in [-1, 1], float32 flat state
+observations or uint8 [3, S, S] pixel observations, rewards summed over the action repeat and an
+episode length counted in agent steps (`truncated` on the last step; the built-in tasks never
+terminate). Build one with `make_env` / `make_env_from_config`, or through gymnasium:
+`gymnasium.make("choreo/walker_flip", obs="pixels")`.
+
+Importing this package is cheap: dm_control, Meta-World and MuJoCo load on the first `make_env`.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # pixels render on the CPU; before mujoco is imported
+
+import difflib
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+import gymnasium
+
+from actors.envs.base import OBS_KINDS
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from actors.config import EnvConfig
 
 URLB_IDS = (
     "walker_stand", "walker_walk", "walker_run", "walker_flip",
@@ -13,7 +38,198 @@ URLB_IDS = (
 METAWORLD_IDS = ("mw_reach",)
 ENV_IDS = URLB_IDS + METAWORLD_IDS
 GYM_PREFIX = "gym:"
+REGISTRY_PREFIX = "choreo/"
 
 
 def is_gym_id(task: str) -> bool:
     return task.startswith(GYM_PREFIX) and len(task) > len(GYM_PREFIX)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Static facts about an environment id."""
+
+    id: str
+    domain: str
+    """walker, quadruped, jaco, metaworld or gym."""
+    episode_frames: int | None
+    """Simulator frames (control steps) per episode; None: no time limit."""
+    episode_length_ar1: int | None
+    """Agent steps per episode at action repeat 1."""
+    episode_length_ar2: int | None
+    """Agent steps per episode at action repeat 2."""
+    supports_pixels: bool
+    has_success: bool
+    """Whether `info["success"]` is reported."""
+    state_dim: int
+    action_dim: int
+    default_action_repeat_states: int = 1
+    default_action_repeat_pixels: int = 2
+
+    def episode_length(self, action_repeat: int) -> int | None:
+        """Agent steps per episode at the given action repeat."""
+        return None if self.episode_frames is None else math.ceil(self.episode_frames / action_repeat)
+
+    def default_action_repeat(self, obs: str) -> int:
+        return self.default_action_repeat_pixels if obs == "pixels" else self.default_action_repeat_states
+
+
+# Frames, state and action dims of the built-in domains (the tests check them against the envs).
+_BUILTIN = {
+    # domain: (frames, state_dim, action_dim, has_success, AR for states, AR for pixels)
+    "walker": (1000, 24, 6, False, 1, 2),
+    "quadruped": (1000, 78, 12, False, 1, 2),
+    "jaco": (250, 55, 9, True, 1, 2),
+    "metaworld": (500, 39, 4, True, 2, 2),
+}
+
+
+def _domain(task: str) -> str:
+    if task in METAWORLD_IDS:
+        return "metaworld"
+    return task.split("_", 1)[0]
+
+
+def _unknown(task: str) -> ValueError:
+    close = difflib.get_close_matches(task, ENV_IDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(
+        f"unknown environment id {task!r}{hint}; valid: {', '.join(ENV_IDS)}, "
+        f"or {GYM_PREFIX}<id> for any gymnasium environment with a Box action space"
+    )
+
+
+def env_spec(task: str) -> EnvSpec:
+    """Static facts about `task`. For gym ids the environment is built once to read its spaces."""
+    if task in ENV_IDS:
+        domain = _domain(task)
+        frames, state_dim, action_dim, success, ar_states, ar_pixels = _BUILTIN[domain]
+        return EnvSpec(
+            id=task,
+            domain=domain,
+            episode_frames=frames,
+            episode_length_ar1=frames,
+            episode_length_ar2=math.ceil(frames / 2),
+            supports_pixels=True,
+            has_success=success,
+            state_dim=state_dim,
+            action_dim=action_dim,
+            default_action_repeat_states=ar_states,
+            default_action_repeat_pixels=ar_pixels,
+        )
+    if is_gym_id(task):
+        return _gym_spec(task)
+    raise _unknown(task)
+
+
+@cache
+def _gym_spec(task: str) -> EnvSpec:
+    env = make_env(task, "states")
+    try:
+        frames = env.episode_frames
+        render_modes = env.inner.metadata.get("render_modes", [])
+        return EnvSpec(
+            id=task,
+            domain="gym",
+            episode_frames=frames,
+            episode_length_ar1=frames,
+            episode_length_ar2=None if frames is None else math.ceil(frames / 2),
+            supports_pixels="rgb_array" in render_modes,
+            has_success=False,
+            state_dim=int(env.observation_space.shape[0]),
+            action_dim=int(env.action_space.shape[0]),
+        )
+    finally:
+        env.close()
+
+
+def make_env(
+    task: str,
+    obs: str = "states",
+    seed: int = 0,
+    action_repeat: int | None = None,
+    image_size: int = 64,
+    goal_set: int = 1,
+    goal_index: int = 0,
+) -> gymnasium.Env:
+    """Build environment `task`.
+
+    obs: "states" (float32 [D]) or "pixels" (uint8 [3, image_size, image_size]).
+    seed: seeds the first episode (and the action space); `reset(seed=...)` reseeds.
+    action_repeat: frames per agent step, rewards summed; None: 1 for states, 2 for pixels
+        (mw_reach: 2 for both).
+    goal_set, goal_index: the Meta-World reach goal (ignored by other tasks).
+    """
+    if obs not in OBS_KINDS:
+        raise ValueError(f"obs must be one of {OBS_KINDS}, got {obs!r}")
+    if task not in ENV_IDS and not is_gym_id(task):
+        raise _unknown(task)
+    if action_repeat is None:
+        action_repeat = (2 if obs == "pixels" else 1) if is_gym_id(task) else env_spec(task).default_action_repeat(obs)
+    if isinstance(action_repeat, bool) or not isinstance(action_repeat, int) or action_repeat < 1:
+        raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+    if is_gym_id(task):
+        from actors.envs.gym_adapter import GymEnv
+
+        return GymEnv(task, obs, action_repeat, image_size, seed)
+    domain = _domain(task)
+    if domain in ("walker", "quadruped"):
+        from actors.envs.dmc import DMCEnv
+
+        return DMCEnv(task, obs, action_repeat, image_size, seed)
+    if domain == "jaco":
+        from actors.envs.jaco import JacoEnv
+
+        return JacoEnv(task, obs, action_repeat, image_size, seed)
+    from actors.envs.metaworld_reach import MetaWorldReach
+
+    return MetaWorldReach(task, obs, action_repeat, image_size, seed, goal_set=goal_set, goal_index=goal_index)
+
+
+def make_env_from_config(cfg: EnvConfig, seed: int) -> gymnasium.Env:
+    """Build the environment an `EnvConfig` describes (its action repeat is used as given)."""
+    return make_env(
+        cfg.task,
+        obs=cfg.obs,
+        seed=seed,
+        action_repeat=cfg.action_repeat,
+        image_size=cfg.image_size,
+        goal_set=cfg.goal_set,
+        goal_index=cfg.goal_index,
+    )
+
+
+def metaworld_goals(goal_set: int) -> np.ndarray:
+    """The 50 Meta-World reach goals [50, 3] of goal set `goal_set` (its integer seed)."""
+    from actors.envs.metaworld_reach import metaworld_goals as goals
+
+    return goals(goal_set)
+
+
+def _registered_entry(**kwargs) -> gymnasium.Env:
+    return make_env(**kwargs)
+
+
+def register_envs() -> None:
+    """Register every built-in id with gymnasium as `choreo/<id>` (idempotent)."""
+    for task in ENV_IDS:
+        name = REGISTRY_PREFIX + task
+        if name in gymnasium.registry:
+            continue
+        gymnasium.register(
+            id=name,
+            entry_point=_registered_entry,
+            kwargs={"task": task},
+            disable_env_checker=task in METAWORLD_IDS,
+        )
+
+
+register_envs()
+
+__all__ = [
+    "ENV_IDS", "EnvSpec", "GYM_PREFIX", "METAWORLD_IDS", "OBS_KINDS", "URLB_IDS", "env_spec", "is_gym_id",
+    "make_env", "make_env_from_config", "metaworld_goals", "register_envs",
+]  # fmt: skip

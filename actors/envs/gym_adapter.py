@@ -1,0 +1,111 @@
+"""`gym:<id>`: any installed gymnasium environment with a Box action space, behind the same
+interface as the built-in tasks (actions in [-1, 1], action repeat, flat float32 states or
+uint8 [3, S, S] pixels from `render()`)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # gymnasium's MuJoCo envs import mujoco
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from actors.envs.base import ChoreoEnv
+
+
+def resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] -> [size, size, C] by nearest-neighbour sampling at pixel centres."""
+    h, w = image.shape[:2]
+    if h == size and w == size:
+        return image
+    rows = ((np.arange(size) + 0.5) * (h / size)).astype(np.intp)
+    cols = ((np.arange(size) + 0.5) * (w / size)).astype(np.intp)
+    return image[rows[:, None], cols[None, :]]
+
+
+def _make_inner(gym_id: str, pixels: bool, image_size: int) -> gymnasium.Env:
+    if gym_id not in gymnasium.registry:
+        import difflib
+
+        close = difflib.get_close_matches(gym_id, list(gymnasium.registry), n=3)
+        hint = f"; did you mean {', '.join('gym:' + c for c in close)}?" if close else ""
+        raise ValueError(f"unknown gymnasium environment 'gym:{gym_id}'{hint}")
+    if not pixels:
+        return gymnasium.make(gym_id)
+    try:  # MuJoCo-based envs take the image size directly: no large render to shrink
+        return gymnasium.make(gym_id, render_mode="rgb_array", width=image_size, height=image_size)
+    except TypeError:
+        return gymnasium.make(gym_id, render_mode="rgb_array")
+
+
+class GymEnv(ChoreoEnv):
+    def __init__(self, task: str, obs: str, action_repeat: int, image_size: int, seed: int | None) -> None:
+        gym_id = task[len("gym:"):]
+        inner = _make_inner(gym_id, obs == "pixels", image_size)
+        if not isinstance(inner.action_space, spaces.Box):
+            space = inner.action_space
+            inner.close()
+            raise ValueError(
+                f"{task}: action space {space} is not a Box; only continuous (Box) action spaces are supported"
+            )
+        self._inner = inner
+        obs_space = inner.observation_space
+        self._flat_box = isinstance(obs_space, spaces.Box)
+        self._obs_space = obs_space
+        state_dim = int(np.prod(obs_space.shape)) if self._flat_box else int(spaces.flatdim(obs_space))
+        limit = inner.spec.max_episode_steps if inner.spec is not None else None
+        model = getattr(inner.unwrapped, "model", None)
+        if model is not None and hasattr(model, "vis"):  # MuJoCo: fast software renders
+            model.vis.quality.shadowsize = 0
+            model.vis.quality.offsamples = 0
+        self._last_obs: Any = None
+        low, high = inner.action_space.low, inner.action_space.high
+        self._action_dtype = inner.action_space.dtype
+        super().__init__(task, obs, action_repeat, image_size, low.ravel(), high.ravel(), limit, state_dim, seed)
+        self._action_shape = inner.action_space.shape
+        inner.action_space.seed(seed)
+
+    @property
+    def inner(self) -> gymnasium.Env:
+        return self._inner
+
+    def _reset_sim(self, seed: int | None) -> dict[str, Any]:
+        self._last_obs, info = self._inner.reset(seed=seed)
+        return info
+
+    def _frame(self, action: np.ndarray) -> tuple[float, bool, float]:
+        a = action.reshape(self._action_shape).astype(self._action_dtype, copy=False)
+        obs, reward, terminated, truncated, _info = self._inner.step(a)
+        self._last_obs = obs
+        self._frame_truncated = bool(truncated)
+        return float(reward), bool(terminated), 0.0
+
+    def _state_obs(self) -> np.ndarray:
+        if self._flat_box:
+            return np.asarray(self._last_obs, np.float32).reshape(-1)
+        return np.asarray(spaces.flatten(self._obs_space, self._last_obs), np.float32)
+
+    def _render_frame(self) -> np.ndarray:
+        frame = self._inner.render()
+        if frame is None:
+            raise RuntimeError(f"{self.task_id}: render() returned no image")
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] < 3:
+            raise RuntimeError(f"{self.task_id}: render() returned shape {frame.shape}, expected [H, W, 3]")
+        return np.ascontiguousarray(resize_nearest(frame[..., :3], self.image_size), dtype=np.uint8)
+
+    def close(self) -> None:
+        inner = getattr(self, "_inner", None)
+        if inner is not None:
+            inner.close()
+            self._inner = None
+
+
+def gym_episode_frames(gym_id: str) -> int | None:
+    """The registered time limit of a gymnasium id, in its own steps."""
+    return gymnasium.spec(gym_id).max_episode_steps
+
