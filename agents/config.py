@@ -31,6 +31,8 @@ class WorldModelConfig:
     """Weight of the prior's side of the balanced KL (DreamerV2 KL balancing)."""
     kl_free: float = 1.0
     """Free nats applied to the batch-mean KL."""
+    reward_grad: bool = False
+    """Let the reward loss shape the representation (False: the reward head sees detached features)."""
     lr: float = 3e-4
     """Adam learning rate of the world model."""
     eps: float = 1e-5
@@ -61,6 +63,8 @@ class ActorCriticConfig:
     """Adam epsilon of actors and critics."""
     grad_clip: float = 100.0
     """Gradient-norm clip of actors and critics."""
+    weight_decay: float = 1e-6
+    """Multiplicative decay applied to actor and critic parameters before each Adam step."""
     actor_min_std: float = 0.1
     """Lower bound of the actor's standard deviation."""
     actor_entropy: float = 0.0

@@ -1,0 +1,241 @@
+"""Actor-critic trained in imagination (DreamerV2 style, dynamics backpropagation), its optimizer,
+and lambda-returns.
+
+One `ActorCritic.update` imagines `horizon` steps from a batch of start states with the actor,
+scores them with a caller-supplied reward function, and takes one Adam step on the actor and one
+on the critic. The world model is used, never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from agents.config import ActorCriticConfig
+from agents.distributions import TruncatedNormal
+from agents.nets import MLP, frozen
+from agents.world_model import State, Trajectory, WorldModel, imagine
+
+
+class Optimizer:
+    """Adam with a gradient-norm clip and the reference's multiplicative weight decay.
+
+    `step(loss)`: zero the gradients, backpropagate, clip the global gradient norm to `grad_clip`,
+    decay every parameter as p <- (1 - weight_decay) p (not scaled by lr; biases and norms
+    included), then take the Adam step. Returns `{name}/loss` and `{name}/grad_norm` (the norm
+    before clipping) as detached 0-d tensors.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, grad_clip: float,
+                 weight_decay: float = 0.0, name: str = "optimizer") -> None:
+        self.params = list(params)
+        self.name = name
+        self.grad_clip = grad_clip
+        self.weight_decay = weight_decay
+        fast = {"fused": True} if _fused_adam_ok(self.params) else {"foreach": True}
+        self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, betas=(0.9, 0.999), **fast)
+
+    def step(self, loss: Tensor) -> dict[str, Tensor]:
+        self.adam.zero_grad(set_to_none=True)
+        loss.backward()
+        return {f"{self.name}/loss": loss.detach(), **self.apply()}
+
+    def apply(self) -> dict[str, Tensor]:
+        """Clip, decay and step with the gradients already in `.grad`."""
+        grads = [p for p in self.params if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+        if self.weight_decay:
+            with torch.no_grad():
+                torch._foreach_mul_(self.params, 1.0 - self.weight_decay)
+        self.adam.step()
+        return {f"{self.name}/grad_norm": norm.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.adam.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adam.load_state_dict(state)
+
+
+def _fused_adam_ok(params: list[nn.Parameter]) -> bool:
+    """Fused Adam (one kernel for all parameters) where this build supports their device."""
+    return bool(params) and all(p.is_floating_point() for p in params) and params[0].device.type in ("cpu", "cuda")
+
+
+def lambda_return(reward: Tensor, value: Tensor, discount: Tensor | float, bootstrap: Tensor,
+                  lambda_: float) -> Tensor:
+    """TD(lambda) targets by the backward recursion (DreamerV2's form):
+
+        R_t = r_t + d_t * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}),   v_H = R_H = bootstrap,
+
+    where r_t, d_t and v_t are `reward[t]`, `discount[t]` and `value[t]` of state t (value[0] is
+    not used). `reward, value [H, N]`, `discount [H, N]` or a float, `bootstrap [N]` -> `[H, N]`.
+    """
+    return _lambda_return(reward, torch.cat([value[1:], bootstrap.unsqueeze(0)], 0), discount, lambda_)
+
+
+def _lambda_return(reward: Tensor, next_value: Tensor, discount: Tensor | float, lambda_: float) -> Tensor:
+    """`lambda_return` given next_value[t] = v_{t+1} `[H, N]` (its last row is the bootstrap)."""
+    inputs = reward + discount * (1.0 - lambda_) * next_value  # [H, N]
+    carry = discount * lambda_
+    returns = []
+    last = next_value[-1]
+    for t in reversed(range(reward.shape[0])):
+        last = inputs[t] + (carry if isinstance(carry, float) else carry[t]) * last
+        returns.append(last)
+    return torch.stack(returns[::-1])
+
+
+RewardFn = Callable[[Trajectory], Tensor]
+"""reward_fn(trajectory) -> reward [H + 1, N], reward[t] of state t."""
+
+
+class ActorCritic(nn.Module):
+    """Actor (MLP -> truncated normal), critic (MLP -> mean of a unit-variance Gaussian), slow
+    target critic, and their two optimizers. Inputs are `feat` or `concat(feat, condition)`.
+
+    `entropy_scale` (initialised from `cfg.actor_entropy`) may be changed between updates, e.g.
+    for fine-tuning. `state_dict()` holds the networks, the update counter (a buffer) and, as the
+    module's extra state, both optimizers' states; create the module on its final device.
+    """
+
+    def __init__(self, feat_dim: int, action_dim: int, cfg: ActorCriticConfig, condition_dim: int = 0,
+                 name: str = "actor_critic") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.name = name
+        self.action_dim = action_dim
+        self.condition_dim = condition_dim
+        self.entropy_scale = cfg.actor_entropy
+        in_dim = feat_dim + condition_dim
+        self.actor = MLP(in_dim, 2 * action_dim, cfg.units, cfg.layers, norm=False)
+        self.critic = MLP(in_dim, 1, cfg.units, cfg.layers, norm=False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self._updates = 0  # host-side mirror of `updates`, so scheduling needs no device sync
+        self.register_load_state_dict_post_hook(_sync_update_counter)
+        self.actor_opt = Optimizer(self.actor.parameters(), cfg.actor_lr, cfg.eps, cfg.grad_clip,
+                                   cfg.weight_decay, name=f"{name}/actor")
+        self.critic_opt = Optimizer(self.critic.parameters(), cfg.critic_lr, cfg.eps, cfg.grad_clip,
+                                    cfg.weight_decay, name=f"{name}/critic")
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+
+    def _input(self, feat: Tensor, condition: Tensor | None) -> Tensor:
+        """`feat [..., N, F]`, `condition [N, C]` -> `[..., N, F + C]`."""
+        if (condition is None) != (self.condition_dim == 0):
+            raise ValueError(f"{self.name} expects a condition of size {self.condition_dim}")
+        if condition is None:
+            return feat
+        return torch.cat([feat, condition.expand(*feat.shape[:-1], condition.shape[-1])], -1)
+
+    def policy(self, feat: Tensor, condition: Tensor | None = None) -> TruncatedNormal:
+        """The action distribution at `feat [..., F]` (gradients flow as the caller allows)."""
+        return TruncatedNormal.from_output(self.actor(self._input(feat, condition)), self.cfg.actor_min_std)
+
+    @torch.no_grad()
+    def act(self, feat: Tensor, condition: Tensor | None = None, sample: bool = True,
+            generator: torch.Generator | None = None) -> Tensor:
+        """Actions `[N, A]` for acting: a sample, or the mean when `sample` is False."""
+        dist = self.policy(feat, condition)
+        return dist.sample(generator) if sample else dist.mode
+
+    def update(self, wm: WorldModel, start: State, reward_fn: RewardFn, condition: Tensor | None = None,
+               generator: torch.Generator | None = None) -> tuple[Trajectory, dict[str, Tensor]]:
+        """One actor and one critic step on a rollout imagined from `start` (any leading dims,
+        flattened to [N], detached), with the condition `[N, C]` held for the whole rollout.
+
+        Indexing (H = horizon; trajectory states 0..H; action[t] taken at state t):
+        - reward = reward_fn(trajectory) `[H + 1, N]`; value = target critic of every state;
+        - target = lambda_return(reward[:-1], value[:-1], discount, bootstrap=value[-1]) `[H, N]`,
+          target[t] the lambda-return from state t (the reference's; reward[H] is not used);
+        - weight[t] = discount ** t (cumulative product of [1, discount, ...]), `[H + 1]`;
+        - actor loss = -mean(weight[:-2] * (target[1:] + entropy_scale * entropy[:-1])): the
+          action at state t (t = 0..H-2) is scored by the return from the state it leads to,
+          target[t + 1], differentiated through the dynamics (the reference's indexing); the
+          entropy is the policy's at state t (un-truncated Normal);
+        - critic loss = mean(weight[:-1] * 0.5 * (critic(sg(feat[:-1])) - sg(target))^2).
+        The world model's parameters are frozen throughout (no gradients, no changes). The
+        reward function's own modules are the caller's to freeze (`agents.nets.frozen`).
+        Returns the trajectory (detached: the actor's backward pass has used its graph) and the
+        metrics as detached 0-d tensors.
+        """
+        cfg = self.cfg
+        entropies: list[Tensor] = []
+
+        def act_in_imagination(state: State, t: int) -> Tensor:
+            dist = self.policy(wm.rssm.feature(state), condition)  # state is detached here
+            entropies.append(dist.entropy())
+            return dist.sample(generator)
+
+        with frozen(wm):
+            traj = imagine(wm, start, act_in_imagination, cfg.horizon, generator)
+            reward = reward_fn(traj)  # [H + 1, N]
+            if reward.shape != traj.feat.shape[:2]:
+                raise ValueError(f"reward_fn returned {tuple(reward.shape)}, expected {tuple(traj.feat.shape[:2])}")
+            # The critics run one imagined step at a time: the same products as one batched call,
+            # but every activation stays small (cache-sized, and no fresh pages to fault in).
+            # The targets need the target critic's values of states 1..H only (v_0 is never used).
+            feats = traj.feat.unbind(0)
+            next_value = torch.stack([self.target_critic(self._input(f, condition)) for f in feats[1:]]).squeeze(-1)
+            target = _lambda_return(reward[:-1], next_value, cfg.discount, cfg.lambda_)  # [H, N]
+            weight = cfg.discount ** torch.arange(cfg.horizon + 1, device=reward.device, dtype=reward.dtype)
+            entropy = torch.stack(entropies)  # [H, N]
+            objective = target[1:]
+            if self.entropy_scale:
+                objective = objective + self.entropy_scale * entropy[:-1]
+            actor_loss = -(weight[:-2, None] * objective).mean()
+            actor_metrics = self.actor_opt.step(actor_loss)
+
+            inputs = [self._input(f.detach(), condition) for f in feats[:-1]]
+            prediction = torch.stack([self.critic(x) for x in inputs]).squeeze(-1)  # [H, N]
+            critic_loss = (weight[:-1, None] * 0.5 * (prediction - target.detach()).square()).mean()
+            critic_metrics = self.critic_opt.step(critic_loss)
+        self._updates = update_slow_target(self.critic, self.target_critic, self.updates, cfg, self._updates)
+
+        with torch.no_grad():
+            metrics = {
+                **actor_metrics,
+                **critic_metrics,
+                f"{self.name}/reward_mean": reward.mean(),
+                f"{self.name}/reward_std": reward.std(),
+                f"{self.name}/target_mean": target.mean(),
+                f"{self.name}/value_mean": prediction.mean(),
+                f"{self.name}/actor_entropy": entropy.mean(),
+            }
+        return traj.detach(), {k: v.detach() for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def update_slow_target(critic: nn.Module, target: nn.Module, updates: Tensor, cfg: ActorCriticConfig,
+                       count: int | None = None) -> int:
+    """Count an update and keep a slow target critic: at update 0 the critic is copied into the
+    target, and every `slow_target_every` updates it is mixed in by `slow_target_fraction`.
+
+    `updates` is the int64 counter buffer (incremented here); `count`, its value on the host,
+    spares reading it back from the device. Returns the new count.
+    """
+    n = int(updates) if count is None else count
+    if n % cfg.slow_target_every == 0:
+        mix = 1.0 if n == 0 else cfg.slow_target_fraction
+        for t, s in zip(target.parameters(), critic.parameters()):
+            if mix == 1.0:
+                t.copy_(s)
+            else:
+                t.lerp_(s, mix)
+    updates.fill_(n + 1)
+    return n + 1
+
+
+def _sync_update_counter(module: nn.Module, incompatible_keys: Any) -> None:
+    module._updates = int(module.updates)
