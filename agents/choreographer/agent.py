@@ -1,0 +1,280 @@
+"""The Choreographer agent, learner side: one `update(batch)` trains every network.
+
+Pretraining update, all on the same batch and the same start states (the reference's order):
+    1. world model (reconstruction + balanced KL; reward head on detached features)
+    2. LBS predictor: regress the per-step KL[posterior || prior] from the posterior feature
+    3. exploration actor-critic in imagination, reward = normalised LBS prediction
+    4. skill auto-encoder on the posterior deterministic states (EMA codebook, code resampling)
+    5. skill actor-critic in imagination, a uniformly random code held for the whole rollout,
+       reward = k-NN particle entropy over all imagined deterministic states + code reward
+
+Fine-tuning update (after `finetune_mode()`):
+    1. world model, with a fresh reward head learning the task reward
+    2. only once a batch has held a reward >= reward_gate (the "reward gate", called reward
+       smoothing in the paper): the meta-controller and the skill actor (see meta.py)
+
+Decisions on the reference's quirks (see README, "Choreographer: decisions"):
+- Skills, code reward and k-NN entropy use the deterministic state h_t only (as the reference
+  and the paper's appendix: "the input and target of the auto-encoder are the deterministic part").
+- k-NN entropy: pooled over all skills and all H + 1 imagined steps, the point itself included,
+  mean of the K clipped distances, no log (paper appendix B.1); computed exactly in chunks.
+- The LBS predictor is trained on posterior features and queried on imagined (prior) features,
+  as in the reference: the prior features are what the exploration policy will visit.
+- Fine-tuning resets every optimiser and the reward head, as the reference's `init_from` does.
+- The executor (skill actor) gets no entropy bonus in fine-tuning (the reference computes one
+  and never uses it); the meta-controller's entropy bonus is `meta_entropy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agents import batch as B
+from agents.actor_critic import ActorCritic, Optimizer
+from agents.choreographer.meta import MetaController
+from agents.choreographer.rewards import RunningMagnitude, code_reward, knn_particle_reward
+from agents.choreographer.skills import SkillAutoEncoder, skill_loss
+from agents.config import AgentConfig
+from agents.nets import MLP, frozen
+from agents.timing import PartTimer
+from agents.world_model import WorldModel, world_model_loss
+
+PRETRAIN, FINETUNE = "pretrain", "finetune"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ChoreographerAgent(nn.Module):
+    """Every network of Choreographer, its optimisers, counters and random generator.
+
+    `state_dict()` holds all of it (optimiser states ride along as the submodules' extra state),
+    so `load_state_dict` on a fresh agent continues exactly; it loads with
+    `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig, seed: int = 0,
+                 device: str | torch.device | None = "auto", profile: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.obs_shape = tuple(obs_shape)
+        self.action_dim = action_dim
+        self.device = resolve_device(device)
+        self.timer = PartTimer(self.device if profile else None)
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(seed)
+        wm_cfg, ac_cfg, ch = cfg.world_model, cfg.actor_critic, cfg.choreographer
+        # Parameter init draws from the global RNG; seed it locally and leave the caller's alone.
+        with torch.random.fork_rng(devices=[]), torch.device(self.device):
+            torch.manual_seed(seed)
+            self.wm = WorldModel(self.obs_shape, action_dim, wm_cfg)
+            feat = self.wm.feat_dim
+            self.lbs = MLP(feat, 1, wm_cfg.mlp_units, wm_cfg.mlp_layers, norm=False)
+            self.explore_ac = ActorCritic(feat, action_dim, ac_cfg, name="explore")
+            self.explore_norm = RunningMagnitude(ch.exploration_reward_momentum)
+            self.skills = SkillAutoEncoder(wm_cfg.deter, ch, ac_cfg.units, ac_cfg.layers,
+                                           generator=torch.Generator().manual_seed(seed))
+            self.skill_ac = ActorCritic(feat, action_dim, ac_cfg, condition_dim=ch.num_codes, name="skill")
+            self.meta = MetaController(feat, ch.num_codes, ac_cfg, ch.meta_entropy)
+        self.wm_opt = self._model_optimizer()
+        self.lbs_opt = Optimizer(self.lbs.parameters(), wm_cfg.lr, wm_cfg.eps, wm_cfg.grad_clip,
+                                 wm_cfg.weight_decay, name="lbs")
+        self.skill_opt = Optimizer(self.skills.parameters(), ch.skill_lr, ac_cfg.eps, ac_cfg.grad_clip,
+                                   ac_cfg.weight_decay, name="skills")
+        self.executor_opt = self._executor_optimizer()
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=self.device))
+        self.register_buffer("gate_open", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.register_buffer("finetuning", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.to(self.device)
+        self._autocast = _autocast_dtype(cfg.precision.autocast, self.device)
+        if cfg.precision.compile and self.device.type == "cuda":
+            # Compile the recurrent cell's forward (the hot loop of observe and imagine), not the
+            # module, so that state-dict keys, and with them checkpoints and policy weights, stay
+            # the same with and without compilation.
+            self.wm.rssm.gru.forward = torch.compile(self.wm.rssm.gru.forward)
+
+    # ------------------------------------------------------------------ optimisers and modes
+
+    def _model_optimizer(self) -> Optimizer:
+        c = self.cfg.world_model
+        return Optimizer(self.wm.parameters(), c.lr, c.eps, c.grad_clip, c.weight_decay, name="world_model")
+
+    def _executor_optimizer(self) -> Optimizer:
+        c = self.cfg.actor_critic
+        return Optimizer(self.skill_ac.actor.parameters(), c.actor_lr, c.eps, c.grad_clip, c.weight_decay,
+                         name="executor")
+
+    @property
+    def mode(self) -> str:
+        return FINETUNE if bool(self.finetuning) else PRETRAIN
+
+    def finetune_mode(self) -> None:
+        """Switch a pretrained agent to fine-tuning: a fresh reward head, a fresh meta-controller,
+        fresh optimisers for the world model and the executor, the reward gate closed."""
+        ac_cfg, ch = self.cfg.actor_critic, self.cfg.choreographer
+        with torch.random.fork_rng(devices=[]), torch.device(self.device):
+            torch.manual_seed(int(torch.randint(2**31 - 1, (), generator=self.generator, device=self.device)))
+            self.wm.reward = MLP(self.wm.feat_dim, 1, self.cfg.world_model.mlp_units,
+                                 self.cfg.world_model.mlp_layers, norm=False)
+            self.meta = MetaController(self.wm.feat_dim, ch.num_codes, ac_cfg, ch.meta_entropy)
+        self.wm_opt = self._model_optimizer()
+        self.executor_opt = self._executor_optimizer()
+        self.finetuning.fill_(True)
+        self.gate_open.fill_(False)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "world_model_opt": self.wm_opt.state_dict(),
+            "lbs_opt": self.lbs_opt.state_dict(),
+            "skill_opt": self.skill_opt.state_dict(),
+            "executor_opt": self.executor_opt.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.wm_opt.load_state_dict(state["world_model_opt"])
+        self.lbs_opt.load_state_dict(state["lbs_opt"])
+        self.skill_opt.load_state_dict(state["skill_opt"])
+        self.executor_opt.load_state_dict(state["executor_opt"])
+        self.generator.set_state(state["generator"].cpu())
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        # A fine-tuning checkpoint holds a fresh reward head and meta-controller and the states of
+        # fresh optimisers: switch first, so that the optimisers loaded below are those.
+        if bool(state_dict.get("finetuning", False)) and not bool(self.finetuning):
+            self.finetune_mode()
+        return super().load_state_dict(state_dict, strict, assign)
+
+    # ------------------------------------------------------------------ updates
+
+    def _tensors(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        def convert(v: Any) -> Tensor:
+            t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            return t.to(self.device, non_blocking=True)
+
+        out = {k: convert(batch[k]) for k in (B.OBSERVATION, B.ACTION, B.REWARD, B.IS_FIRST)}
+        out[B.ACTION] = out[B.ACTION].float()
+        out[B.REWARD] = out[B.REWARD].float()
+        out[B.IS_FIRST] = out[B.IS_FIRST].bool()
+        return out
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast)
+
+    def update(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One learner update on a batch `[B, T, ...]` (numpy or torch; keys from agents.batch).
+        Returns flat metrics as floats (one device sync at the end)."""
+        data = self._tensors(batch)
+        self.timer.reset()
+        with self._precision():
+            if self.mode == FINETUNE:
+                metrics = self._finetune_update(data)
+            else:
+                metrics = self._pretrain_update(data)
+        self.updates += 1
+        out = {k: float(v) for k, v in metrics.items()}
+        out.update(self.timer.metrics())
+        return out
+
+    def _world_model_step(self, data: dict[str, Tensor]):
+        with self.timer("world_model"):
+            loss, metrics, out = world_model_loss(self.wm, data, generator=self.generator)
+            metrics.update(self.wm_opt.step(loss))
+        return metrics, out
+
+    def _pretrain_update(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
+        ch = self.cfg.choreographer
+        metrics, out = self._world_model_step(data)
+        start = out.post.detach()
+        feat = out.feat.detach()
+
+        with self.timer("exploration"):
+            lbs_loss = 0.5 * (self.lbs(feat).squeeze(-1) - out.kl).square().mean()
+            metrics.update(self.lbs_opt.step(lbs_loss))
+
+            def exploration_reward(traj):
+                # Gradients flow through the predictor into the imagined features (dynamics
+                # backpropagation), its parameters stay fixed.
+                return self.explore_norm(self.lbs(traj.feat).squeeze(-1))
+
+            with frozen(self.lbs):
+                _, m = self.explore_ac.update(self.wm, start, exploration_reward, generator=self.generator)
+            metrics.update(m)
+            metrics["explore/reward_magnitude"] = self.explore_norm.mag.detach()
+
+        with self.timer("skill_autoencoder"):
+            deter = start.deter.flatten(0, -2)  # [B * T, deter]
+            loss, m, aux = skill_loss(self.skills, deter)
+            metrics.update(m)
+            metrics.update(self.skill_opt.step(loss))
+            metrics.update(self.skills.codebook_step(aux["z_e"], aux["indices"], self.generator))
+
+        with self.timer("skill_actor_critic"):
+            n = deter.shape[0]
+            index = torch.randint(ch.num_codes, (n,), generator=self.generator, device=self.device)
+            code = F.one_hot(index, ch.num_codes).float()  # [N, K], held for the whole rollout
+            with torch.no_grad():
+                target_deter = self.skills.decode_code(code)  # [N, deter]
+
+            def skill_reward(traj):
+                deter_traj = traj.state.deter  # [H + 1, N, deter]
+                with self.timer("knn_reward"):
+                    entropy = knn_particle_reward(deter_traj.detach().flatten(0, 1).float(), ch.knn_k, ch.knn_clip,
+                                                  ch.knn_chunk, ch.knn_bf16).view(deter_traj.shape[:2])
+                return entropy + code_reward(target_deter, deter_traj)
+
+            with frozen(self.skills):
+                _, m = self.skill_ac.update(self.wm, start, skill_reward, condition=code, generator=self.generator)
+            metrics.update(m)
+        return metrics
+
+    def _finetune_update(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
+        metrics, out = self._world_model_step(data)
+        if not bool(self.gate_open):
+            # Until a real reward shows up, the predicted rewards are noise around zero, and
+            # training on them would collapse the pretrained skills.
+            if bool((data[B.REWARD] >= self.cfg.choreographer.reward_gate).any()):
+                self.gate_open.fill_(True)
+        metrics["meta/gate_open"] = self.gate_open.float()
+        if bool(self.gate_open):
+            with self.timer("meta_controller"):
+                metrics.update(self.meta.update(self.wm, self.skill_ac, self.executor_opt, out.post.detach(),
+                                                self.generator))
+        return metrics
+
+    # ------------------------------------------------------------------ acting weights
+
+    def policy_weights(self) -> dict[str, np.ndarray]:
+        """What acting needs, as numpy arrays: encoder, RSSM, the three actors, the gate flag."""
+        parts = {
+            "encoder": self.wm.encoder,
+            "rssm": self.wm.rssm,
+            "explore_actor": self.explore_ac.actor,
+            "skill_actor": self.skill_ac.actor,
+            "meta_actor": self.meta.actor,
+        }
+        weights = {
+            f"{prefix}.{name}": t.detach().to("cpu", torch.float32).numpy().copy()
+            for prefix, module in parts.items()
+            for name, t in module.state_dict().items()
+        }
+        weights["gate_open"] = np.array(bool(self.gate_open))
+        return weights
+
+
+def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "bf16" or (setting == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None

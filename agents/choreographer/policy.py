@@ -1,0 +1,136 @@
+"""The Choreographer acting policy: what an environment worker runs.
+
+It holds only what acting needs (the encoder, the RSSM and the three actors) and filters
+observations into model states with the posterior, one batched call for all of a worker's
+environments. Behaviours:
+    explore  pretraining: the LBS exploration actor.
+    skill    a given skill code (`initial_state(n, skill=k)`), e.g. to look at a skill.
+    meta     fine-tuning: once the reward gate is open, the meta-controller draws a code at every
+             step (the reference's skill_len = 1); before that, a random code is held for
+             `random_skill_every` steps (and redrawn at every episode start), so that the
+             pretrained skills explore the task consistently until a reward is found.
+Modes: "sample" (training) draws from the distributions, "mode" (evaluation) takes their
+mode/mean. The recurrent state of an environment is reset where `is_first` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agents.config import AgentConfig
+from agents.distributions import CodeCategorical, TruncatedNormal
+from agents.nets import MLP
+from agents.world_model import RSSM, State, build_encoder, preprocess_observation
+
+Behaviour = Literal["explore", "skill", "meta"]
+BEHAVIOURS = ("explore", "skill", "meta")
+
+
+@dataclass
+class PolicyState:
+    """Per-environment recurrent state `[N, ...]`."""
+
+    latent: State
+    prev_action: Tensor  # [N, A], the action that led to the current observation
+    skill: Tensor  # [N] int64, the code conditioning the skill actor (-1: none)
+    skill_steps: Tensor  # [N] int64, steps the current code has been held
+
+
+class ChoreographerPolicy(nn.Module):
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig,
+                 behaviour: Behaviour = "explore", seed: int = 0) -> None:
+        super().__init__()
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"unknown behaviour {behaviour!r}; valid: {', '.join(BEHAVIOURS)}")
+        self.cfg = cfg
+        self.behaviour = behaviour
+        self.obs_shape = tuple(obs_shape)
+        self.action_dim = action_dim
+        self.version = -1
+        wm, ac, ch = cfg.world_model, cfg.actor_critic, cfg.choreographer
+        self.num_codes = ch.num_codes
+        self.generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.encoder = build_encoder(self.obs_shape, wm)
+            self.rssm = RSSM(self.encoder.out_dim, action_dim, wm)
+            feat = self.rssm.feat_dim
+            self.explore_actor = MLP(feat, 2 * action_dim, ac.units, ac.layers, norm=False)
+            self.skill_actor = MLP(feat + ch.num_codes, 2 * action_dim, ac.units, ac.layers, norm=False)
+            self.meta_actor = MLP(feat, ch.num_codes, ac.units, ac.layers, norm=False)
+        self.register_buffer("gate_open", torch.zeros((), dtype=torch.bool))
+        self.requires_grad_(False)
+
+    # ------------------------------------------------------------------ weights
+
+    def expected_weights(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes that `load_weights` requires, exactly."""
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    def load_weights(self, arrays: dict[str, np.ndarray], version: int) -> None:
+        """Load the learner's acting weights strictly: every name present, none extra, same shapes."""
+        expected = self.expected_weights()
+        missing = sorted(set(expected) - set(arrays))
+        extra = sorted(set(arrays) - set(expected))
+        if missing or extra:
+            raise ValueError(f"policy weights do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, shape in expected.items():
+            if tuple(np.shape(arrays[name])) != shape:
+                raise ValueError(f"policy weight '{name}' has shape {np.shape(arrays[name])}, expected {shape}")
+        state = {name: torch.as_tensor(np.asarray(arrays[name])) for name in expected}
+        self.load_state_dict(state, strict=True)
+        self.version = int(version)
+
+    # ------------------------------------------------------------------ acting
+
+    def initial_state(self, n: int, skill: int | None = None) -> PolicyState:
+        if skill is not None and not 0 <= skill < self.num_codes:
+            raise ValueError(f"skill {skill} is out of range 0..{self.num_codes - 1}")
+        return PolicyState(
+            latent=self.rssm.initial(n),
+            prev_action=torch.zeros(n, self.action_dim),
+            skill=torch.full((n,), -1 if skill is None else skill, dtype=torch.int64),
+            skill_steps=torch.zeros(n, dtype=torch.int64),
+        )
+
+    @torch.inference_mode()
+    def act(self, observation: np.ndarray, is_first: np.ndarray, state: PolicyState,
+            mode: Literal["sample", "mode"] = "sample") -> tuple[np.ndarray, PolicyState, dict[str, np.ndarray]]:
+        """`observation [N, *obs_shape]`, `is_first [N]` -> (action [N, A] float32 in [-1, 1],
+        new state, extras {"skill": [N] int32 code that conditioned the action, -1 for none})."""
+        sample = mode == "sample"
+        obs = torch.as_tensor(observation)
+        first = torch.as_tensor(is_first, dtype=torch.bool)
+        embed = self.encoder(preprocess_observation(obs, pixels=len(self.obs_shape) == 3))
+        latent, _ = self.rssm.obs_step(state.latent, state.prev_action, embed, first, self.generator)
+        feat = self.rssm.feature(latent)
+
+        skill, steps = state.skill, state.skill_steps
+        if self.behaviour == "explore":
+            dist = TruncatedNormal.from_output(self.explore_actor(feat), self.cfg.actor_critic.actor_min_std)
+        else:
+            if self.behaviour == "meta":
+                skill, steps = self._choose_skill(feat, first, skill, steps, sample)
+            code = F.one_hot(skill.clamp_min(0), self.num_codes).to(feat.dtype)
+            dist = TruncatedNormal.from_output(self.skill_actor(torch.cat([feat, code], -1)),
+                                               self.cfg.actor_critic.actor_min_std)
+            steps = steps + 1
+        action = dist.sample(self.generator) if sample else dist.mode
+        new_state = PolicyState(latent, action, skill, steps)
+        return action.numpy().astype(np.float32), new_state, {"skill": skill.numpy().astype(np.int32)}
+
+    def _choose_skill(self, feat: Tensor, first: Tensor, skill: Tensor, steps: Tensor,
+                      sample: bool) -> tuple[Tensor, Tensor]:
+        if bool(self.gate_open):
+            dist = CodeCategorical(self.meta_actor(feat))
+            chosen = dist.sample_index(self.generator) if sample else dist.mode.argmax(-1)
+            return chosen, torch.zeros_like(steps)
+        redraw = first | (skill < 0) | (steps >= self.cfg.choreographer.random_skill_every)
+        fresh = torch.randint(self.num_codes, skill.shape, generator=self.generator)
+        return torch.where(redraw, fresh, skill), torch.where(redraw, torch.zeros_like(steps), steps)

@@ -1,0 +1,116 @@
+"""`choreo bench learner`: milliseconds per learner update at the paper's sizes, by part.
+
+Builds the agent from the resolved config (suite and size presets), feeds it random batches of
+the configured shape (50 x 50 at paper size), and prints the mean time per pretraining update and
+per fine-tuning update, broken down by part, and the peak memory. A figure, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from agents import batch as B
+
+# Walker's shapes: 24-dim states, 6-dim actions; pixels are 3 x 64 x 64.
+STATE_DIM, ACTION_DIM = 24, 6
+
+
+def random_batch(rng: np.random.Generator, obs_shape: tuple[int, ...], batch: int, length: int,
+                 reward_scale: float = 0.0) -> dict[str, np.ndarray]:
+    if len(obs_shape) == 3:
+        obs = rng.integers(0, 256, (batch, length, *obs_shape), dtype=np.uint8)
+    else:
+        obs = rng.standard_normal((batch, length, *obs_shape), dtype=np.float32)
+    is_first = np.zeros((batch, length), bool)
+    is_first[:, 0] = True
+    return {
+        B.OBSERVATION: obs,
+        B.ACTION: rng.uniform(-1, 1, (batch, length, ACTION_DIM)).astype(np.float32),
+        B.REWARD: (reward_scale * rng.random((batch, length))).astype(np.float32),
+        B.IS_FIRST: is_first,
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def _measure(agent, batches: list[dict], warmup: int, label: str) -> dict[str, float]:
+    for i in range(warmup):
+        agent.update(batches[i % len(batches)])
+    totals, parts = [], {}
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        metrics = agent.update(batch)
+        if agent.device.type == "cuda":
+            torch.cuda.synchronize()
+        totals.append((time.perf_counter() - start) * 1000.0)
+        for key, value in metrics.items():
+            if key.startswith("time/"):
+                parts.setdefault(key[5:-3], []).append(value)
+        print(f"  {label} update {i + 1}/{len(batches)}: {totals[-1]:.0f} ms", flush=True)
+    out = {"total_ms": statistics.mean(totals)}
+    out.update({f"{name}_ms": statistics.mean(v) for name, v in parts.items()})
+    return out
+
+
+def run(rest: list[str], as_json: bool = False) -> int:
+    from agents.choreographer.agent import ChoreographerAgent
+    from launch.config import load_config
+
+    p = argparse.ArgumentParser(prog="choreo bench learner")
+    p.add_argument("--obs", choices=["states", "pixels"], default="states")
+    p.add_argument("--preset", default="paper", help="size preset (paper or tiny)")
+    p.add_argument("--updates", type=int, default=3, help="timed updates of each kind")
+    p.add_argument("--warmup", type=int, default=1, help="untimed updates first")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--skip-finetune", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(rest)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = load_config([args.obs, args.preset], args.overrides)
+    obs_shape = (3, 64, 64) if args.obs == "pixels" else (STATE_DIM,)
+    agent = ChoreographerAgent(obs_shape, ACTION_DIM, config.agent, seed=0, device=args.device, profile=True)
+    params = sum(p.numel() for p in agent.parameters())
+    rb = config.replay
+    print(f"learner benchmark: {args.obs}, {args.preset} sizes, batch {rb.batch_size}x{rb.batch_length}, "
+          f"{params / 1e6:.1f}M parameters, device {agent.device}, {torch.get_num_threads()} CPU threads", flush=True)
+    if agent.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    rng = np.random.default_rng(0)
+    n = max(args.updates, 1)
+    results = {"obs": args.obs, "preset": args.preset, "device": str(agent.device),
+               "batch": [rb.batch_size, rb.batch_length], "parameters": params}
+    pre = [random_batch(rng, obs_shape, rb.batch_size, rb.batch_length) for _ in range(min(n, 2))]
+    results["pretrain"] = _measure(agent, [pre[i % len(pre)] for i in range(n)], args.warmup, "pretrain")
+    if not args.skip_finetune:
+        agent.finetune_mode()
+        ft = [random_batch(rng, obs_shape, rb.batch_size, rb.batch_length, reward_scale=1.0) for _ in range(min(n, 2))]
+        results["finetune"] = _measure(agent, [ft[i % len(ft)] for i in range(n)], args.warmup, "finetune")
+    results["peak_rss_mb"] = _peak_rss_mb()
+    if agent.device.type == "cuda":
+        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for kind in ("pretrain", "finetune"):
+        if kind not in results:
+            continue
+        r = results[kind]
+        parts = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in r.items() if k != "total_ms")
+        print(f"{kind}: {r['total_ms']:.0f} ms/update ({parts})")
+    print(f"peak memory: {results['peak_rss_mb']:.0f} MB RSS"
+          + (f", {results['peak_cuda_mb']:.0f} MB CUDA" if "peak_cuda_mb" in results else ""))
+    return 0

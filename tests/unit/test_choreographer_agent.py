@@ -1,0 +1,293 @@
+"""The assembled Choreographer agent: updates, reward gate, meta-controller, checkpoints, policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from agents import batch as B
+from agents.choreographer.agent import ChoreographerAgent
+from agents.choreographer.meta import MetaController
+from agents.choreographer.policy import ChoreographerPolicy
+from agents.distributions import TruncatedNormal
+from agents.registry import make_agent, make_policy, registered
+from launch.bench_learner import random_batch
+from launch.config import load_config
+
+STATE_SHAPE, PIXEL_SHAPE, ACTIONS = (24,), (3, 64, 64), 6
+
+
+def tiny(*overrides: str):
+    return load_config(["tiny"], list(overrides)).agent
+
+
+def make(obs_shape=STATE_SHAPE, seed=0, cfg=None) -> ChoreographerAgent:
+    return ChoreographerAgent(obs_shape, ACTIONS, cfg or tiny(), seed=seed, device="cpu")
+
+
+def batch(obs_shape=STATE_SHAPE, seed=0, reward=0.0, b=3, t=6):
+    return random_batch(np.random.default_rng(seed), obs_shape, b, t, reward_scale=reward)
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in params(module).items())
+
+
+@pytest.mark.parametrize("obs_shape", [STATE_SHAPE, PIXEL_SHAPE], ids=["states", "pixels"])
+def test_pretrain_update_trains_every_part(obs_shape):
+    agent = make(obs_shape)
+    parts = {name: params(getattr(agent, name)) for name in ("wm", "lbs", "explore_ac", "skills", "skill_ac")}
+    meta_before = params(agent.meta)
+    metrics = agent.update(batch(obs_shape))
+    for name, before in parts.items():
+        assert changed(before, getattr(agent, name)), name
+    assert not changed(meta_before, agent.meta), "the meta-controller must not train during pretraining"
+    for key in ("world_model/loss", "explore/actor/loss", "skills/active_codes", "skill/critic/loss",
+                "time/knn_reward_ms", "time/world_model_ms"):
+        assert key in metrics, key
+        assert np.isfinite(metrics[key]), key
+    assert int(agent.updates) == 1
+
+
+def test_registry_selects_choreographer():
+    assert "choreographer" in registered()
+    cfg = tiny()
+    agent = make_agent("choreographer", STATE_SHAPE, ACTIONS, cfg, seed=0, device="cpu")
+    policy = make_policy("choreographer", STATE_SHAPE, ACTIONS, cfg)
+    assert isinstance(agent, ChoreographerAgent) and isinstance(policy, ChoreographerPolicy)
+    with pytest.raises(ValueError, match="unknown algorithm 'nope'"):
+        make_agent("nope")
+
+
+def test_world_model_loss_falls_on_real_walker_transitions():
+    from actors.envs import make_env
+    from agents.actor_critic import Optimizer
+    from agents.world_model import WorldModel, world_model_loss
+
+    env = make_env("walker_walk", obs="states", seed=0)
+    rng = np.random.default_rng(0)
+    obs_list, act_list = [], []
+    obs, _ = env.reset(seed=0)
+    action = np.zeros(env.action_space.shape, np.float32)
+    for _ in range(400):
+        obs_list.append(obs)
+        act_list.append(action)
+        action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        obs, _, _, _, _ = env.step(action)
+    obs_arr, act_arr = torch.from_numpy(np.stack(obs_list)), torch.from_numpy(np.stack(act_list))
+    # Tiny, but wide enough to learn walker's dynamics (velocities dominate the loss) in 100 steps.
+    cfg = dataclasses.replace(tiny().world_model, lr=1e-3, mlp_units=128, deter=64, hidden=64)
+    torch.manual_seed(0)
+    wm = WorldModel(tuple(obs_arr.shape[1:]), act_arr.shape[1], cfg)
+    opt = Optimizer(wm.parameters(), cfg.lr, cfg.eps, cfg.grad_clip)
+    losses = []
+    for i in range(100):
+        idx = torch.from_numpy(np.random.default_rng(i).integers(0, len(obs_arr) - 20, 8))[:, None] + torch.arange(20)
+        is_first = torch.zeros(idx.shape, dtype=torch.bool)
+        is_first[:, 0] = True
+        data = {B.OBSERVATION: obs_arr[idx], B.ACTION: act_arr[idx], B.REWARD: torch.zeros(idx.shape),
+                B.IS_FIRST: is_first}
+        loss, _, _ = world_model_loss(wm, data)
+        opt.step(loss)
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), losses
+
+
+def test_reward_gate_stays_closed_on_zero_rewards_and_opens_at_threshold():
+    agent = make()
+    agent.finetune_mode()
+    meta_before, skill_before = params(agent.meta), params(agent.skill_ac.actor)
+    zero = batch(reward=0.0)
+    below = dict(zero, **{B.REWARD: np.full_like(zero[B.REWARD], 0.99e-4)})
+    for data in (zero, below):
+        metrics = agent.update(data)
+        assert metrics["meta/gate_open"] == 0.0
+    assert not bool(agent.gate_open)
+    assert not changed(meta_before, agent.meta) and not changed(skill_before, agent.skill_ac.actor)
+
+    at_threshold = dict(zero, **{B.REWARD: zero[B.REWARD].copy()})
+    at_threshold[B.REWARD][1, 2] = 1e-4
+    metrics = agent.update(at_threshold)
+    assert metrics["meta/gate_open"] == 1.0 and bool(agent.gate_open)
+    assert changed(meta_before, agent.meta) and changed(skill_before, agent.skill_ac.actor)
+    # The gate never closes again.
+    assert agent.update(zero)["meta/gate_open"] == 1.0
+
+
+def test_finetune_mode_resets_reward_head_and_keeps_pretrained_skills():
+    agent = make()
+    agent.update(batch())
+    reward_before, skill_actor_before = params(agent.wm.reward), params(agent.skill_ac.actor)
+    encoder_before = params(agent.wm.encoder)
+    agent.finetune_mode()
+    assert changed(reward_before, agent.wm.reward)
+    assert not changed(skill_actor_before, agent.skill_ac.actor)
+    assert not changed(encoder_before, agent.wm.encoder)
+    assert agent.mode == "finetune" and not bool(agent.gate_open)
+
+
+class _FakeSkillActor:
+    """Code `good` moves to +0.9, every other code to -0.9 (a fixed executor)."""
+
+    def __init__(self, good: int):
+        self.good = good
+
+    def policy(self, feat, code):
+        mean = torch.where(code.argmax(-1, keepdim=True) == self.good, 0.9, -0.9).expand(-1, ACTIONS)
+        return TruncatedNormal(mean, torch.full_like(mean, 0.05))
+
+
+class _NoStep:
+    def step(self, loss):
+        return {}
+
+
+def test_meta_controller_learns_to_prefer_the_rewarded_code():
+    cfg = dataclasses.replace(tiny().actor_critic, actor_lr=1e-3, critic_lr=1e-3, horizon=4)
+    agent = make()
+    wm = agent.wm
+    codes, good = 8, 5
+
+    # A toy world: the next deterministic state records the action, the reward reads it back.
+    def img_step(prev, action, generator=None):
+        deter = torch.zeros_like(prev.deter)
+        deter[:, :ACTIONS] = action
+        return type(prev)(deter, torch.zeros_like(prev.stoch), torch.zeros_like(prev.logits))
+
+    class FirstActionDim(torch.nn.Module):
+        def forward(self, feat):
+            return feat[..., -wm.rssm.deter:-wm.rssm.deter + 1]
+
+    wm.rssm.img_step = img_step
+    wm.reward = FirstActionDim()
+    meta = MetaController(wm.feat_dim, codes, cfg, entropy_scale=1e-4)
+    start = wm.rssm.initial(64)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        meta.update(wm, _FakeSkillActor(good), _NoStep(), start, generator)
+    probs = meta.policy(wm.rssm.feature(start)).probs.mean(0)
+    assert int(probs.argmax()) == good
+    assert float(probs[good]) > 0.5, probs
+
+
+def _roundtrip(agent: ChoreographerAgent) -> dict:
+    buffer = io.BytesIO()
+    torch.save(agent.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("finetune", [False, True], ids=["pretrain", "finetune"])
+def test_state_dict_roundtrip_continues_exactly(finetune):
+    agent = make(seed=1)
+    if finetune:
+        agent.update(batch(seed=5))
+        agent.finetune_mode()
+    for i in range(2):
+        agent.update(batch(seed=i, reward=1.0))
+    restored = make(seed=99)  # different init and generator: everything must come from the checkpoint
+    restored.load_state_dict(_roundtrip(agent))
+    assert restored.mode == agent.mode
+    next_batch = batch(seed=7, reward=1.0)
+    m1, m2 = agent.update(next_batch), restored.update(next_batch)
+    m1 = {k: v for k, v in m1.items() if not k.startswith("time/")}
+    m2 = {k: v for k, v in m2.items() if not k.startswith("time/")}
+    assert m1 == m2
+    for (k, v1), v2 in zip(agent.state_dict().items(), restored.state_dict().values()):
+        if isinstance(v1, torch.Tensor):
+            assert torch.equal(v1, v2), k
+
+
+def test_policy_weights_load_strictly_into_a_fresh_policy():
+    cfg = tiny()
+    agent = make(cfg=cfg)
+    agent.update(batch())
+    weights = agent.policy_weights()
+    assert all(isinstance(v, np.ndarray) for v in weights.values())
+    assert not any(k.startswith(("decoder", "critic", "reward", "lbs")) for k in weights)
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="explore", seed=3)
+    policy.load_weights(weights, version=4)
+    assert policy.version == 4
+    for name, value in policy.state_dict().items():
+        assert np.array_equal(value.numpy(), weights[name]), name
+
+    with pytest.raises(ValueError, match="missing"):
+        policy.load_weights({k: v for k, v in weights.items() if k != "gate_open"}, version=5)
+    bad = dict(weights)
+    key = next(k for k in weights if k.startswith("encoder."))
+    bad[key] = np.zeros((1, 1), np.float32)
+    with pytest.raises(ValueError, match=f"'{key}' has shape"):
+        policy.load_weights(bad, version=5)
+
+
+def test_policy_filters_like_the_world_model():
+    cfg = tiny()
+    agent = make(cfg=cfg)
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="explore")
+    policy.load_weights(agent.policy_weights(), version=0)
+    obs = np.random.default_rng(0).standard_normal((5, *STATE_SHAPE)).astype(np.float32)
+    action, state, extras = policy.act(obs, np.ones(5, bool), policy.initial_state(5), mode="mode")
+    with torch.no_grad():
+        embed = agent.wm.encode(torch.from_numpy(obs))
+        post, _ = agent.wm.rssm.obs_step(agent.wm.rssm.initial(5), torch.zeros(5, ACTIONS), embed,
+                                         torch.ones(5, dtype=torch.bool))
+    assert torch.allclose(state.latent.logits, post.logits, atol=1e-6)
+    assert action.shape == (5, ACTIONS) and action.dtype == np.float32
+    assert np.all(np.abs(action) <= 1.0)
+    assert np.all(extras["skill"] == -1)
+
+
+def test_policy_resets_state_on_is_first():
+    cfg = tiny()
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="explore")
+    obs = np.random.default_rng(1).standard_normal((2, *STATE_SHAPE)).astype(np.float32)
+    _, state, _ = policy.act(obs, np.ones(2, bool), policy.initial_state(2), mode="mode")
+    _, state, _ = policy.act(obs, np.zeros(2, bool), state, mode="mode")
+    _, reset, _ = policy.act(obs, np.array([True, False]), state, mode="mode")
+    _, fresh, _ = policy.act(obs, np.ones(2, bool), policy.initial_state(2), mode="mode")
+    assert torch.equal(reset.latent.deter[0], fresh.latent.deter[0])
+    assert not torch.equal(reset.latent.deter[1], fresh.latent.deter[1])
+
+
+def test_meta_policy_holds_random_skills_until_the_gate_opens():
+    cfg = tiny("agent.choreographer.random_skill_every=4")
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="meta", seed=0)
+    obs = np.zeros((16, *STATE_SHAPE), np.float32)
+    state = policy.initial_state(16)
+    skills = []
+    for t in range(8):
+        _, state, extras = policy.act(obs, np.full(16, t == 0), state)
+        skills.append(extras["skill"])
+    skills = np.stack(skills)  # [8, 16]
+    assert np.all(skills >= 0)
+    assert np.all(skills[:4] == skills[0]) and np.all(skills[4:] == skills[4])
+    assert np.any(skills[0] != skills[4])  # redrawn after 4 steps
+
+    policy.gate_open.fill_(True)
+    for _ in range(2):
+        _, state, extras = policy.act(obs, np.zeros(16, bool), state)
+        assert torch.all(state.skill_steps == 1)  # a code is drawn at every step once the gate is open
+
+
+def test_skill_policy_uses_the_given_code():
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, tiny(), behaviour="skill")
+    state = policy.initial_state(3, skill=2)
+    _, state, extras = policy.act(np.zeros((3, *STATE_SHAPE), np.float32), np.ones(3, bool), state)
+    assert np.all(extras["skill"] == 2)
+    with pytest.raises(ValueError, match="out of range"):
+        policy.initial_state(1, skill=99)
+
+
+def test_bf16_autocast_runs_on_cpu():
+    agent = make(cfg=tiny("agent.precision.autocast=bf16"))
+    metrics = agent.update(batch())
+    assert np.isfinite(metrics["world_model/loss"])
