@@ -1,0 +1,163 @@
+"""The learner role: prefetches batches in the background, runs the agent's update, publishes
+acting weights with a version number, and writes checkpoints and frame-numbered snapshots.
+
+A plain class: `launch/` runs it in the driver process (`--local`) or wraps it as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner.config import LearnerConfig
+
+Batch = Mapping[str, np.ndarray]
+CHECKPOINT = "checkpoint.pt"
+
+
+class BatchPrefetcher:
+    """Draws batches on a background thread so the learner never waits for data that could
+    already be there. `sample()` may block (e.g. on the rate limiter) or return None when no
+    batch is allowed yet; the thread retries after a short pause."""
+
+    def __init__(self, sample: Callable[[], Batch | None], depth: int = 2) -> None:
+        self._sample = sample
+        self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._sample()
+            except BaseException as e:  # surfaced to the learner on its next get()
+                self._queue.put(e)
+                return
+            if batch is None:
+                time.sleep(0.001)
+                continue
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    def get(self, timeout: float | None = None) -> Batch | None:
+        """The next batch; None if none arrived within `timeout`. Time spent waiting is counted."""
+        start = time.perf_counter()
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            item = None
+        self.wait_seconds += time.perf_counter() - start
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Learner:
+    """Trains `agent` on batches from `sample`; hands acting weights to `publish` every
+    `cfg.publish_every` updates. The weight version is the number of updates so far."""
+
+    def __init__(self, agent: Any, sample: Callable[[], Batch | None], publish: Callable[[dict, int], None],
+                 cfg: LearnerConfig, run_dir: Path, prefetch: int = 2) -> None:
+        self.agent = agent
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.publish_fn = publish
+        self.updates = 0
+        # prefetch=0: draw in the caller's thread (the single-process loop, where replay is not
+        # safe to read while the same thread may be writing it).
+        self.sample = sample
+        self.prefetcher = BatchPrefetcher(sample, depth=prefetch) if prefetch > 0 else None
+        self.snapshots_written: set[int] = set()
+
+    @property
+    def version(self) -> int:
+        return self.updates
+
+    def publish(self) -> None:
+        self.publish_fn(self.agent.policy_weights(), self.version)
+
+    def step(self, timeout: float | None = None) -> dict[str, float] | None:
+        """One update on the next prefetched batch; None if no batch came within `timeout`."""
+        batch = self.prefetcher.get(timeout) if self.prefetcher else self.sample()
+        if batch is None:
+            return None
+        metrics = self.agent.update(batch)
+        self.updates += 1
+        if self.updates % self.cfg.publish_every == 0:
+            self.publish()
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self, counters: Mapping[str, Any]) -> dict[str, Any]:
+        return {"agent": self.agent.state_dict(), "updates": self.updates,
+                "snapshots_written": sorted(self.snapshots_written), "counters": dict(counters)}
+
+    def save_checkpoint(self, counters: Mapping[str, Any]) -> Path:
+        """Learner state and the caller's counters (frames, ...), written atomically."""
+        return _atomic_torch_save(self.state(counters), self.run_dir / CHECKPOINT)
+
+    def load_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
+        """Restore from a checkpoint (default: the run's); returns the saved counters."""
+        path = Path(path or self.run_dir / CHECKPOINT)
+        state = load_torch_file(path)
+        self.agent.load_state_dict(state["agent"])
+        self.updates = int(state["updates"])
+        self.snapshots_written = set(int(f) for f in state["snapshots_written"])
+        return dict(state["counters"])
+
+    def maybe_snapshot(self, frames: int) -> Path | None:
+        """At each configured frame count reached, the agent's state for fine-tuning."""
+        due = [f for f in self.cfg.snapshot_frames if frames >= f and f not in self.snapshots_written]
+        if not due:
+            return None
+        frame = max(due)
+        path = _atomic_torch_save({"agent": self.agent.state_dict(), "frames": frames, "updates": self.updates},
+                                  self.run_dir / "snapshots" / f"snapshot_{frame}.pt")
+        self.snapshots_written.update(due)
+        return path
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.prefetcher.wait_seconds if self.prefetcher else 0.0
+
+    def close(self) -> None:
+        if self.prefetcher:
+            self.prefetcher.close()
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_torch_file(path: Path) -> dict[str, Any]:
+    """A checkpoint or snapshot, loaded without running code (weights_only), with errors that name
+    the file."""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds for truncated or foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
