@@ -105,8 +105,6 @@ class ChoreographerConfig:
     """Agent steps a random skill is held while the reward gate is closed."""
     meta_entropy: float = 1e-4
     """Entropy bonus of the meta-controller."""
-    finetune_actor_entropy: float = 1e-4
-    """Entropy bonus of the skill actors during fine-tuning."""
 
 
 @dataclass(frozen=True)
