@@ -8,6 +8,8 @@ import importlib
 BENCHMARKS = {
     "envs": "launch.bench_envs",
     "learner": "launch.bench_learner",
+    "replay": "launch.bench_replay",
+    "actors": "launch.bench_actors",
 }
 
 

@@ -1,0 +1,345 @@
+"""The environment worker: steps a batch of environments with one batched policy call per step and
+cuts each environment's stream of steps into fixed-length chunks for the replay.
+
+Row layout (see agents/batch.py): row t holds observation[t] and the decision that LED TO it:
+action[t], the skill held when choosing it and the version of the weights that chose it. A reset
+row has action zeros, reward 0, discount 1, is_first True, skill -1 and policy_version -1 (no
+weights chose its action). An episode of E agent steps therefore gives E + 1 rows, the last with
+is_last (and is_terminal only when the environment terminated; truncation keeps discount 1).
+
+Streams: environment i of runner r writes the stream `r * len(envs) + i`. Every runner of a run
+has the same number of environments (`envs_per_actor`), so stream ids are unique and dense over
+the run; the replay routes a stream to one shard. A stream is continuous: its chunks follow each
+other, episodes run across chunk boundaries, and a new episode starts on the row after the
+previous episode's last row.
+
+Random seed phase: during the first `random_steps` calls of `step()` every environment takes
+uniform random actions in [-1, 1] (stamped policy_version -1, skill -1) and the policy is not
+called at all. Its recurrent state therefore does not follow those steps, so the first policy call
+after the phase starts from `policy.initial_state(N)` with `is_first` set for every environment:
+the policy treats the current (mid-episode) observation as the start of its filter. Only the
+policy's input is forced; the rows keep the environments' true flags.
+
+Seeding: environment i of runner r is built and first reset with
+`derive_seed(seed, "runner", r, "env", i)`; later resets pass no seed, so episodes continue the
+environment's own random stream (deterministic given the first seed). The random seed actions
+come from a numpy Generator seeded with `derive_seed(seed, "runner", r, "random_actions")`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import gymnasium
+import numpy as np
+
+from actors.seeding import derive_seed
+from agents import batch as B
+
+if TYPE_CHECKING:
+    from launch.config import Config
+
+Chunk = dict[str, np.ndarray]
+
+
+def env_seed(seed: int, runner_id: int, env_index: int) -> int:
+    """Seed of the first reset of environment `env_index` of runner `runner_id`."""
+    return derive_seed(seed, "runner", runner_id, "env", env_index)
+
+
+class EnvRunner:
+    """Steps `envs` with `policy`; see the module docstring for the row layout, streams and seeding.
+
+    policy: `initial_state(n)`, `act(observation [N, ...], is_first [N], state, mode) -> (action
+        [N, A], state, {"skill": [N]})`, `load_weights(arrays, version)`, `.version`. The arrays
+        passed to `act` are the runner's own buffers, valid only during the call.
+    chunk_length: rows per chunk.
+    random_steps: `step()` calls (= agent steps per environment) of uniform random actions
+        before the policy acts.
+    mode: passed to `policy.act` ("sample" for training, "mode" for evaluation).
+    """
+
+    def __init__(self, envs: list[gymnasium.Env], policy: Any, chunk_length: int, runner_id: int, seed: int,
+                 random_steps: int = 0, mode: str = "sample") -> None:
+        if not envs:
+            raise ValueError("EnvRunner needs at least one environment")
+        if chunk_length < 1:
+            raise ValueError(f"chunk_length must be at least 1, got {chunk_length}")
+        if random_steps < 0:
+            raise ValueError(f"random_steps must be >= 0, got {random_steps}")
+        self.envs = list(envs)
+        self.policy = policy
+        self.chunk_length = int(chunk_length)
+        self.runner_id = int(runner_id)
+        self.seed = int(seed)
+        self.mode = mode
+        n = len(self.envs)
+        space = self.envs[0].observation_space
+        self.obs_shape: tuple[int, ...] = tuple(space.shape)
+        self.obs_dtype = np.dtype(np.uint8 if space.dtype == np.uint8 else np.float32)
+        self.action_dim = int(np.prod(self.envs[0].action_space.shape))
+        for env in self.envs[1:]:
+            if tuple(env.observation_space.shape) != self.obs_shape or \
+                    int(np.prod(env.action_space.shape)) != self.action_dim:
+                raise ValueError("all environments of a runner must have the same observation and action spaces")
+        self.action_repeat = int(getattr(self.envs[0].unwrapped, "action_repeat", 1))
+        self.stream_ids = [self.runner_id * n + i for i in range(n)]
+        self._rng = np.random.default_rng(derive_seed(self.seed, "runner", self.runner_id, "random_actions"))
+        self._random_left = int(random_steps)
+
+        # Chunk buffers [N, L, ...], one row position per environment.
+        length = self.chunk_length
+        self._obs_buf = np.zeros((n, length, *self.obs_shape), self.obs_dtype)
+        self._act_buf = np.zeros((n, length, self.action_dim), np.float32)
+        self._rew_buf = np.zeros((n, length), np.float32)
+        self._disc_buf = np.ones((n, length), np.float32)
+        self._first_buf = np.zeros((n, length), bool)
+        self._last_buf = np.zeros((n, length), bool)
+        self._term_buf = np.zeros((n, length), bool)
+        self._skill_buf = np.full((n, length), -1, np.int32)
+        self._ver_buf = np.full((n, length), -1, np.int64)
+        self._pos = np.zeros(n, np.int64)
+        self._aligned = True  # all environments at the same row position
+        self._env_index = np.arange(n)
+        self._step_reward = np.zeros(n, np.float32)
+        self._step_discount = np.ones(n, np.float32)
+        self._step_last = np.zeros(n, bool)
+        self._step_terminal = np.zeros(n, bool)
+
+        # What the policy sees next: the latest observation of every env and whether it is a reset.
+        self._obs = np.zeros((n, *self.obs_shape), self.obs_dtype)
+        self._is_first = np.ones(n, bool)
+        self._state = policy.initial_state(n)
+        self._fresh_policy_state = False
+        self._zero_action = np.zeros(self.action_dim, np.float32)
+
+        self._ep_return = [0.0] * n
+        self._ep_length = [0] * n
+        self._finished: list[tuple[float, int]] = []
+        self._agent_steps = 0
+        self._episodes = 0
+        self._stats_steps = 0
+        self._stats_time = time.perf_counter()
+
+        self._pending: list[tuple[int, Chunk]] = []
+        for i, env in enumerate(self.envs):
+            obs, _ = env.reset(seed=env_seed(self.seed, self.runner_id, i))
+            self._begin_episode(i, obs)  # with chunk_length 1 these rows come out of the first step()
+
+    # ------------------------------------------------------------------ rows and chunks
+
+    def _write(self, i: int, obs: np.ndarray, action: np.ndarray, reward: float, discount: float,
+               first: bool, last: bool, terminal: bool, skill: int, version: int) -> None:
+        """One row of environment i (used for reset rows; agent steps are written for all envs at once)."""
+        t = int(self._pos[i])
+        self._obs_buf[i, t] = obs
+        self._act_buf[i, t] = action
+        self._rew_buf[i, t] = reward
+        self._disc_buf[i, t] = discount
+        self._first_buf[i, t] = first
+        self._last_buf[i, t] = last
+        self._term_buf[i, t] = terminal
+        self._skill_buf[i, t] = skill
+        self._ver_buf[i, t] = version
+        t += 1
+        if t == self.chunk_length:
+            self._pending.append((self.stream_ids[i], self._chunk(i)))
+            t = 0
+        self._pos[i] = t
+
+    def _write_step_rows(self, actions: np.ndarray, skills: np.ndarray | int, version: int) -> None:
+        """The agent-step rows of all environments: observations from `self._obs`, rewards and
+        flags from the step arrays. While every environment is at the same row position (always,
+        when episodes have equal lengths) this is one slice assignment per key."""
+        if self._aligned:
+            t = int(self._pos[0])
+            rows = (slice(None), t)
+        else:
+            rows = (self._env_index, self._pos)
+        self._obs_buf[rows] = self._obs
+        self._act_buf[rows] = actions
+        self._rew_buf[rows] = self._step_reward
+        np.logical_not(self._step_terminal, out=self._step_discount)
+        self._disc_buf[rows] = self._step_discount
+        self._first_buf[rows] = False
+        self._last_buf[rows] = self._step_last
+        self._term_buf[rows] = self._step_terminal
+        self._skill_buf[rows] = skills
+        self._ver_buf[rows] = version
+        self._pos += 1
+        if self._aligned:
+            if t + 1 == self.chunk_length:
+                for i in range(len(self.envs)):
+                    self._pending.append((self.stream_ids[i], self._chunk(i)))
+                self._pos[:] = 0
+        else:
+            for i in np.flatnonzero(self._pos == self.chunk_length):
+                self._pending.append((self.stream_ids[i], self._chunk(int(i))))
+                self._pos[i] = 0
+
+    def _chunk(self, i: int) -> Chunk:
+        return {
+            B.OBSERVATION: self._obs_buf[i].copy(),
+            B.ACTION: self._act_buf[i].copy(),
+            B.REWARD: self._rew_buf[i].copy(),
+            B.DISCOUNT: self._disc_buf[i].copy(),
+            B.IS_FIRST: self._first_buf[i].copy(),
+            B.IS_LAST: self._last_buf[i].copy(),
+            B.IS_TERMINAL: self._term_buf[i].copy(),
+            B.SKILL: self._skill_buf[i].copy(),
+            B.POLICY_VERSION: self._ver_buf[i].copy(),
+        }
+
+    def _begin_episode(self, i: int, obs: np.ndarray) -> None:
+        self._write(i, obs, self._zero_action, 0.0, 1.0, True, False, False, -1, -1)
+        self._obs[i] = obs
+        self._is_first[i] = True
+        self._ep_return[i] = 0.0
+        self._ep_length[i] = 0
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[tuple[int, Chunk]]:
+        """One agent step of every environment; returns the `(stream_id, chunk)` pairs completed
+        (by this step, or by the first reset rows on the first call)."""
+        n = len(self.envs)
+        if self._random_left > 0:
+            actions = self._rng.uniform(-1.0, 1.0, (n, self.action_dim)).astype(np.float32)
+            skills: np.ndarray | int = -1
+            version = -1
+            self._random_left -= 1
+            if self._random_left == 0:
+                self._fresh_policy_state = True
+        else:
+            if self._fresh_policy_state:
+                self._state = self.policy.initial_state(n)
+                self._is_first[:] = True
+                self._fresh_policy_state = False
+            actions, self._state, extras = self.policy.act(self._obs, self._is_first, self._state, self.mode)
+            actions = np.asarray(actions, np.float32).reshape(n, self.action_dim)
+            skills = extras["skill"] if extras and "skill" in extras else -1
+            version = int(self.policy.version)
+
+        done: list[int] = []
+        reward_out, last_out, term_out = self._step_reward, self._step_last, self._step_terminal
+        for i, env in enumerate(self.envs):
+            obs, reward, terminated, truncated, _ = env.step(actions[i])
+            self._obs[i] = obs
+            reward = float(reward)
+            reward_out[i] = reward
+            term_out[i] = terminated
+            last_out[i] = terminated or truncated
+            self._ep_return[i] += reward
+            self._ep_length[i] += 1
+            if terminated or truncated:
+                done.append(i)
+        self._write_step_rows(actions, skills, version)
+        self._is_first[:] = False
+        for i in done:
+            self._finished.append((self._ep_return[i], self._ep_length[i]))
+            self._episodes += 1
+            obs, _ = self.envs[i].reset()
+            self._begin_episode(i, obs)
+        if done and len(done) < n:
+            self._aligned = bool(np.all(self._pos == self._pos[0]))
+        self._agent_steps += n
+        out, self._pending = self._pending, []
+        return out
+
+    def run(self, steps: int) -> list[tuple[int, Chunk]]:
+        """`steps` calls of `step()`; the chunks completed on the way, in order."""
+        out: list[tuple[int, Chunk]] = []
+        for _ in range(steps):
+            out.extend(self.step())
+        return out
+
+    def skip_random_steps(self) -> None:
+        """End the random seed phase now (e.g. when a run resumes after it)."""
+        if self._random_left > 0:
+            self._random_left = 0
+            self._fresh_policy_state = True
+
+    # ------------------------------------------------------------------ weights and stats
+
+    def set_weights(self, arrays: dict[str, np.ndarray], version: int) -> None:
+        """Load acting weights; rows chosen from the next `step()` on carry `version`."""
+        self.policy.load_weights(arrays, version)
+
+    @property
+    def version(self) -> int:
+        return int(self.policy.version)
+
+    @property
+    def random_steps_left(self) -> int:
+        return self._random_left
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction and rates since the last call; drains finished episodes.
+
+        agent_steps and frames count all environments (frames = agent steps x action repeat);
+        episodes is the list of `(return, length)` of episodes finished since the last call.
+        """
+        now = time.perf_counter()
+        elapsed = max(now - self._stats_time, 1e-9)
+        steps = self._agent_steps - self._stats_steps
+        self._stats_time, self._stats_steps = now, self._agent_steps
+        episodes, self._finished = self._finished, []
+        return {
+            "runner_id": self.runner_id,
+            "agent_steps": self._agent_steps,
+            "frames": self._agent_steps * self.action_repeat,
+            "num_episodes": self._episodes,
+            "steps_per_second": steps / elapsed,
+            "frames_per_second": steps * self.action_repeat / elapsed,
+            "episodes": episodes,
+            "version": self.version,
+            "random_steps_left": self._random_left,
+        }
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+# ---------------------------------------------------------------------- factory
+
+
+def random_steps_per_env(config: Config, num_runners: int | None = None) -> int:
+    """Random seed steps per environment: `ceil(seed_frames / (action_repeat x runners x envs_per_actor))`,
+    so that all environments of the run together take at least `learner.seed_frames` frames of
+    random actions. `num_runners` defaults to `config.num_actors`."""
+    runners = config.num_actors if num_runners is None else num_runners
+    per_step = config.env.action_repeat * runners * config.envs_per_actor
+    return math.ceil(config.learner.seed_frames / per_step)
+
+
+def make_runner(config: Config, runner_id: int, seed: int, behaviour: str = "explore",
+                num_runners: int | None = None, mode: str = "sample", freeze_gc: bool = True) -> EnvRunner:
+    """The runner of worker `runner_id`: `config.envs_per_actor` environments of `config.env`, the
+    acting policy of `config.algo` (seeded with `derive_seed(seed, "runner", runner_id, "policy")`),
+    chunks of `config.replay.chunk_length` rows and `random_steps_per_env(config, num_runners)`
+    random seed steps. `seed` is the run's root seed. `num_runners` is how many runners share the
+    seed phase (default `config.num_actors`; 1 for a single-process run).
+
+    freeze_gc: call `gc.freeze()` once everything is built, so that the cyclic garbage collector
+    no longer rescans the long-lived objects of torch, dm_control and the networks. Acting
+    allocates many small objects per step, which triggers full collections; on walker_walk with 16
+    envs they cost 10-15% of the step rate. Frozen objects are still freed by reference counting.
+    """
+    from actors.envs import make_env_from_config
+    from agents.registry import make_policy
+
+    envs = [make_env_from_config(config.env, seed=env_seed(seed, runner_id, i)) for i in range(config.envs_per_actor)]
+    obs_shape = tuple(envs[0].observation_space.shape)
+    action_dim = int(np.prod(envs[0].action_space.shape))
+    policy = make_policy(config.algo, obs_shape, action_dim, config.agent, behaviour=behaviour,
+                         seed=derive_seed(seed, "runner", runner_id, "policy"))
+    runner = EnvRunner(envs, policy, config.replay.chunk_length, runner_id, seed,
+                       random_steps=random_steps_per_env(config, num_runners), mode=mode)
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
+    return runner

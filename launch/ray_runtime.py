@@ -1,0 +1,197 @@
+"""Ray for choreo: an embedded local Ray that listens on 127.0.0.1 only, joining an existing
+cluster, and the environment worker as a restartable Ray actor.
+
+Loopback with Ray 2.60 (see ../shared/reference/environment-probe.md, section 6): Ray rewrites
+a node address of 127.0.0.1 to the machine's outward address unless
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which Ray reads when it is imported. `start_local_ray`
+sets it (and patches the already-read constant when Ray was imported before), passes
+`_node_ip_address="127.0.0.1"` and checks the result: every Ray service then listens on
+127.0.0.1 (some as the IPv4-mapped ::ffff:127.0.0.1).
+
+Authentication: Ray 2.60 enables token authentication by default and prints a notice about it.
+The embedded Ray sets `RAY_AUTH_MODE=token` explicitly (unless the caller chose a mode): tokens
+stay on, so other users of the machine cannot submit work to the loopback ports, and nothing is
+printed or asked for; Ray creates `~/.ray/auth_token` on first use and its own processes read
+it. `connect_ray` leaves the mode to the environment, since it must match the cluster's
+(`RAY_AUTH_MODE=disabled` for a cluster started that way).
+
+Workers get `MUJOCO_GL=egl` and one OpenMP/MKL thread (torch then uses one intra-op thread per
+worker: the acting networks are tiny and several workers share the cores), through the job's
+runtime_env.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+from actors.runner import EnvRunner, make_runner  # noqa: F401  (EnvRunner: what the actor hosts)
+
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+WORKER_ENV_VARS = {
+    "MUJOCO_GL": "egl",
+    "PYOPENGL_PLATFORM": "egl",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+"""Environment variables of every Ray worker process of a choreo job."""
+
+RUNNER_MAX_TASK_RETRIES = 3
+"""Retries of a runner call whose actor died while running it (the restarted actor runs it again).
+Bounded, so that a worker that crashes every time surfaces as an error instead of a hang."""
+
+
+def _runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    env_vars = dict(WORKER_ENV_VARS)
+    env_vars.update(extra or {})
+    return {"env_vars": env_vars}
+
+
+def _import_ray_for_loopback():
+    """Import Ray with the loopback settings in place; patch them if Ray was imported earlier."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    already = "ray" in sys.modules
+    import ray
+    from ray._private import ray_constants
+
+    if already and ray_constants.ENABLE_RAY_CLUSTER:
+        # Ray read the variable at import; the services module looks the constant up per call.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    return ray
+
+
+def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int | None = None,
+                    env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start an embedded Ray owned by this process, listening on 127.0.0.1 only.
+
+    num_cpus: CPUs Ray schedules (default: all cores). dashboard: start the dashboard on
+    127.0.0.1 (off by default: it costs about 1 GiB of memory). object_store_mb: object store
+    size (default: Ray's). env_vars: extra environment variables for the workers.
+    Returns the address, node IP, dashboard URL (or None), session directory and resources.
+    Stop it with `shutdown_ray()`.
+    """
+    ray = _import_ray_for_loopback()
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already running in this process; call shutdown_ray() first")
+    ctx = ray.init(
+        address="local",  # always a new instance owned by this process, never someone else's cluster
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        dashboard_host=LOOPBACK,
+        object_store_memory=None if object_store_mb is None else int(object_store_mb) * 1024 * 1024,
+        runtime_env=_runtime_env(env_vars),
+        logging_level=logging.WARNING,
+        _node_ip_address=LOOPBACK,
+    )
+    info = _context_info(ray, ctx)
+    if info["node_ip"] != LOOPBACK:
+        shutdown_ray()
+        raise RuntimeError(f"Ray started on {info['node_ip']} instead of {LOOPBACK}; refusing to run off loopback")
+    return info
+
+
+def connect_ray(address: str = "auto", env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """Join a running Ray cluster (`auto` or `HOST:PORT`, e.g. one started with `ray start --head`).
+    Authentication follows `RAY_AUTH_MODE` in the environment (it must match the cluster's)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already running in this process; call shutdown_ray() first")
+    ctx = ray.init(address=address, runtime_env=_runtime_env(env_vars), logging_level=logging.WARNING)
+    return _context_info(ray, ctx)
+
+
+def _context_info(ray: Any, ctx: Any) -> dict[str, Any]:
+    address_info = ctx.address_info
+    return {
+        "address": address_info.get("address") or address_info.get("gcs_address"),
+        "node_ip": address_info.get("node_ip_address"),
+        "dashboard_url": ctx.dashboard_url or None,
+        "session_dir": address_info.get("session_dir"),
+        "resources": ray.cluster_resources(),
+    }
+
+
+def shutdown_ray() -> None:
+    """Stop this process's Ray (the embedded instance and its processes, or the cluster connection)."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------- the remote environment worker
+
+
+class RunnerActor:
+    """Hosts an `EnvRunner` in a Ray actor: builds it with `make_runner` inside the worker (the
+    environments are never pickled) and forwards its methods.
+
+    After a restart (`max_restarts=-1`) the runner is rebuilt from the same seeds; it skips the
+    random seed phase, which already happened, and `stats()["restarted"]` is True so the runtime
+    knows to send the current weights again (until then the policy acts with its initial weights,
+    stamped version -1). The streams keep their ids; the episode that was running when the worker
+    died ends in the replay without an is_last row, and the new one starts with is_first.
+    """
+
+    def __init__(self, config: Any, runner_id: int, seed: int, behaviour: str = "explore",
+                 num_runners: int | None = None, mode: str = "sample") -> None:
+        import ray
+
+        self.runner = make_runner(config, runner_id, seed, behaviour=behaviour, num_runners=num_runners, mode=mode)
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated getter here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.restarted:
+            self.runner.skip_random_steps()
+
+    def step(self) -> list:
+        return self.runner.step()
+
+    def run(self, steps: int) -> list:
+        return self.runner.run(steps)
+
+    def set_weights(self, arrays: dict, version: int) -> int:
+        self.runner.set_weights(arrays, version)
+        return self.runner.version
+
+    def version(self) -> int:
+        return self.runner.version
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.runner.stats()
+        stats["restarted"] = self.restarted
+        return stats
+
+    def info(self) -> dict[str, Any]:
+        """Static facts: shapes, stream ids, action repeat, process id."""
+        r = self.runner
+        return {"runner_id": r.runner_id, "stream_ids": list(r.stream_ids), "obs_shape": r.obs_shape,
+                "action_dim": r.action_dim, "action_repeat": r.action_repeat, "num_envs": len(r.envs),
+                "pid": os.getpid()}
+
+    def skip_random_steps(self) -> None:
+        self.runner.skip_random_steps()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def remote_runner_class(num_cpus: float = 1.0, max_task_retries: int = RUNNER_MAX_TASK_RETRIES) -> Any:
+    """`RunnerActor` as a Ray actor class: restarted without limit when its process dies
+    (`max_restarts=-1`), a call in flight retried up to `max_task_retries` times on the restarted
+    actor (exceptions raised by the runner itself are not retried). Create one with
+    `remote_runner_class().remote(config, runner_id, seed)`."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, max_restarts=-1, max_task_retries=max_task_retries)(RunnerActor)
