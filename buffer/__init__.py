@@ -1,0 +1,10 @@
+"""Replay: msgpack codec, FIFO shard of fixed-length windows, rate limiter, sharded client.
+Needs numpy and msgpack only (no torch, no Ray)."""
+
+from buffer.client import ReplayClient
+from buffer.codec import CodecError, decode, encode
+from buffer.limiter import RateLimiter
+from buffer.shard import CheckpointMismatchError, ReplayEmptyError, ReplayShard
+
+__all__ = ["CheckpointMismatchError", "CodecError", "RateLimiter", "ReplayClient", "ReplayEmptyError",
+           "ReplayShard", "decode", "encode"]

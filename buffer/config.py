@@ -21,3 +21,5 @@ class ReplayConfig:
     """Relative tolerance around samples_per_insert before the learner or the actors wait."""
     min_size: int = 4000
     """Steps the replay must hold before the learner starts sampling."""
+    size_refresh_every: int = 10
+    """Batches between two refreshes of the shard sizes that the replay client caches for sampling."""

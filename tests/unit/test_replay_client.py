@@ -1,0 +1,172 @@
+"""ReplayClient: stable routing, size-proportional sampling, failing shards, limiter, futures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents import batch as B
+from buffer.client import ReplayClient
+from buffer.codec import encode
+from buffer.limiter import RateLimiter
+from buffer.shard import ReplayShard
+
+STREAM, STEP = 0, 1  # observation columns
+
+
+def chunk(stream: int, start: int, n: int = 25, episode: int = 1000) -> dict[str, np.ndarray]:
+    steps = np.arange(start, start + n)
+    obs = np.stack([np.full(n, stream), steps % episode], axis=1).astype(np.float32)
+    is_first = steps % episode == 0
+    return {B.OBSERVATION: obs, B.ACTION: np.zeros((n, 2), np.float32), B.REWARD: np.zeros(n, np.float32),
+            B.DISCOUNT: np.ones(n, np.float32), B.IS_FIRST: is_first, B.IS_LAST: steps % episode == episode - 1,
+            B.IS_TERMINAL: np.zeros(n, bool), B.SKILL: np.zeros(n, np.int32),
+            B.POLICY_VERSION: np.zeros(n, np.int64)}
+
+
+def feed(client: ReplayClient, streams, chunks_per_stream: int, n: int = 25) -> None:
+    for k in range(chunks_per_stream):
+        for s in streams:
+            assert client.add(chunk(s, k * n, n), s)
+
+
+def test_routing_is_stable():
+    shards = [ReplayShard(10_000, seed=i, name=f"shard{i}") for i in range(3)]
+    client = ReplayClient(shards, None, seed=0)
+    assert [client.shard_for(s) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    feed(client, range(7), 4)
+    for i, shard in enumerate(shards):
+        held = shard.sample(500, 1, rng=0)[B.OBSERVATION][:, 0, STREAM].astype(int)
+        assert set(held.tolist()) == {s for s in range(7) if s % 3 == i}
+    assert [s.stats()["steps"] for s in shards] == [300, 200, 200]
+    assert client.stats()["steps_inserted"] == 700
+    # encoded chunks route the same way
+    client.add(encode(chunk(4, 100), {"stream": 4}), 4)
+    assert shards[1].stats()["steps"] == 225
+
+
+def test_sampling_proportional_to_shard_sizes():
+    shards = [ReplayShard(100_000, seed=i, name=f"shard{i}") for i in range(3)]
+    client = ReplayClient(shards, None, seed=1)
+    for stream, chunks in ((0, 8), (1, 16), (2, 40)):  # 200, 400, 1000 steps
+        for k in range(chunks):
+            client.add(chunk(stream, 25 * k), stream)
+    rows = np.zeros(3)
+    for _ in range(200):
+        batch = client.sample(32, 10)
+        assert batch[B.OBSERVATION].shape == (32, 10, 2)
+        assert batch[B.IS_FIRST][:, 0].all()
+        rows += np.bincount(batch[B.OBSERVATION][:, 0, STREAM].astype(int), minlength=3)
+    expected = np.array([200, 400, 1000]) / 1600 * rows.sum()
+    assert np.all(np.abs(rows - expected) < 5 * np.sqrt(expected)), (rows, expected)
+    assert client.stats()["shard_rows"] == rows.astype(int).tolist()
+
+
+def test_shard_without_window_gets_no_rows_and_empty_client_returns_none():
+    shards = [ReplayShard(1000, seed=i, name=f"shard{i}") for i in range(2)]
+    client = ReplayClient(shards, None, seed=0)
+    assert client.sample(4, 10) is None
+    client.add(chunk(0, 0, n=50), 0)
+    client.add(chunk(1, 0, n=5), 1)  # shard 1: 5 steps, no window of 10
+    for _ in range(20):
+        batch = client.sample(8, 10)
+        assert (batch[B.OBSERVATION][:, :, STREAM] == 0).all()
+
+
+def test_same_seed_same_batch_and_rows_shuffled():
+    def build():
+        shards = [ReplayShard(5000, seed=i, name=f"shard{i}") for i in range(2)]
+        client = ReplayClient(shards, None, seed=42)
+        feed(client, range(4), 6)
+        return client
+
+    a, b = build(), build()
+    for _ in range(3):
+        x, y = a.sample(16, 5), b.sample(16, 5)
+        for key in B.KEYS:
+            np.testing.assert_array_equal(x[key], y[key])
+    streams = x[B.OBSERVATION][:, 0, STREAM].astype(int) % 2
+    assert 0 < streams.sum() < 16 and not (np.diff(streams) >= 0).all()  # mixed, not shard-ordered
+
+
+class Flaky:
+    """A shard whose sample (or every method) starts raising once `broken` is set."""
+
+    def __init__(self, shard: ReplayShard) -> None:
+        self.shard, self.broken, self.everything = shard, False, False
+
+    def __getattr__(self, name):
+        method = getattr(self.shard, name)
+
+        def wrapped(*args):
+            if self.broken and (name == "sample" or self.everything):
+                raise ConnectionError(f"{self.shard.name} is gone")
+            return method(*args)
+
+        return wrapped
+
+
+@pytest.mark.parametrize("futures", [False, True])
+@pytest.mark.parametrize("everything", [False, True])
+def test_failing_shard_does_not_stop_sampling(futures, everything):
+    shards = [Flaky(ReplayShard(5000, seed=i, name=f"shard{i}")) for i in range(3)]
+    kwargs = {}
+    if futures:  # Ray-style: call returns a future, gather resolves (and raises there)
+        kwargs = {"call": lambda s, m, *a: (lambda: getattr(s, m)(*a)),
+                  "gather": lambda futs: [f() for f in futs]}
+    client = ReplayClient(shards, None, seed=0, refresh_every=3, **kwargs)
+    feed(client, range(6), 8)
+    client.sample(32, 10)
+    shards[1].broken, shards[1].everything = True, everything
+    for _ in range(30):
+        batch = client.sample(32, 10)
+        assert batch[B.OBSERVATION].shape == (32, 10, 2)
+        assert not np.isin(batch[B.OBSERVATION][:, 0, STREAM] % 3, [1]).any()
+    st = client.stats()
+    assert st["failures"] >= 1 and st["shard_failures"][1] == st["failures"]
+    assert "shard1 is gone" in client.last_errors[1]
+    shards[1].broken = False  # it recovers: weighted again after the next refresh
+    seen = set()
+    for _ in range(10):
+        seen |= set((client.sample(32, 10)[B.OBSERVATION][:, 0, STREAM] % 3).astype(int).tolist())
+    assert seen == {0, 1, 2}
+    for s in shards:
+        s.broken, s.everything = True, True
+    with pytest.raises(RuntimeError, match="no replay shard could serve"):
+        for _ in range(5):
+            client.sample(8, 10)
+
+
+def test_sizes_cached_between_refreshes():
+    calls = []
+
+    def call(shard, method, *args):
+        calls.append(method)
+        return getattr(shard, method)(*args)
+
+    client = ReplayClient([ReplayShard(5000, seed=0)], None, seed=0, call=call, refresh_every=5)
+    feed(client, range(2), 4)
+    for _ in range(20):
+        client.sample(4, 5)
+    assert calls.count("sample_info") == 4 and calls.count("sample") == 20
+    client.sample(4, 6)  # another length: refreshed at once
+    assert calls.count("sample_info") == 5
+
+
+def test_limiter_gates_both_sides():
+    lim = RateLimiter(samples_per_insert=1.0, tolerance=0.0, min_size=100)
+    client = ReplayClient([ReplayShard(5000, seed=0)], lim, seed=0, poll_s=0.001)
+    assert client.sample(2, 5) is None  # below min_size
+    feed(client, [0], 4)  # 100 steps
+    assert lim.stats()["inserted"] == 100
+    batch = client.sample(4, 25)  # 100 sampled steps: ratio 1
+    assert batch is not None and lim.ratio() == 1.0
+    assert client.sample(1, 1) is None  # would push the ratio above 1
+    assert client.add(chunk(0, 100), 0)  # the learner can't sample, so inserting is allowed
+    assert lim.stats()["inserted"] == 125
+    assert not client.add(chunk(0, 125), 0, timeout=0.01)  # ratio 0.8 < 1: actors wait
+    assert client.sample(1, 25, timeout=0.01) is not None
+    assert client.sample(1, 1, timeout=0.01) is None  # the learner waits now
+    st = lim.stats()
+    assert st["insert_wait_count"] == 1 and st["insert_wait_s"] >= 0.01
+    assert st["sample_wait_count"] == 1 and st["sample_wait_s"] >= 0.01  # refusals with timeout 0 are not waits
