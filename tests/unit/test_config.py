@@ -33,7 +33,8 @@ def test_presets_compose_in_group_order_whatever_the_command_line_order():
     b = load_config(["tiny", "pixels"])
     assert a == b
     assert a.env.obs == "pixels" and a.env.action_repeat == 2
-    assert a.replay.samples_per_insert == 500.0
+    assert a.replay.samples_per_insert == 4.0  # size/tiny comes after suite/pixels
+    assert load_config(["pixels"]).replay.samples_per_insert == 500.0
     assert a.agent.world_model.deter == 32  # from size/tiny
     assert (a.suite, a.size) == ("pixels", "tiny")
 

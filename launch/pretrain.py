@@ -1,0 +1,51 @@
+"""`choreo pretrain`: resolve the config, prepare the run directory, and run the loop."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from launch.config import Config, ConfigError, from_yaml_file, load_config, save_config
+from learner.learner import CHECKPOINT
+
+
+def new_run_dir(config: Config, logdir: str | None) -> Path:
+    root = Path(logdir or config.logdir)
+    name = config.run_name or f"{config.env.task.replace(':', '_')}-{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (root / name).resolve()
+    if (run_dir / CHECKPOINT).exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                          f"or choose another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if args.preset or args.overrides:
+            raise ConfigError("--resume continues a run with its saved config; drop --preset and key=value")
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"cannot resume {run_dir}: it holds no config.yaml")
+        if not (run_dir / CHECKPOINT).exists():
+            raise ConfigError(f"cannot resume {run_dir}: it holds no {CHECKPOINT} yet")
+        config = from_yaml_file(run_dir / "config.yaml")
+    else:
+        config = load_config(args.preset, args.overrides)
+        if args.logdir:
+            config = dataclasses.replace(config, logdir=args.logdir)
+        run_dir = new_run_dir(config, args.logdir)
+        save_config(config, run_dir)
+    print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1")
+
+    if not args.local:
+        # The distributed runtime (Ray actors, sharded replay, learner actor) is not in this
+        # build yet; the same components run in one process meanwhile.
+        print("note: the Ray runtime is not available yet; running every component in this process (--local)")
+    from launch.local import run_local
+
+    return run_local(config, run_dir, resume=bool(args.resume))
