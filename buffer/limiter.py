@@ -3,13 +3,14 @@
 Pure bookkeeping behind a lock: it answers "may I?" and counts; it never sleeps. Callers poll
 (`ReplayClient` does, and records how long it waited with `record_wait`).
 
-Rules, with I = steps inserted, S = steps sampled, t = samples_per_insert, e = tolerance:
-- sample n steps:  allowed iff I >= min_size and (t == 0 or (S + n) / I <= t * (1 + e)).
-- insert m steps:  allowed iff I < min_size, or t == 0, or S / (I + m) >= t * (1 - e),
-                   or the learner could not sample either (below).
-The ratio is cumulative over the run (I counts the min_size warm-up too). So right after min_size
-the learner trains on the first steps until S reaches about t * (1 - e) * I before the actors
-insert again; from then on the ratio stays within the band.
+Rules, with I = steps inserted beyond min_size (the warm-up is not counted), S = steps sampled,
+t = samples_per_insert, e = tolerance:
+- sample n steps:  allowed iff min_size steps are in and (t == 0 or (S + n) <= t * (1 + e) * I).
+- insert m steps:  allowed iff fewer than min_size steps are in, or t == 0,
+                   or S >= t * (1 - e) * (I + m), or the learner could not sample either (below).
+Not counting the warm-up means training starts at the target rate right after it (the reference
+trains once every 10 frames from the end of its 4000 seed frames on), instead of in a burst that
+would first sample the warm-up steps t times over, as a ratio over all inserts would demand.
 
 No deadlock. With a narrow band (e = 0) or a batch larger than the band's width, a state could
 exist where neither side may proceed: sampling would overshoot the upper bound while inserting
@@ -59,12 +60,16 @@ class RateLimiter:
 
     # ------------------------------------------------------------------------- queries
 
+    def _counted(self, extra: int = 0) -> int:
+        """Inserted steps beyond the warm-up (what the ratio is over)."""
+        return max(self._inserted + extra - self.min_size, 0)
+
     def _sample_ok(self, steps: int) -> bool:
         if self._inserted < self.min_size or self._inserted == 0:
             return False
         if self.samples_per_insert == 0:
             return True
-        return (self._sampled + steps) <= self.samples_per_insert * (1 + self.tolerance) * self._inserted
+        return (self._sampled + steps) <= self.samples_per_insert * (1 + self.tolerance) * self._counted()
 
     def can_sample(self, steps: int) -> bool:
         """Whether the learner may sample `steps` steps now (records `steps` as its demand)."""
@@ -76,7 +81,7 @@ class RateLimiter:
     def _insert_ok(self, steps: int) -> bool:
         if self._inserted < self.min_size or self.samples_per_insert == 0:
             return True
-        low = self.samples_per_insert * (1 - self.tolerance) * (self._inserted + steps)
+        low = self.samples_per_insert * (1 - self.tolerance) * self._counted(steps)
         if self._sampled >= low:
             return True
         return not self._sample_ok(self._demand)  # never both refused: see the module docstring
@@ -122,9 +127,10 @@ class RateLimiter:
             return True
 
     def ratio(self) -> float:
-        """Sampled steps per inserted step so far (0 before any insert)."""
+        """Sampled steps per inserted step beyond the warm-up (0 before any)."""
         with self._lock:
-            return self._sampled / self._inserted if self._inserted else 0.0
+            counted = self._counted()
+            return self._sampled / counted if counted else 0.0
 
     def record_wait(self, side: str, seconds: float) -> None:
         """Adds one wait of `seconds` by side "insert" (actors) or "sample" (learner)."""

@@ -34,18 +34,22 @@ def test_min_size_gate():
         lim.on_insert(10)
     assert not lim.can_sample(1)  # 90 < 100
     lim.on_insert(10)
+    assert not lim.can_sample(1)  # warm-up complete; the ratio counts only what comes after it
+    lim.on_insert(100)
     assert lim.can_sample(100)
-    assert lim.can_sample(150) and not lim.can_sample(151)  # 1.5 x 100
+    assert lim.can_sample(150) and not lim.can_sample(151)  # 1.5 x the 100 steps beyond the warm-up
 
 
 def test_zero_means_unlimited():
     lim = RateLimiter(samples_per_insert=0, tolerance=0.1, min_size=50)
     assert not lim.can_sample(1)
     lim.on_insert(50)
+    assert lim.can_sample(10_000)  # no ratio: the warm-up alone opens sampling
+    lim.on_insert(50)
     for _ in range(100):
         assert lim.can_sample(10_000) and lim.can_insert(1)
         lim.on_sample(10_000)
-    assert lim.ratio() == 20_000.0
+    assert lim.ratio() == 20_000.0  # 1e6 sampled over the 50 steps beyond the warm-up
 
 
 def _simulate(lim: RateLimiter, ticks: int, chunk: int, batch: int, seed: int, actor_share: float):

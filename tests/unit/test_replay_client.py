@@ -157,14 +157,16 @@ def test_limiter_gates_both_sides():
     lim = RateLimiter(samples_per_insert=1.0, tolerance=0.0, min_size=100)
     client = ReplayClient([ReplayShard(5000, seed=0)], lim, seed=0, poll_s=0.001)
     assert client.sample(2, 5) is None  # below min_size
-    feed(client, [0], 4)  # 100 steps
-    assert lim.stats()["inserted"] == 100
-    batch = client.sample(4, 25)  # 100 sampled steps: ratio 1
+    feed(client, [0], 4)  # the 100 warm-up steps: not counted in the ratio
+    assert client.sample(1, 1) is None
+    assert client.add(chunk(0, 100), 0)  # 25 counted steps
+    assert lim.stats()["inserted"] == 125
+    batch = client.sample(1, 25)  # 25 sampled steps: ratio 1
     assert batch is not None and lim.ratio() == 1.0
     assert client.sample(1, 1) is None  # would push the ratio above 1
-    assert client.add(chunk(0, 100), 0)  # the learner can't sample, so inserting is allowed
-    assert lim.stats()["inserted"] == 125
-    assert not client.add(chunk(0, 125), 0, timeout=0.01)  # ratio 0.8 < 1: actors wait
+    assert client.add(chunk(0, 125), 0)  # the learner can't sample, so inserting is allowed
+    assert lim.stats()["inserted"] == 150
+    assert not client.add(chunk(0, 150), 0, timeout=0.01)  # ratio 0.5 < 1: actors wait
     assert client.sample(1, 25, timeout=0.01) is not None
     assert client.sample(1, 1, timeout=0.01) is None  # the learner waits now
     st = lim.stats()
