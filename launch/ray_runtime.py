@@ -28,7 +28,7 @@ import sys
 import warnings
 from typing import Any
 
-from actors.runner import EnvRunner, make_runner  # noqa: F401  (EnvRunner: what the actor hosts)
+from actors.runner import make_runner
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::ffff:127.0.0.1", "::1")

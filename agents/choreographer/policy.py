@@ -108,7 +108,7 @@ class ChoreographerPolicy(nn.Module):
         obs = torch.as_tensor(observation)
         first = torch.as_tensor(is_first, dtype=torch.bool)
         embed = self.encoder(preprocess_observation(obs, pixels=len(self.obs_shape) == 3))
-        latent, _ = self.rssm.obs_step(state.latent, state.prev_action, embed, first, self.generator)
+        latent = self.rssm.posterior_step(state.latent, state.prev_action, embed, first, self.generator)
         feat = self.rssm.feature(latent)
 
         skill, steps = state.skill, state.skill_steps

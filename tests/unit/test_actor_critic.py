@@ -2,7 +2,6 @@
 
 import copy
 import io
-import time
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from agents.world_model import WorldModel, world_model_loss
 
 WM_TINY = WorldModelConfig(deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2, cnn_depth=4)
 AC_TINY = ActorCriticConfig(horizon=4, units=32, layers=2, slow_target_every=3, actor_lr=1e-3, critic_lr=1e-3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine waiting for it
-    makes these tests ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_world(seed=0, obs_dim=5, action_dim=2, batch=3, length=6):
@@ -232,55 +221,3 @@ def test_act():
     b = ac.act(feat, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and not torch.equal(a, mode) and a.abs().max() < 1
     assert not a.requires_grad
-
-
-# ---- timings at the paper's sizes (printed, not asserted) -----------------------------------
-
-
-@pytest.mark.slow
-def test_print_update_timings_at_paper_sizes(capsys):
-    """World-model update on 50 x 50 state sequences (obs 24, action 6) and one ActorCritic update
-    on 2,500 starts x 15 imagined steps, on 2 threads. Run with -s to see the figures."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        g = torch.Generator().manual_seed(0)
-        cfg = WorldModelConfig()
-        wm = WorldModel((24,), 6, cfg)
-        opt = Optimizer(wm.parameters(), cfg.lr, cfg.eps, cfg.grad_clip, cfg.weight_decay, "world_model")
-        steps = torch.arange(50.0)[None, :, None]
-        is_first = torch.zeros(50, 50, dtype=torch.bool)
-        is_first[:, 0] = True
-        batch = {
-            OBSERVATION: torch.sin(0.1 * steps * torch.arange(1, 25.0) + torch.rand(50, 1, 24, generator=g)),
-            ACTION: torch.rand(50, 50, 6, generator=g) * 2 - 1,
-            REWARD: torch.rand(50, 50, generator=g),
-            IS_FIRST: is_first,
-        }
-
-        def wm_update():
-            loss, metrics, out = world_model_loss(wm, batch, generator=g)
-            metrics.update(opt.step(loss))
-            return out
-
-        out = wm_update()
-        wm_times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            out = wm_update()
-            wm_times.append(time.perf_counter() - t0)
-
-        ac = ActorCritic(wm.feat_dim, 6, ActorCriticConfig())
-        start = out.post.detach()
-        reward_fn = lambda traj: traj.feat.mean(-1)  # noqa: E731 - cheap, but through the states
-        ac.update(wm, start, reward_fn, generator=g)
-        ac_times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            ac.update(wm, start, reward_fn, generator=g)
-            ac_times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    with capsys.disabled():
-        print(f"\nworld-model update (50 x 50, states): {min(wm_times) * 1e3:.0f} ms (best of 3)")
-        print(f"actor-critic update (2,500 x 15): {min(ac_times) * 1e3:.0f} ms (best of 2)")

@@ -10,16 +10,6 @@ from torch.utils._pytree import tree_flatten
 from agents.choreographer.rewards import RunningMagnitude, _row_smallest, code_reward, knn_particle_reward
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are small: one thread is as fast, and it avoids OpenMP's spin-waits, which
-    make small ops tens of times slower when the two cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def brute_force(x: torch.Tensor, k: int, clip: float) -> torch.Tensor:
     """The reference's estimator with the full distance matrix, in float64, exact differences."""
     x = x.double()

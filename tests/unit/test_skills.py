@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import io
 
-import pytest
 import torch
 
 from agents.choreographer.skills import SkillAutoEncoder, skill_loss
 from agents.config import ChoreographerConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are small: one thread is as fast, and it avoids OpenMP's spin-waits, which
-    make small ops tens of times slower when the two cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(num_codes: int = 8, code_dim: int = 3, deter: int = 12, seed: int = 0, **cfg) -> SkillAutoEncoder:

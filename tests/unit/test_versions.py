@@ -7,7 +7,6 @@ combination is ever installed again, before anything more confusing breaks.
 
 from importlib.metadata import version
 
-import pytest
 
 
 def _v(name: str) -> tuple[int, ...]:

@@ -24,16 +24,6 @@ TINY = WorldModelConfig(deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, m
 FEAT = 4 * 4 + 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine waiting for it
-    makes these tests ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
