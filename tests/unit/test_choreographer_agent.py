@@ -291,3 +291,15 @@ def test_bf16_autocast_runs_on_cpu():
     agent = make(cfg=tiny("agent.precision.autocast=bf16"))
     metrics = agent.update(batch())
     assert np.isfinite(metrics["world_model/loss"])
+
+
+@pytest.mark.gpu
+def test_cuda_update_with_bf16_autocast_matches_checkpoint_round_trip():
+    agent = ChoreographerAgent(STATE_SHAPE, ACTIONS, tiny(), seed=0, device="cuda")
+    assert agent._autocast == torch.bfloat16  # "auto" means bf16 autocast on CUDA
+    metrics = agent.update(batch())
+    assert np.isfinite(metrics["world_model/loss"]) and np.isfinite(metrics["skill/actor/loss"])
+    restored = ChoreographerAgent(STATE_SHAPE, ACTIONS, tiny(), seed=5, device="cuda")
+    restored.load_state_dict(_roundtrip(agent))
+    weights = restored.policy_weights()
+    ChoreographerPolicy(STATE_SHAPE, ACTIONS, tiny()).load_weights(weights, version=1)
