@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def pretrain(args: argparse.Namespace) -> int:
         save_config(config, run_dir)
     print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1")
 
+    # A scheduler's or a user's SIGTERM ends the run like Ctrl-C: with a final checkpoint.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
     if not args.local:
         # The distributed runtime (Ray actors, sharded replay, learner actor) is not in this
         # build yet; the same components run in one process meanwhile.
@@ -49,3 +53,7 @@ def pretrain(args: argparse.Namespace) -> int:
     from launch.local import run_local
 
     return run_local(config, run_dir, resume=bool(args.resume))
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
