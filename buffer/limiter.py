@@ -146,7 +146,7 @@ class RateLimiter:
         """Counters and wait totals, flat: inserted, sampled, ratio, {insert,sample}_wait_{s,count}."""
         with self._lock:
             return {"inserted": self._inserted, "sampled": self._sampled,
-                    "ratio": self._sampled / self._inserted if self._inserted else 0.0,
+                    "ratio": self._sampled / self._counted() if self._counted() else 0.0,
                     "insert_wait_s": self._wait_s["insert"], "insert_wait_count": self._wait_n["insert"],
                     "sample_wait_s": self._wait_s["sample"], "sample_wait_count": self._wait_n["sample"]}
 

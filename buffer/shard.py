@@ -37,6 +37,7 @@ import struct
 import threading
 import zlib
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,11 @@ class ReplayShard:
                 raise
             self._insert(chunk, stream, n)
             return n
+
+    def add_many(self, chunks: Sequence[tuple[int, dict[str, np.ndarray]]]) -> int:
+        """Several `(stream, chunk)` pairs in order, e.g. one environment worker call's output
+        handed over as one object; returns the steps added."""
+        return sum(self.add(chunk, stream) for stream, chunk in chunks)
 
     def _insert(self, chunk: dict[str, np.ndarray], stream: int, n: int) -> None:
         if self._schema is None:

@@ -46,13 +46,13 @@ def pretrain(args: argparse.Namespace) -> int:
     # A scheduler's or a user's SIGTERM ends the run like Ctrl-C: with a final checkpoint.
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
-    if not args.local:
-        # The distributed runtime (Ray actors, sharded replay, learner actor) is not in this
-        # build yet; the same components run in one process meanwhile.
-        print("note: the Ray runtime is not available yet; running every component in this process (--local)")
-    from launch.local import run_local
+    if args.local:
+        from launch.local import run_local
 
-    return run_local(config, run_dir, resume=bool(args.resume))
+        return run_local(config, run_dir, resume=bool(args.resume))
+    from launch.distributed import run_distributed
+
+    return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
 
 
 def _raise_interrupt(signum, frame) -> None:
