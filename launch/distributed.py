@@ -122,6 +122,10 @@ def run_distributed(config: Config, run_dir: Path, address: str | None = None, r
         start_local_ray(num_cpus=max(os.cpu_count() or 1, config.num_actors + 1), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
+    from launch.pretrain import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+
     try:
         return _drive(ray, config, run_dir, resume)
     finally:
@@ -222,11 +226,15 @@ def _drive(ray: Any, config: Config, run_dir: Path, resume: bool) -> int:
             monitor.progress(frames, updates, f"loss {last_metrics.get('world_model/loss', float('nan')):.2f}")
     except KeyboardInterrupt:
         monitor.progress(frames, updates, "interrupted: writing a checkpoint", force=True)
-        if train_ref is not None:
-            ray.get(train_ref)
-        checkpoint()
+        try:
+            if train_ref is not None:
+                ray.get(train_ref)
+            checkpoint()
+            print(f"\ncheckpoint written; continue with: choreo pretrain --resume {run_dir}", flush=True)
+        except Exception as e:  # the signal may have reached Ray's worker processes too
+            print(f"\ncould not write a final checkpoint ({type(e).__name__}); the last periodic one in {run_dir} "
+                  f"is intact; continue with: choreo pretrain --resume {run_dir}", flush=True)
         monitor.close()
-        print(f"\ncheckpoint written; continue with: choreo pretrain --resume {run_dir}")
         return 130
     if train_ref is not None:
         ray.get(train_ref)

@@ -43,8 +43,7 @@ def pretrain(args: argparse.Namespace) -> int:
         save_config(config, run_dir)
     print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1")
 
-    # A scheduler's or a user's SIGTERM ends the run like Ctrl-C: with a final checkpoint.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
 
     if args.local:
         from launch.local import run_local
@@ -53,6 +52,12 @@ def pretrain(args: argparse.Namespace) -> int:
     from launch.distributed import run_distributed
 
     return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
+
+
+def interrupt_on_sigterm() -> None:
+    """A scheduler's or a user's SIGTERM ends the run like Ctrl-C: with a final checkpoint.
+    (Call again after `ray.init`, which installs a handler of its own.)"""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -64,3 +64,29 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
     resumed = torch.load(run_dir / CHECKPOINT, weights_only=True)
     assert resumed["counters"]["frames"] >= 2000
     assert resumed["updates"] > checkpoint["updates"]
+
+
+def test_sigterm_checkpoints_and_stops_every_ray_process(tmp_path):
+    import signal
+    import time
+
+    import ray  # noqa: F401  (puts the psutil that ray[default] ships on sys.path)
+    import psutil
+
+    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
+           "run_name=term", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "term"
+    deadline = time.monotonic() + 180
+    while not (run_dir / "tensorboard").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(8)  # workers and learner up and running
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "Ray started no processes"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"checkpoint written; continue with: choreo pretrain --resume {run_dir}" in out
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["counters"]["frames"] > 0
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], [p.cmdline()[:2] for p in alive]
