@@ -184,7 +184,10 @@ class ChoreographerAgent(nn.Module):
             else:
                 metrics = self._pretrain_update(data)
         self.updates += 1
-        out = {k: float(v) for k, v in metrics.items()}
+        # One device-to-host transfer for all metrics, not one synchronisation per metric.
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
+                              for v in metrics.values()]).tolist()
+        out = dict(zip(metrics, values))
         out.update(self.timer.metrics())
         return out
 
