@@ -26,8 +26,16 @@ class Optimizer:
 
     `step(loss)`: zero the gradients, backpropagate, clip the global gradient norm to `grad_clip`,
     decay every parameter as p <- (1 - weight_decay) p (not scaled by lr; biases and norms
-    included), then take the Adam step. Returns `{name}/loss` and `{name}/grad_norm` (the norm
-    before clipping) as detached 0-d tensors.
+    included), then take the Adam step. Returns `{name}/loss`, `{name}/grad_norm` (the norm
+    before clipping) and `{name}/nonfinite` as detached 0-d tensors.
+
+    Non-finite guard: when the loss or the gradient norm is NaN or infinite (`{name}/nonfinite`
+    is then 1.0, else 0.0), or when the caller's `skip` (a 0-d tensor) is nonzero, the step is
+    skipped as a whole: no weight decay, no parameter change, no change of Adam's moments or
+    step count (only Adam's state may be created, zeroed, if this was the first step). With
+    fused Adam (CPU and CUDA) the decision stays on the device, with no host synchronisation:
+    the flag is Adam's `found_inf`, the input fused Adam uses to skip a step for gradient
+    scaling. The foreach fallback (other devices) reads the flag on the host.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, grad_clip: float,
@@ -36,30 +44,53 @@ class Optimizer:
         self.name = name
         self.grad_clip = grad_clip
         self.weight_decay = weight_decay
-        fast = {"fused": True} if _fused_adam_ok(self.params) else {"foreach": True}
+        self.fused = _fused_adam_ok(self.params)
+        fast = {"fused": True} if self.fused else {"foreach": True}
         self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, betas=(0.9, 0.999), **fast)
 
-    def step(self, loss: Tensor) -> dict[str, Tensor]:
+    def step(self, loss: Tensor, skip: Tensor | None = None) -> dict[str, Tensor]:
         self.adam.zero_grad(set_to_none=True)
         loss.backward()
-        return {f"{self.name}/loss": loss.detach(), **self.apply()}
+        loss = loss.detach()
+        return {f"{self.name}/loss": loss, **self.apply(loss, skip)}
 
-    def apply(self) -> dict[str, Tensor]:
-        """Clip, decay and step with the gradients already in `.grad`."""
+    def apply(self, loss: Tensor | None = None, skip: Tensor | None = None) -> dict[str, Tensor]:
+        """Clip, decay and step with the gradients already in `.grad`; skipped (see the class)
+        when the gradient norm, or the `loss` if given, is not finite, or `skip` is nonzero."""
         grads = [p for p in self.params if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
-        if self.weight_decay:
-            with torch.no_grad():
-                torch._foreach_mul_(self.params, 1.0 - self.weight_decay)
-        self.adam.step()
-        return {f"{self.name}/grad_norm": norm.detach()}
+        nonfinite = ~torch.isfinite(norm)
+        if loss is not None:
+            nonfinite = nonfinite | ~torch.isfinite(loss)
+        if self.params:
+            nonfinite = nonfinite.to(self.params[0].device)
+        bad = nonfinite if skip is None else nonfinite | (skip.to(nonfinite.device) != 0)
+        if self.fused:
+            self.adam.grad_scale = None
+            self.adam.found_inf = bad.to(torch.float32)  # fused Adam skips, and undoes its step-count increment
+            if self.weight_decay:
+                with torch.no_grad():
+                    torch._foreach_mul_(self.params, torch.where(bad, 1.0, 1.0 - self.weight_decay))
+            self.adam.step()
+        elif not bool(bad):  # foreach Adam has no on-device skip: one host sync
+            if self.weight_decay:
+                with torch.no_grad():
+                    torch._foreach_mul_(self.params, 1.0 - self.weight_decay)
+            self.adam.step()
+        return {f"{self.name}/grad_norm": norm.detach(), f"{self.name}/nonfinite": nonfinite.to(torch.float32)}
 
     def state_dict(self) -> dict[str, Any]:
         return self.adam.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.adam.load_state_dict(state)
+
+
+def either(skip: Tensor | None, flag: Tensor) -> Tensor:
+    """The running skip flag of an update (0-d float, 1.0: skip the steps from here on) once a
+    step's own non-finite `flag` is included; None means nothing skipped so far."""
+    return flag if skip is None else torch.maximum(skip, flag)
 
 
 def _fused_adam_ok(params: list[nn.Parameter]) -> bool:
@@ -151,7 +182,8 @@ class ActorCritic(nn.Module):
         return dist.sample(generator) if sample else dist.mode
 
     def update(self, wm: WorldModel, start: State, reward_fn: RewardFn, condition: Tensor | None = None,
-               generator: torch.Generator | None = None) -> tuple[Trajectory, dict[str, Tensor]]:
+               generator: torch.Generator | None = None,
+               skip: Tensor | None = None) -> tuple[Trajectory, dict[str, Tensor]]:
         """One actor and one critic step on a rollout imagined from `start` (any leading dims,
         flattened to [N], detached), with the condition `[N, C]` held for the whole rollout.
 
@@ -169,6 +201,12 @@ class ActorCritic(nn.Module):
         reward function's own modules are the caller's to freeze (`agents.nets.frozen`).
         Returns the trajectory (detached: the actor's backward pass has used its graph) and the
         metrics as detached 0-d tensors.
+
+        Non-finite losses (see `Optimizer`): from the first non-finite step on, every step is
+        skipped: the actor's when its loss or gradient is not finite or `skip` (a 0-d tensor,
+        the caller's) is set; the critic's also when the actor's was non-finite; and the target
+        critic is then left as it was. `{name}/actor/nonfinite` and `{name}/critic/nonfinite`
+        report each step's own loss and gradient. `updates` counts every call.
         """
         cfg = self.cfg
         entropies: list[Tensor] = []
@@ -195,13 +233,15 @@ class ActorCritic(nn.Module):
             if self.entropy_scale:
                 objective = objective + self.entropy_scale * entropy[:-1]
             actor_loss = -(weight[:-2, None] * objective).mean()
-            actor_metrics = self.actor_opt.step(actor_loss)
+            actor_metrics = self.actor_opt.step(actor_loss, skip)
+            skip = either(skip, actor_metrics[f"{self.name}/actor/nonfinite"])
 
             inputs = [self._input(f.detach(), condition) for f in feats[:-1]]
             prediction = torch.stack([self.critic(x) for x in inputs]).squeeze(-1)  # [H, N]
             critic_loss = (weight[:-1, None] * 0.5 * (prediction - target.detach()).square()).mean()
-            critic_metrics = self.critic_opt.step(critic_loss)
-        self._updates = update_slow_target(self.critic, self.target_critic, self.updates, cfg, self._updates)
+            critic_metrics = self.critic_opt.step(critic_loss, skip)
+            skip = either(skip, critic_metrics[f"{self.name}/critic/nonfinite"])
+        self._updates = update_slow_target(self.critic, self.target_critic, self.updates, cfg, self._updates, skip)
 
         with torch.no_grad():
             metrics = {
@@ -218,21 +258,28 @@ class ActorCritic(nn.Module):
 
 @torch.no_grad()
 def update_slow_target(critic: nn.Module, target: nn.Module, updates: Tensor, cfg: ActorCriticConfig,
-                       count: int | None = None) -> int:
+                       count: int | None = None, skip: Tensor | None = None) -> int:
     """Count an update and keep a slow target critic: at update 0 the critic is copied into the
     target, and every `slow_target_every` updates it is mixed in by `slow_target_fraction`.
 
     `updates` is the int64 counter buffer (incremented here); `count`, its value on the host,
-    spares reading it back from the device. Returns the new count.
+    spares reading it back from the device. Returns the new count. `skip` (a 0-d tensor, 1.0
+    when the critic's step of this update was skipped as non-finite) leaves the target exactly
+    as it was, on the device; the update is still counted, so that the schedule needs no sync.
     """
     n = int(updates) if count is None else count
     if n % cfg.slow_target_every == 0:
         mix = 1.0 if n == 0 else cfg.slow_target_fraction
-        for t, s in zip(target.parameters(), critic.parameters()):
-            if mix == 1.0:
-                t.copy_(s)
-            else:
-                t.lerp_(s, mix)
+        if skip is not None:
+            weight = (1.0 - skip) * mix  # 0-d: 0 leaves the target as it is, 1 copies exactly
+            for t, s in zip(target.parameters(), critic.parameters()):
+                t.lerp_(s, weight.to(t.dtype))
+        else:
+            for t, s in zip(target.parameters(), critic.parameters()):
+                if mix == 1.0:
+                    t.copy_(s)
+                else:
+                    t.lerp_(s, mix)
     updates.fill_(n + 1)
     return n + 1
 

@@ -22,3 +22,6 @@ class LearnerConfig:
     """Frame counts at which a snapshot for fine-tuning is written."""
     log_every: int = 100
     """Updates between metric writes to TensorBoard."""
+    max_nonfinite_updates: int = 10
+    """Non-finite updates in a row (a NaN or infinite loss or gradient: the update is skipped)
+    after which the run stops with NonFiniteLossError, its last checkpoint intact; 0: never."""

@@ -6,6 +6,7 @@ A plain class: `launch/` runs it in the driver process (`--local`) or wraps it a
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -21,6 +22,16 @@ from learner.config import LearnerConfig
 
 Batch = Mapping[str, np.ndarray]
 CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many updates in a row had a NaN or infinite loss or gradient (`max_nonfinite_updates`).
+    Every one of them was skipped, and the learner wrote nothing since: the last checkpoint is
+    the last good state. The caller should not write a final checkpoint."""
+
+
+NONFINITE = "learner/nonfinite"
+"""The agent's metric: 1.0 when a loss or gradient of the update was not finite (and skipped)."""
 
 
 class BatchPrefetcher:
@@ -72,7 +83,16 @@ class BatchPrefetcher:
 
 class Learner:
     """Trains `agent` on batches from `sample`; hands acting weights to `publish` every
-    `cfg.publish_every` updates. The weight version is the number of updates so far."""
+    `cfg.publish_every` updates. The weight version is the number of updates so far.
+
+    Non-finite updates: an update whose agent reports `learner/nonfinite` > 0 (or, for an agent
+    without that metric, a NaN or infinite `*loss` metric) was skipped by the agent. It is
+    counted (`skipped_updates`, and `nonfinite_in_a_row` until a finite update resets it), does
+    not advance `updates` (the weight version: the weights did not take that step) and publishes
+    nothing. After `cfg.max_nonfinite_updates` of them in a row (0: never), `step` raises
+    `NonFiniteLossError`; the learner never writes a checkpoint by itself, so the last one is
+    left intact. `skipped_updates` counts this process's skips (it is not checkpointed).
+    """
 
     def __init__(self, agent: Any, sample: Callable[[], Batch | None], publish: Callable[[dict, int], None],
                  cfg: LearnerConfig, run_dir: Path, prefetch: int = 2) -> None:
@@ -86,6 +106,9 @@ class Learner:
         self.sample = sample
         self.prefetcher = BatchPrefetcher(sample, depth=prefetch) if prefetch > 0 else None
         self.snapshots_written: set[int] = set()
+        self.skipped_updates = 0
+        self.nonfinite_in_a_row = 0
+        self._nonfinite_names: set[str] = set()  # non-finite metrics of the current streak
 
     @property
     def version(self) -> int:
@@ -100,10 +123,30 @@ class Learner:
         if batch is None:
             return None
         metrics = self.agent.update(batch)
-        self.updates += 1
-        if self.updates % self.cfg.publish_every == 0:
-            self.publish()
+        if _nonfinite(metrics):
+            self.skipped_updates += 1
+            self.nonfinite_in_a_row += 1
+            self._nonfinite_names.update(k for k, v in metrics.items() if not _finite(v))
+            limit = self.cfg.max_nonfinite_updates
+            if 0 < limit <= self.nonfinite_in_a_row:
+                raise NonFiniteLossError(self._nonfinite_message())
+        else:
+            self.nonfinite_in_a_row = 0
+            self._nonfinite_names.clear()
+            self.updates += 1
+            if self.updates % self.cfg.publish_every == 0:
+                self.publish()
+        metrics["learner/skipped_updates"] = float(self.skipped_updates)
         return metrics
+
+    def _nonfinite_message(self) -> str:
+        names = sorted(self._nonfinite_names)
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        return (f"{self.nonfinite_in_a_row} updates in a row were non-finite "
+                f"(NaN or infinite: {shown or 'no metric named'}); their non-finite steps were skipped, "
+                f"no weight took them. Stopping at learner.max_nonfinite_updates="
+                f"{self.cfg.max_nonfinite_updates} after {self.updates} good updates; "
+                f"the last checkpoint was left intact.")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -142,6 +185,18 @@ class Learner:
     def close(self) -> None:
         if self.prefetcher:
             self.prefetcher.close()
+
+
+def _nonfinite(metrics: Mapping[str, float]) -> bool:
+    """Whether an update's metrics say it was non-finite (see `Learner`)."""
+    flag = metrics.get(NONFINITE)
+    if flag is not None:
+        return not flag == 0.0  # NaN counts as non-finite too
+    return any(not _finite(v) for k, v in metrics.items() if k.endswith("loss"))
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, (int, float)) or math.isfinite(value)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> Path:

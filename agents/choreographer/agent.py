@@ -23,6 +23,16 @@ Decisions on the reference's quirks (see README, "Choreographer: decisions"):
 - Fine-tuning resets every optimiser and the reward head, as the reference's `init_from` does.
 - The executor (skill actor) gets no entropy bonus in fine-tuning (the reference computes one
   and never uses it); the meta-controller's entropy bonus is `meta_entropy`.
+
+NaN or infinite losses (see `ChoreographerAgent.update`): the update stops taking steps at its
+first non-finite loss or gradient norm. That optimizer step and every later one of the update
+are skipped, on the device (a running skip flag, no host sync); the steps before it had finite
+losses and stand (a world-model loss that is not finite, e.g. from a NaN in the batch, skips the
+whole update). The state kept outside optimizers follows the same flag, so that nothing absorbs
+a NaN: the EMA codebook with its counters and code resampling (also guarded by the embeddings'
+own finiteness), each slow target critic, and the exploration reward's running magnitude
+(restored when the exploration actor-critic did not step). The update reports
+`learner/nonfinite` = 1.0 if any loss or gradient was not finite.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents import batch as B
-from agents.actor_critic import ActorCritic, Optimizer
+from agents.actor_critic import ActorCritic, Optimizer, either
 from agents.choreographer.meta import MetaController
 from agents.choreographer.rewards import RunningMagnitude, code_reward, knn_particle_reward
 from agents.choreographer.skills import SkillAutoEncoder, skill_loss
@@ -175,7 +185,19 @@ class ChoreographerAgent(nn.Module):
 
     def update(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One learner update on a batch `[B, T, ...]` (numpy or torch; keys from agents.batch).
-        Returns flat metrics as floats (one device sync at the end)."""
+        Returns flat metrics as floats (one device sync at the end).
+
+        `learner/nonfinite` is 1.0 when any loss or gradient norm of this update was NaN or
+        infinite (`<optimizer>/nonfinite` says which): the steps from the first such one on were
+        skipped, and no state outside the optimizers absorbed the non-finite values (see the
+        module's docstring). Otherwise 0.0. What an update skipped from its first step (a
+        non-finite world-model loss) still changes: the random generator's state (the draws
+        happened) and the actor-critics' and meta-controller's `updates` call counters (their
+        slow-target schedules count calls, without a host sync); `updates` here, the skill
+        auto-encoder's counter and every parameter, buffer and optimizer moment stay as they
+        were (a first-ever step creates Adam's zeroed state). `updates` here counts the updates
+        without any non-finite loss.
+        """
         data = self._tensors(batch)
         self.timer.reset()
         with self._precision():
@@ -183,7 +205,10 @@ class ChoreographerAgent(nn.Module):
                 metrics = self._finetune_update(data)
             else:
                 metrics = self._pretrain_update(data)
-        self.updates += 1
+        flags = [v for k, v in metrics.items() if k.endswith("/nonfinite")]
+        nonfinite = torch.stack(flags).amax() if flags else torch.zeros((), device=self.device)
+        metrics["learner/nonfinite"] = nonfinite
+        self.updates.add_((nonfinite == 0).to(self.updates.dtype))  # counts the fully finite updates
         # One device-to-host transfer for all metrics, not one synchronisation per metric.
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
                               for v in metrics.values()]).tolist()
@@ -200,29 +225,36 @@ class ChoreographerAgent(nn.Module):
     def _pretrain_update(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
         ch = self.cfg.choreographer
         metrics, out = self._world_model_step(data)
+        skip = metrics["world_model/nonfinite"]  # the running skip flag (see the module's docstring)
         start = out.post.detach()
         feat = out.feat.detach()
 
         with self.timer("exploration"):
             lbs_loss = 0.5 * (self.lbs(feat).squeeze(-1) - out.kl).square().mean()
-            metrics.update(self.lbs_opt.step(lbs_loss))
+            metrics.update(self.lbs_opt.step(lbs_loss, skip))
+            skip = either(skip, metrics["lbs/nonfinite"])
 
             def exploration_reward(traj):
                 # Gradients flow through the predictor into the imagined features (dynamics
                 # backpropagation), its parameters stay fixed.
                 return self.explore_norm(self.lbs(traj.feat).squeeze(-1))
 
+            mag_before = self.explore_norm.mag.clone()
             with frozen(self.lbs):
-                _, m = self.explore_ac.update(self.wm, start, exploration_reward, generator=self.generator)
+                _, m = self.explore_ac.update(self.wm, start, exploration_reward, generator=self.generator, skip=skip)
             metrics.update(m)
+            skip = either(either(skip, m["explore/actor/nonfinite"]), m["explore/critic/nonfinite"])
+            with torch.no_grad():  # the magnitude follows the actor-critic: restored if it did not step
+                self.explore_norm.mag.copy_(torch.where(skip > 0, mag_before, self.explore_norm.mag))
             metrics["explore/reward_magnitude"] = self.explore_norm.mag.detach()
 
         with self.timer("skill_autoencoder"):
             deter = start.deter.flatten(0, -2)  # [B * T, deter]
             loss, m, aux = skill_loss(self.skills, deter)
             metrics.update(m)
-            metrics.update(self.skill_opt.step(loss))
-            metrics.update(self.skills.codebook_step(aux["z_e"], aux["indices"], self.generator))
+            metrics.update(self.skill_opt.step(loss, skip))
+            skip = either(skip, metrics["skills/nonfinite"])
+            metrics.update(self.skills.codebook_step(aux["z_e"], aux["indices"], self.generator, skip=skip))
 
         with self.timer("skill_actor_critic"):
             n = deter.shape[0]
@@ -239,7 +271,8 @@ class ChoreographerAgent(nn.Module):
                 return entropy + code_reward(target_deter, deter_traj)
 
             with frozen(self.skills):
-                _, m = self.skill_ac.update(self.wm, start, skill_reward, condition=code, generator=self.generator)
+                _, m = self.skill_ac.update(self.wm, start, skill_reward, condition=code, generator=self.generator,
+                                            skip=skip)
             metrics.update(m)
         return metrics
 
@@ -254,7 +287,7 @@ class ChoreographerAgent(nn.Module):
         if bool(self.gate_open):
             with self.timer("meta_controller"):
                 metrics.update(self.meta.update(self.wm, self.skill_ac, self.executor_opt, out.post.detach(),
-                                                self.generator))
+                                                self.generator, skip=metrics["world_model/nonfinite"]))
         return metrics
 
     # ------------------------------------------------------------------ acting weights

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from agents.actor_critic import ActorCritic, Optimizer, lambda_return, update_slow_target
+from agents.actor_critic import ActorCritic, Optimizer, either, lambda_return, update_slow_target
 from agents.config import ActorCriticConfig
 from agents.distributions import CodeCategorical
 from agents.nets import MLP, frozen
@@ -56,8 +56,15 @@ class MetaController(nn.Module):
         return CodeCategorical(self.actor(feat))
 
     def update(self, wm: WorldModel, skill_ac: ActorCritic, executor_opt: Optimizer, start: State,
-               generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One step of the meta actor, the executor (skill actor) and the meta critic."""
+               generator: torch.Generator | None = None, skip: Tensor | None = None) -> dict[str, Tensor]:
+        """One step of the meta actor, the executor (skill actor) and the meta critic.
+
+        Non-finite losses (see `Optimizer`): with `skip` set (a 0-d tensor, the caller's running
+        flag) every step is skipped. Otherwise the meta actor and the executor, whose losses
+        come from the same rollout and do not depend on each other's step, are each skipped when
+        their own loss or gradient is not finite, and the critic's step when any of the three is;
+        the slow target critic is then left as it was. `executor_opt` may be any object with
+        `step(loss)` when `skip` is None."""
         cfg = self.cfg
         log_probs: list[Tensor] = []
         entropies: list[Tensor] = []
@@ -86,13 +93,18 @@ class MetaController(nn.Module):
             meta_loss = -(weight[:-2, None] * meta_objective).mean()
             executor_loss = -(weight[:-2, None] * target[1:]).mean()
 
-            metrics = self.actor_opt.step(meta_loss)
-            metrics.update({f"meta/executor/{k.split('/')[-1]}": v for k, v in executor_opt.step(executor_loss).items()})
+            metrics = self.actor_opt.step(meta_loss, skip)
+            executor = executor_opt.step(executor_loss) if skip is None else executor_opt.step(executor_loss, skip)
+            metrics.update({f"meta/executor/{k.split('/')[-1]}": v for k, v in executor.items()})
+            for flag in ("meta/actor/nonfinite", "meta/executor/nonfinite"):
+                if flag in metrics:
+                    skip = either(skip, metrics[flag])
 
             prediction = self.critic(traj.feat[:-1].detach()).squeeze(-1)  # [H, N]
             critic_loss = (weight[:-1, None] * 0.5 * (prediction - target.detach()).square()).mean()
-            metrics.update(self.critic_opt.step(critic_loss))
-        update_slow_target(self.critic, self.target_critic, self.updates, cfg)
+            metrics.update(self.critic_opt.step(critic_loss, skip))
+            skip = either(skip, metrics["meta/critic/nonfinite"])
+        update_slow_target(self.critic, self.target_critic, self.updates, cfg, skip=skip)
 
         with torch.no_grad():
             used = torch.stack(codes).sum((0, 1))

@@ -164,7 +164,8 @@ class RunningMagnitude(nn.Module):
 
     On each call: mag <- m * mag + (1 - m) * mean|r|, then returns r / (mag + eps). `mag` starts
     at 1 and lives in a buffer, so it is checkpointed with the module. Momentum 1 is a no-op
-    (r is returned unchanged), which is what the reference's skill reward uses.
+    (r is returned unchanged), which is what the reference's skill reward uses. A batch whose
+    mean|r| is NaN or infinite leaves `mag` as it was (decided on the device).
     """
 
     def __init__(self, momentum: float, eps: float = 1e-8) -> None:
@@ -182,6 +183,7 @@ class RunningMagnitude(nn.Module):
         if update:
             with torch.no_grad():
                 batch_mag = reward.detach().abs().mean().to(self.mag.dtype)
-                self.mag.mul_(self.momentum).add_((1.0 - self.momentum) * batch_mag)
+                mag = self.mag.mul(self.momentum).add_((1.0 - self.momentum) * batch_mag)
+                self.mag.copy_(torch.where(torch.isfinite(mag), mag, self.mag))
         # `mag + eps` is a new tensor, so a later in-place update cannot invalidate this graph.
         return reward / (self.mag + self.eps).to(reward.dtype)

@@ -100,7 +100,7 @@ class SkillAutoEncoder(nn.Module):
     # ---- non-gradient codebook updates ----
 
     @torch.no_grad()
-    def ema_update(self, z_e: Tensor, indices: Tensor) -> None:
+    def ema_update(self, z_e: Tensor, indices: Tensor, skip: Tensor | None = None) -> None:
         """EMA step of the codebook on a batch of embeddings and their assigned codes.
 
         cluster_size <- d * cluster_size + (1 - d) * counts
@@ -108,21 +108,29 @@ class SkillAutoEncoder(nn.Module):
         codebook     <- embed_avg / laplace(cluster_size),
         laplace(c)    = (c + eps) / (n + K * eps) * n with n = sum(c), eps = 1e-5.
         Also adds the counts to `usage`. `z_e` [N, C], `indices` [N].
+
+        Non-finite guard: if any of `z_e` is NaN or infinite, or `skip` (a 0-d tensor, nonzero
+        when the caller's update was skipped) is set, nothing changes. Decided on the device
+        (masked writes), without a host sync.
         """
         decay, eps = self.cfg.ema_decay, 1e-5
         z_e = z_e.detach().reshape(-1, self.code_dim).to(self.embed_avg.dtype)
         indices = indices.reshape(-1)
+        keep = _keep_old(z_e, skip)  # 0-d bool: True leaves every buffer as it is
         counts = torch.bincount(indices, minlength=self.num_codes)  # [K]
         sums = torch.zeros_like(self.embed_avg).index_add_(0, indices, z_e)  # [K, C]
-        self.cluster_size.mul_(decay).add_(counts.to(self.cluster_size.dtype), alpha=1.0 - decay)
-        self.embed_avg.mul_(decay).add_(sums, alpha=1.0 - decay)
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + eps) / (n + self.num_codes * eps) * n  # [K]
-        self.codebook.copy_(self.embed_avg / smoothed[:, None])
-        self.usage.add_(counts)
+        cluster_size = self.cluster_size.mul(decay).add_(counts.to(self.cluster_size.dtype), alpha=1.0 - decay)
+        embed_avg = self.embed_avg.mul(decay).add_(sums, alpha=1.0 - decay)
+        n = cluster_size.sum()
+        smoothed = (cluster_size + eps) / (n + self.num_codes * eps) * n  # [K]
+        codebook = embed_avg / smoothed[:, None]
+        self.cluster_size.copy_(torch.where(keep, self.cluster_size, cluster_size))
+        self.embed_avg.copy_(torch.where(keep, self.embed_avg, embed_avg))
+        self.codebook.copy_(torch.where(keep, self.codebook, codebook))
+        self.usage.add_(torch.where(keep, 0, counts))
 
     @torch.no_grad()
-    def maybe_resample(self, z_e: Tensor, generator: torch.Generator) -> int:
+    def maybe_resample(self, z_e: Tensor, generator: torch.Generator, skip: Tensor | None = None) -> int:
         """Counts one update; every `resample_every` updates (0: never) re-places each code that no
         embedding chose since the last check, and returns how many were re-placed (else 0).
 
@@ -141,10 +149,18 @@ class SkillAutoEncoder(nn.Module):
         as used in the window that follows (in the miniature Figure 7 of the tests, the
         reference's choice reports ~64 active codes at a check while 2 to 5 stay in use). Equal
         to 1, it moves to the mean of the points it wins like any small cluster.
+
+        Non-finite guard: an update whose `z_e` is not finite, or with `skip` set (as in
+        `ema_update`), is not counted and re-places nothing; the window then simply lasts one
+        update longer. The counter and the flag are read back together, in one transfer.
         """
-        self.updates.add_(1)
+        keep = _keep_old(z_e, skip)
+        self.updates.add_((~keep).to(self.updates.dtype))
         every = self.cfg.resample_every
-        if every <= 0 or int(self.updates) % every != 0:
+        if every <= 0:
+            return 0
+        count, kept = torch.stack([self.updates, keep.to(self.updates.dtype)]).tolist()
+        if kept or count % every != 0:
             return 0
         z_e = z_e.detach().reshape(-1, self.code_dim).to(self.codebook.dtype)
         dead = (self.usage == 0).nonzero().flatten().tolist()
@@ -162,20 +178,33 @@ class SkillAutoEncoder(nn.Module):
         self.usage.zero_()
         return len(dead)
 
-    def codebook_step(self, z_e: Tensor, indices: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """`ema_update` then `maybe_resample`; returns their metrics as detached 0-d tensors:
+    def codebook_step(self, z_e: Tensor, indices: Tensor, generator: torch.Generator,
+                      skip: Tensor | None = None) -> dict[str, Tensor]:
+        """`ema_update` then `maybe_resample`; with a non-finite `z_e` or `skip` set (pass the
+        skill optimizer's `skills/nonfinite`), neither changes anything. Returns their metrics as
+        detached 0-d tensors:
 
         - `skills/window_active_codes`: codes chosen at least once since the last resampling check,
           this batch included (at a check step, the number of codes the paper calls active).
         - `skills/resampled_codes`: codes re-placed by this call (0 except at check steps).
         """
-        self.ema_update(z_e, indices)
+        keep = _keep_old(z_e, skip)
+        self.ema_update(z_e, indices, skip=keep)
         window_active = (self.usage > 0).sum()
-        resampled = self.maybe_resample(z_e, generator)
+        resampled = self.maybe_resample(z_e, generator, skip=keep)
         return {
             "skills/window_active_codes": window_active.float(),
             "skills/resampled_codes": torch.tensor(float(resampled)),
         }
+
+
+def _keep_old(z_e: Tensor, skip: Tensor | None) -> Tensor:
+    """0-d bool on `z_e`'s device: True when the codebook must not absorb this batch (a NaN or
+    infinite embedding, or the caller's `skip` flag set)."""
+    keep = ~torch.isfinite(z_e).all()
+    if skip is not None:
+        keep = keep | (skip.to(keep.device) != 0)
+    return keep
 
 
 def skill_loss(sae: SkillAutoEncoder, deter: Tensor) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
