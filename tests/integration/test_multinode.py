@@ -1,0 +1,200 @@
+"""Multi-node pretraining: the cluster launcher config (`launch/cluster.yaml`) has the structure
+`ray up` needs, and a tiny pretraining on a simulated two-node Ray cluster (two raylets on
+loopback, started with `ray.cluster_utils.Cluster`) puts its environment workers on both nodes and
+its learner on the node with the GPU, and finishes with a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from learner.learner import CHECKPOINT
+
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "launch" / "cluster.yaml"
+TOTAL_FRAMES = 1200
+
+
+# ---------------------------------------------------------------------- the launcher config
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_node_types(launcher):
+    types = launcher["available_node_types"]
+    head = launcher["head_node_type"]
+    assert head in types
+    # The head runs the driver only: no CPUs for Ray to schedule workers or the learner on.
+    assert types[head]["resources"].get("CPU", 0) <= 1
+    assert not types[head]["resources"].get("GPU")
+    workers = {name: t for name, t in types.items() if name != head}
+    gpu_types = [name for name, t in workers.items() if t["resources"].get("GPU", 0) >= 1]
+    cpu_types = [name for name, t in workers.items() if not t["resources"].get("GPU")]
+    assert gpu_types, "no node type offers a GPU for the learner"
+    assert cpu_types, "no CPU node type for the environment workers"
+    for name, t in workers.items():
+        assert isinstance(t.get("min_workers"), int) and isinstance(t.get("max_workers"), int), name
+        assert 0 <= t["min_workers"] <= t["max_workers"], name
+        assert t["resources"].get("CPU", 0) >= 1, f"{name}: the learner and each worker need a CPU"
+    assert sum(t["max_workers"] for t in workers.values()) <= launcher["max_workers"]
+
+
+def test_cluster_yaml_commands(launcher):
+    head_start = " ; ".join(launcher["head_start_ray_commands"])
+    worker_start = " ; ".join(launcher["worker_start_ray_commands"])
+    assert "ray start --head" in head_start
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    assert re.search(r"--dashboard-host[= ]127\.0\.0\.1", head_start), head_start
+    assert "0.0.0.0" not in head_start
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker_start
+    # Every node runs Ray with the same authentication mode, and gets the same token.
+    for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start, start
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+
+
+def test_cluster_yaml_installs_choreo_on_every_node(launcher):
+    """Each node type's setup (the common commands, then the head's or the type's own) installs
+    the synced repository with the pinned versions, with a CUDA torch on the GPU type only."""
+    mounts = launcher["file_mounts"]
+    repo = next(remote for remote, local in mounts.items() if local in (".", "./"))
+    common = " ; ".join(launcher["setup_commands"])
+    assert "MUJOCO_GL=egl" in common and "uv python install 3.11" in common
+    head = launcher["head_node_type"]
+    for name, node_type in launcher["available_node_types"].items():
+        own = (launcher["head_setup_commands"] if name == head
+               else node_type.get("worker_setup_commands", launcher["worker_setup_commands"]))
+        install = [c for c in own if "make venv" in c or "pip install -e" in c]
+        assert len(install) == 1, (name, own)
+        assert f"cd {repo}" in install[0], install[0]
+        cuda = "/whl/cu" in install[0]
+        assert cuda == bool(node_type["resources"].get("GPU")), (name, install[0])
+    # The start commands use the venv that the setup created in the synced repository.
+    assert all(f"{repo}/.venv/bin/ray" in c for c in
+               launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"])
+
+
+def test_cluster_yaml_matches_rays_schema(launcher):
+    """The same JSON schema `ray up` validates against (Ray 2.60's ray-schema.json)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent  # without importing Ray
+    schema = json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(launcher, schema)
+
+
+# ---------------------------------------------------------------------- a simulated two-node cluster
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory):
+    """A tiny pretraining (4 workers, 2 shards) on a head with 4 CPUs and a second node with 5 CPUs
+    and one GPU (a logical one on a machine without CUDA), both raylets on 127.0.0.1: all 4 workers
+    would fit on either node, so only SPREAD puts them on both, and the learner (1 CPU, the GPU)
+    always finds room on the second. Token authentication is on, as `connect_ray` reads it from the
+    environment. Returns the exit code, the nodes' ids, the run directory, the driver's output and
+    the nodes' listening sockets."""
+    from launch.config import load_config, save_config
+    from launch.distributed import run_distributed
+
+    config = load_config(["tiny"], ["num_actors=4", "num_shards=2", f"learner.total_frames={TOTAL_FRAMES}",
+                                    "learner.snapshot_frames=[]", "learner.checkpoint_minutes=10"])
+    run_dir = tmp_path_factory.mktemp("multinode") / "run"
+    save_config(config, run_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray reads both settings once, when it is imported: set them first. Loopback only: Ray
+        # rewrites 127.0.0.1 to the outward address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
+        import ray
+        from ray._private import ray_constants
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+        from ray.cluster_utils import Cluster
+
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # in case Ray was imported earlier
+        # The nodes (child processes) must use the mode this process's Ray took at its import.
+        token = get_authentication_mode() == AuthenticationMode.TOKEN
+        mp.setenv("RAY_AUTH_MODE", "token" if token else "disabled")
+        # Like `ray start`, a Cluster's nodes need the token to exist (only a local ray.init creates
+        # one): `ray get-auth-token --generate` writes ~/.ray/auth_token unless there is one.
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], check=True,
+                       capture_output=True, timeout=60)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 4, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+        try:
+            gpu_node = cluster.add_node(num_cpus=5, num_gpus=1, node_ip_address="127.0.0.1")
+            cluster.wait_for_nodes()
+            nodes = {node.node_id for node in cluster.list_all_nodes()}
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = run_distributed(config, run_dir, address=cluster.address)
+            sockets = listening_sockets()  # both nodes' services, still running
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.shutdown()
+    yield {"code": code, "nodes": nodes, "gpu_node": gpu_node.node_id, "run_dir": run_dir, "out": out.getvalue(),
+           "sockets": sockets}
+
+
+def listening_sockets() -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening inet socket of this process's descendants
+    (the simulated nodes' gcs, raylets, agents and workers)."""
+    import psutil  # ray[default] ships it (on sys.path once ray is imported)
+
+    found = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_pretraining_on_two_nodes_finishes_with_workers_on_both(two_node_run):
+    run_dir, nodes = two_node_run["run_dir"], two_node_run["nodes"]
+    assert two_node_run["code"] == 0, two_node_run["out"][-3000:]
+    assert "4 environment workers x 1 envs, 2 replay shards, learner on " in two_node_run["out"]
+    assert len(nodes) == 2
+    sockets = two_node_run["sockets"]
+    assert sum("raylet" in name for name, _, _ in sockets) >= 2, sockets
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip, _ in sockets), sockets
+
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert sorted(placement["runners"]) == ["0", "1", "2", "3"] and sorted(placement["shards"]) == ["0", "1"]
+    assert set(placement["runners"].values()) == nodes, placement  # SPREAD: workers on both nodes
+    assert placement["learner"] == two_node_run["gpu_node"], placement  # the learner asked for the GPU
+    assert set(placement["shards"].values()) <= nodes, placement
+
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert checkpoint["counters"]["frames"] >= TOTAL_FRAMES
+    assert checkpoint["updates"] > 0
+    # Every shard wrote its replay: here both nodes share this machine's filesystem; on a real
+    # cluster each shard writes on its own node (README, "Multi-node clusters").
+    assert sorted(p.name for p in (run_dir / "replay").glob("*.msgpack")) == ["shard0.msgpack", "shard1.msgpack"]
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="shards ask for no CPU, and Ray 2.60's SPREAD places zero-resource "
+                                        "actors on one node about half the time")
+def test_replay_shards_on_both_nodes(two_node_run):
+    placement = json.loads((two_node_run["run_dir"] / "placement.json").read_text())
+    assert set(placement["shards"].values()) == two_node_run["nodes"], placement
