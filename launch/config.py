@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib
 import inspect
 import os
 import textwrap
@@ -276,18 +277,81 @@ def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[s
     return config
 
 
+def check_run_name(name: str) -> None:
+    """`run_name` must be one plain directory name: the run directory is always <logdir>/<run_name>."""
+    if name == "":
+        return  # <task>-<algo>-<time>
+    problem = None
+    if not name.strip():
+        problem = "it is only whitespace"
+    elif name != name.strip():
+        problem = "it starts or ends with whitespace"
+    elif "/" in name or "\\" in name:
+        problem = "it contains a path separator"
+    elif name.startswith("."):
+        problem = "it starts with '.'" if name not in (".", "..") else "it names the log directory or its parent"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "it contains a control character"
+    elif len(name.encode()) > 255:
+        problem = "it is longer than 255 bytes"
+    if problem:
+        raise ConfigError(
+            f"config key 'run_name': {name!r} is not a plain directory name ({problem}); the run directory "
+            f"is always <logdir>/<run_name>: give a single name such as 'walker-seed3' and set the folder with logdir"
+        )
+
+
+def check_env_task(task: str) -> None:
+    """`env.task` names a built-in environment or a registered gymnasium one. Cheap: no simulator
+    is imported (gymnasium's registry is a dict; `gym:<module>:<id>` imports <module>, which is how
+    such an environment gets registered)."""
+    from actors.envs import ENV_IDS, GYM_PREFIX, METAWORLD_IDS, is_gym_id
+
+    listing = "list them with `choreo envs`"
+    if is_gym_id(task):
+        import gymnasium
+
+        gym_id = task[len(GYM_PREFIX):]
+        if ":" in gym_id:
+            module, _, gym_id = gym_id.partition(":")
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # ImportError, or the module failing as it registers
+                raise ConfigError(
+                    f"config key 'env.task': {task!r} names module {module!r}, which cannot be imported "
+                    f"({type(e).__name__}: {e})"
+                ) from None
+        if gym_id not in gymnasium.registry:
+            close = difflib.get_close_matches(gym_id, list(gymnasium.registry), n=3)
+            hint = f" (did you mean {', '.join(repr(GYM_PREFIX + c) for c in close)}?)" if close else ""
+            raise ConfigError(
+                f"config key 'env.task': {task!r} is not a registered gymnasium environment{hint}; "
+                f"gym:<id> takes an id from gymnasium's registry, gym:<module>:<id> imports <module> first "
+                f"for environments that module registers"
+            )
+        return
+    if task in ENV_IDS:
+        return
+    if task.startswith("mw_"):
+        what, valid = "Meta-World task", METAWORLD_IDS
+    else:
+        what, valid = "environment", ENV_IDS
+    close = difflib.get_close_matches(task, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"config key 'env.task': unknown {what} {task!r}{hint}; valid: {', '.join(valid)}"
+        + ("" if valid is METAWORLD_IDS else f", or {GYM_PREFIX}<id> for any gymnasium environment")
+        + f"; {listing}"
+    )
+
+
 def validate(config: Config) -> None:
     """Combinations that cannot run, caught before anything starts."""
-    from actors.envs import ENV_IDS, is_gym_id
-
+    check_run_name(config.run_name)
+    if not config.logdir.strip():
+        raise ConfigError("config key 'logdir' must name a folder, got an empty string")
     task = config.env.task
-    if task not in ENV_IDS and not is_gym_id(task):
-        close = difflib.get_close_matches(task, ENV_IDS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"config key 'env.task': unknown environment {task!r}{hint}; "
-            f"valid: {', '.join(ENV_IDS)}, or gym:<id> for any gymnasium environment"
-        )
+    check_env_task(task)
     if config.suite == "metaworld" and not task.startswith("mw_"):
         raise ConfigError(f"config key 'env.task': suite 'metaworld' needs a Meta-World task (mw_reach), not {task!r}")
     if config.algo == "dads" and config.env.obs == "pixels":
@@ -346,16 +410,37 @@ def to_yaml(config: Config) -> str:
 
 
 def from_yaml_file(path: Path) -> Config:
-    """Read a resolved config back, e.g. from a run directory."""
-    config = _build(Config, load_yaml(path))
-    validate(config)
+    """Read a resolved config back, e.g. from a run directory. Errors name the file."""
+    data = load_yaml(Path(path))  # its errors name the file already
+    try:
+        config = _build(Config, data)
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return config
 
 
-def save_config(config: Config, run_dir: Path) -> Path:
+def save_config(config: Config, run_dir: Path, exclusive: bool = False) -> Path:
+    """Write <run_dir>/config.yaml atomically. exclusive: refuse (ConfigError) when a config.yaml
+    is already there, e.g. written by another run started at the same moment, instead of replacing it."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
     tmp.write_text(to_yaml(config))
-    os.replace(tmp, path)
+    try:
+        if not exclusive:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)  # atomic, and fails when path exists
+        except FileExistsError:
+            raise ConfigError(f"{path} already exists: another run is using {path.parent}") from None
+        except OSError:  # a file system without hard links
+            try:
+                with open(path, "x") as f:
+                    f.write(to_yaml(config))
+            except FileExistsError:
+                raise ConfigError(f"{path} already exists: another run is using {path.parent}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
