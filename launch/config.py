@@ -369,6 +369,9 @@ def validate(config: Config) -> None:
         "agent.choreographer.knn_k": config.agent.choreographer.knn_k,
         "agent.choreographer.knn_chunk": config.agent.choreographer.knn_chunk,
         "agent.actor_critic.horizon": config.agent.actor_critic.horizon,
+        "learner.total_frames": config.learner.total_frames,
+        "learner.publish_every": config.learner.publish_every,
+        "learner.log_every": config.learner.log_every,
     }
     for key, value in positive.items():
         if value < 1:
@@ -381,6 +384,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'env.goal_index' must be in 0..49, got {config.env.goal_index}")
     if config.env.goal_set not in (1, 2, 3):
         raise ConfigError(f"config key 'env.goal_set' must be 1, 2 or 3, got {config.env.goal_set}")
+    for key, value in (("learner.threads", config.learner.threads),
+                       ("learner.max_nonfinite_updates", config.learner.max_nonfinite_updates),
+                       ("learner.seed_frames", config.learner.seed_frames)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if not config.learner.checkpoint_minutes > 0:
+        raise ConfigError(f"config key 'learner.checkpoint_minutes' must be > 0, got {config.learner.checkpoint_minutes}")
     if config.replay.samples_per_insert < 0:
         raise ConfigError("config key 'replay.samples_per_insert' must be >= 0 (0 switches the limiter off)")
     if config.replay.batch_size * config.replay.batch_length > config.replay.capacity:
@@ -418,6 +428,25 @@ def from_yaml_file(path: Path) -> Config:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return config
+
+
+RESUME_OVERRIDES = ("learner.total_frames", "learner.checkpoint_minutes", "learner.snapshot_frames",
+                    "learner.log_every", "learner.max_nonfinite_updates", "learner.threads", "learner.device")
+"""Keys a resumed run may change: how long it runs and how it is watched, never what it learns."""
+
+
+def with_overrides(config: Config, overrides: typing.Sequence[str], allowed: typing.Sequence[str]) -> Config:
+    """`config` with `key=value` overrides of the `allowed` keys applied, validated."""
+    parsed = [parse_override(o) for o in overrides]
+    refused = [key for key, _ in parsed if key not in allowed]
+    if refused:
+        raise ConfigError(f"config key '{refused[0]}' cannot change here; only {', '.join(allowed)} can")
+    tree = to_dict(config)
+    for key, value in parsed:
+        _set_dotted(tree, key, value)
+    changed = _build(Config, tree)
+    validate(changed)
+    return changed
 
 
 def save_config(config: Config, run_dir: Path, exclusive: bool = False) -> Path:

@@ -5,58 +5,98 @@
           +----------------------- acting weights (object store, versioned) ---------------------+
 
 The driver reads top to bottom like the single-process loop: it holds the rate limiter and
-dispatches work. A runner is given its next `run(steps)` call only while the limiter lets actors
-insert (actors wait when they are ahead); the learner is granted batches only while the limiter
-lets it sample (the learner waits when it is ahead). A runner's output goes from its process to
-its shard (`runner_id % num_shards`) without passing through the driver: the driver hands the
-shard the object reference. The learner prefetches its granted batches from all shards on a
-background thread and publishes weights through the object store with a version number.
+dispatches work. A runner is given its next `collect(steps)` call only while the limiter lets
+actors insert (actors wait when they are ahead); the learner is granted batches only while the
+limiter lets it sample (the learner waits when it is ahead). A runner's chunks go from its process
+to its shard (`runner_id % num_shards`) without passing through the driver: the driver fetches
+only the call's small summary and hands the shard the chunks' object reference. The learner
+prefetches its granted batches from all shards on a background thread and publishes weights
+through the object store with a version number.
+
+Faults. Every process but the driver may die, and the run goes on:
+- a worker whose process dies is restarted by Ray (the call in flight is retried there); one whose
+  environment raises is killed and restarted. Either way the driver sees a new incarnation in the
+  next summary, counts the restart and sends the current weights; only the unfinished chunks die.
+- a shard whose process dies is restarted by Ray and loads its last checkpoint; the learner samples
+  from the other shards meanwhile (calls to a shard time out), and the steps acknowledged by the
+  dead process beyond its checkpoint are counted as lost.
+- a dead learner is replaced by a new one loaded from the last checkpoint (bit-exact weights and
+  optimiser state); frames never go backwards, the updates since that checkpoint are redone.
+- a loss that stays NaN or infinite for `learner.max_nonfinite_updates` updates in a row stops the
+  run without a final checkpoint, so the last good one stays intact.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from actors.seeding import derive_seed
 from buffer.client import ReplayClient
 from buffer.limiter import RateLimiter
-from buffer.shard import ReplayShard
 from launch.config import Config
 from launch.local import REPLAY_DIR
 from launch.monitor import Monitor
-from launch.ray_runtime import connect_ray, remote_runner_class, shutdown_ray, start_local_ray
+from launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
+from learner.learner import CHECKPOINT, NonFiniteLossError
 
 STATS_SECONDS = 5.0
 """Seconds between polls of the actors' and shards' statistics."""
 MAX_UNTRAINED_GRANTS = 4
 """Batches granted to the learner but not yet trained on. The limiter counts a batch as sampled
 when it is granted, so this bound is what makes a slow learner hold the actors back."""
+SHARD_CALL_TIMEOUT = 5.0
+"""Seconds the learner waits for one shard's answer before drawing those rows from the others
+(a shard that Ray is restarting answers only once it has loaded its checkpoint)."""
+STATS_TIMEOUT = 2.0
+"""Seconds a statistics poll waits; actors that do not answer in time are skipped this round."""
+MAX_RUNNER_FAILURES = 5
+"""Failed calls in a row after which a worker counts as broken and the run stops (an environment
+that raises on every restart would otherwise restart forever)."""
+MAX_LEARNER_RESTARTS = 3
+"""Learner restarts in a row, without a completed training call in between, before the run stops."""
+SHARD_CPUS = 0.01
+"""CPU a replay shard asks Ray for: a token share (a shard mostly waits for calls), enough for Ray's
+SPREAD strategy to spread shards over nodes, which it does not for actors that ask for nothing."""
+PLACEMENT = "placement.json"
 
 
 class LearnerActor:
     """Hosts the agent and a `Learner` in a Ray actor. `train(grant, frames)` adds `grant` batches
-    to what the prefetch thread may draw, trains on whatever is prefetched for up to `seconds`,
-    writes due snapshots, and returns metrics, counters and the newest weights' reference."""
+    to what the prefetch thread may draw, trains on them (for up to `seconds`), writes due
+    snapshots, and returns metrics, counters and the newest weights' reference."""
 
     def __init__(self, config: Config, run_dir: str, shards: list, obs_shape: tuple[int, ...], action_dim: int,
-                 resume: bool) -> None:
+                 resume: bool | None) -> None:
+        """resume: True loads the run's checkpoint, False starts afresh, None loads it if there is
+        one (a replacement learner: looked for where this actor runs, which on a cluster is a
+        shared filesystem's view of the run directory)."""
         import ray
+        import torch
 
         from agents.registry import make_agent
         from learner.learner import Learner
 
+        # Ray gives each worker one thread (right for the environment workers); the learner
+        # takes the cores it is configured for.
+        torch.set_num_threads(config.learner.threads or os.cpu_count() or 1)
         self.config = config
         rc = config.replay
         agent = make_agent(config.algo, obs_shape, action_dim, config.agent,
                            seed=derive_seed(config.seed, "learner"), device=config.learner.device)
         self.client = ReplayClient(shards, None, seed=derive_seed(config.seed, "sampler"),
                                    call=lambda shard, method, *args: getattr(shard, method).remote(*args),
-                                   gather=ray.get)
-        self._granted = 0
+                                   gather=lambda refs: ray.get(refs, timeout=SHARD_CALL_TIMEOUT))
+        self._granted = 0  # batches the prefetch thread may still draw
         self._lock = threading.Lock()
         self._published: tuple[Any, int] | None = None
 
@@ -65,7 +105,10 @@ class LearnerActor:
                 if self._granted <= 0:
                     return None
                 self._granted -= 1
-            batch = self.client.sample(rc.batch_size, rc.batch_length)
+            try:
+                batch = self.client.sample(rc.batch_size, rc.batch_length)
+            except RuntimeError:  # every shard failed this time (e.g. all restarting): try again
+                batch = None
             if batch is None:  # no shard has a full window yet: give the grant back
                 with self._lock:
                     self._granted += 1
@@ -75,35 +118,46 @@ class LearnerActor:
         def publish(weights: dict, version: int) -> None:
             self._published = (ray.put(weights), version)
 
-        self.learner = Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=2)
+        self.learner = Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=2, run_config=config)
         self.counters: dict[str, Any] = {}
+        self.restored_digest: str | None = None
+        if resume is None:
+            resume = (Path(run_dir) / CHECKPOINT).exists()
         if resume:
             self.counters = self.learner.load_checkpoint()
+            self.restored_digest = state_digest(agent.state_dict())
         self.learner.publish()
+        self.train_seconds = 0.0
 
     def info(self) -> dict[str, Any]:
-        return {"device": str(self.learner.agent.device), "pid": os.getpid(), "updates": self.learner.updates,
-                "counters": self.counters}
+        import ray
+        import torch
+
+        return {"device": str(self.learner.agent.device), "pid": os.getpid(), "threads": torch.get_num_threads(),
+                "node_id": ray.get_runtime_context().get_node_id(), "updates": self.learner.updates,
+                "counters": self.counters, "restored_digest": self.restored_digest}
 
     def train(self, grant: int, frames: int, seconds: float = 1.0) -> dict[str, Any]:
+        start = time.monotonic()
         with self._lock:
             self._granted += grant
-        deadline = time.monotonic() + seconds
+        outstanding = grant
         metrics: dict[str, float] = {}
         updates = 0
-        while time.monotonic() < deadline:
+        # Train on this call's batches; time spent waiting for them is the learner's data wait.
+        while outstanding > 0 and time.monotonic() - start < seconds:
             new = self.learner.step(timeout=0.05)
             if new is None:
-                with self._lock:
-                    if self._granted <= 0:
-                        break  # every granted batch is trained on: back to the driver for more
-                continue  # granted, but the shards hold no full window yet
+                continue  # granted, but not drawn yet (or the shards hold no full window yet)
             metrics = new
             updates += 1
+            outstanding -= 1
         snapshot = self.learner.maybe_snapshot(frames)
-        return {"metrics": metrics, "updates": updates, "total_updates": self.learner.updates,
-                "version": self.learner.version, "weights": self._published,
-                "wait_seconds": self.learner.wait_seconds, "snapshot": str(snapshot) if snapshot else None}
+        self.train_seconds += time.monotonic() - start
+        return {"metrics": metrics, "updates": updates, "untrained": outstanding,
+                "total_updates": self.learner.updates, "version": self.learner.version,
+                "weights": self._published, "wait_seconds": self.learner.wait_seconds,
+                "train_seconds": self.train_seconds, "snapshot": str(snapshot) if snapshot else None}
 
     def checkpoint(self, counters: dict[str, Any]) -> str:
         return str(self.learner.save_checkpoint(counters))
@@ -112,166 +166,506 @@ class LearnerActor:
         self.learner.close()
 
 
+def state_digest(state: Any) -> str:
+    """SHA-256 over a nested state dict's tensors, arrays and plain values, in key order: two
+    states have the same digest iff they are bit-identical."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        import torch
+
+        if isinstance(x, Mapping):
+            for key in sorted(x, key=str):
+                h.update(f"<{key}>".encode())
+                walk(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for item in x:
+                walk(item)
+            h.update(b"]")
+        elif isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, np.ndarray):
+            h.update(f"{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+        else:
+            h.update(repr(x).encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
 def run_distributed(config: Config, run_dir: Path, address: str | None = None, resume: bool = False,
-                    dashboard: bool = False) -> int:
+                    dashboard: bool = False, on_tick: Callable[[Driver], None] | None = None) -> int:
+    """Runs the pretraining on Ray (embedded on loopback, or the cluster at `address`); returns
+    the exit code. `on_tick(driver)`, if given, is called once per loop turn (fault injection in
+    tests and the soak benchmark)."""
+    return drive(config, run_dir, address, resume, dashboard, on_tick).exit_code
+
+
+def drive(config: Config, run_dir: Path, address: str | None = None, resume: bool = False,
+          dashboard: bool = False, on_tick: Callable[[Driver], None] | None = None) -> Driver:
+    """`run_distributed`, returning the finished `Driver` (its counters and `summary()`)."""
     if address:
         connect_ray(address)
     else:
-        # Logical CPUs: one per environment worker and one for the learner, even on a smaller
-        # machine (they then share its cores), so that any num_actors can be scheduled locally.
-        start_local_ray(num_cpus=max(os.cpu_count() or 1, config.num_actors + 1), dashboard=dashboard)
+        # Logical CPUs: one per environment worker, one for the learner and one shared by the
+        # shards' token shares, even on a smaller machine (they then share its cores), so that
+        # any num_actors can be scheduled locally.
+        cpus = config.num_actors + 1 + math.ceil(config.num_shards * SHARD_CPUS)
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
     from launch.pretrain import interrupt_on_sigterm
 
     interrupt_on_sigterm()
-
+    driver = Driver(ray, config, Path(run_dir), resume, on_tick)
     try:
-        return _drive(ray, config, run_dir, resume)
+        driver.exit_code = driver.run()
     finally:
         shutdown_ray()
+    return driver
 
 
-def _drive(ray: Any, config: Config, run_dir: Path, resume: bool) -> int:
-    rc, lc = config.replay, config.learner
-    gpus = ray.cluster_resources().get("GPU", 0)
-    # Workers and shards spread over the cluster's nodes; the learner takes a GPU when there is one.
-    shard_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
-                           scheduling_strategy="SPREAD")(ReplayShard)
-    shards = [shard_cls.remote(max(rc.capacity // config.num_shards, rc.batch_length), derive_seed(config.seed, "shard", i),
-                               f"shard{i}") for i in range(config.num_shards)]
-    runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy="SPREAD")
-    runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
-    info = ray.get([r.info.remote() for r in runners])
-    if resume:
-        ray.get([s.load.remote(str(run_dir / REPLAY_DIR)) for s in shards])
-        ray.get([r.skip_random_steps.remote() for r in runners])
-    learner_cls = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0)(LearnerActor)
-    learner = learner_cls.remote(config, str(run_dir), shards, info[0]["obs_shape"], info[0]["action_dim"], resume)
-    learner_info = ray.get(learner.info.remote())
-    counters = learner_info["counters"]
-    frames = int(counters.get("frames", 0))
-    limiter = RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
-    if "limiter" in counters:
-        limiter.load_state_dict(counters["limiter"])
-    print(f"Ray: {len(runners)} environment workers x {config.envs_per_actor} envs, {len(shards)} replay shards, "
-          f"learner on {learner_info['device']}" + (f"; resumed at {frames:,} frames" if resume else ""))
+class RunStopped(RuntimeError):
+    """A fault the run cannot recover from; the message says which and why."""
 
-    monitor = Monitor(run_dir, lc.total_frames)
-    steps_per_call = rc.chunk_length
-    call_steps = steps_per_call * config.envs_per_actor  # agent steps one runner call inserts
-    frames_per_call = call_steps * info[0]["action_repeat"]
-    batch_steps = rc.batch_size * rc.batch_length
-    inflight: dict[Any, int] = {runners[i].run.remote(steps_per_call): i for i in range(len(runners))}
-    idle: list[int] = []
-    idle_since: dict[int, float] = {}
-    grant, granted, trained = 0, 0, 0
-    train_ref = None  # a learner call in flight, made only when there are batches to grant
-    version, updates, last_metrics = 0, 0, {}
-    last_stats = last_checkpoint = time.monotonic()
-    weights_sent = -1
 
-    def checkpoint() -> None:
-        _log_stats(ray, monitor, runners, shards, limiter, frames, updates, version)
-        ray.get([s.save.remote(str(run_dir / REPLAY_DIR)) for s in shards])
-        ray.get(learner.checkpoint.remote({"frames": frames, "limiter": limiter.state_dict()}))
+class Driver:
+    """Creates the actors, runs the dispatch loop, and recovers from the faults listed above.
+    Public counters (frames, updates, restarts, steps lost) are read by tests and benchmarks."""
 
-    try:
-        while frames < lc.total_frames:
-            waiting = [*inflight, train_ref] if train_ref is not None else list(inflight)
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else ([], [])
-            for ref in ready:
-                if ref == train_ref:
-                    result = ray.get(ref)
-                    version, updates = result["version"], result["total_updates"]
-                    trained += result["updates"]
-                    if result["metrics"]:
-                        last_metrics = result["metrics"]
-                        monitor.scalars(last_metrics, frames)
-                    if result["weights"] is not None and result["weights"][1] != weights_sent:
-                        weights_ref, weights_sent = result["weights"]
-                        for r in runners:
-                            r.set_weights.remote(weights_ref, weights_sent)
-                    if result["snapshot"]:
-                        checkpoint()
-                        last_checkpoint = time.monotonic()
-                    monitor.scalars({"learner/wait_seconds": result["wait_seconds"]}, frames)
-                    train_ref = None
-                else:
-                    i = inflight.pop(ref)
-                    shards[i % len(shards)].add_many.remote(ref)  # runner -> shard, not via the driver
-                    limiter.on_insert(call_steps)
-                    frames += frames_per_call
-                    idle.append(i)
-                    idle_since[i] = time.monotonic()
-            # Actors wait while they are ahead of the learner; the learner while it is ahead of them.
-            while idle and limiter.can_insert(call_steps):
-                i = idle.pop(0)
-                limiter.record_wait("insert", time.monotonic() - idle_since.pop(i))
-                inflight[runners[i].run.remote(steps_per_call)] = i
-            while granted - trained < MAX_UNTRAINED_GRANTS and limiter.try_sample(batch_steps):
-                grant += 1
-                granted += 1
-            if train_ref is None and grant:
-                train_ref = learner.train.remote(grant, frames)
-                grant = 0
+    def __init__(self, ray: Any, config: Config, run_dir: Path, resume: bool,
+                 on_tick: Callable[[Driver], None] | None = None) -> None:
+        self.ray, self.config, self.run_dir, self.on_tick = ray, config, run_dir, on_tick
+        self.exit_code = -1
+        rc = config.replay
+        self.replay_dir = str(run_dir / REPLAY_DIR)
+        # Workers spread over the cluster's nodes, shards go round-robin over them; the learner
+        # takes a GPU when there is one.
+        shard_cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=-1)(ShardActor)
+        self.shards = [shard_cls.options(scheduling_strategy=self._shard_placement(i)).remote(
+                           max(rc.capacity // config.num_shards, rc.batch_length),
+                           derive_seed(config.seed, "shard", i), f"shard{i}", self.replay_dir)
+                       for i in range(config.num_shards)]
+        runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy="SPREAD")
+        self.runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
+        runner_info = self._wait_for([r.info.remote() for r in self.runners], "environment workers", 1.0)
+        if resume:
+            ray.get([s.resume.remote() for s in self.shards])
+            ray.get([r.skip_random_steps.remote() for r in self.runners])
+        shard_info = self._wait_for([s.info.remote() for s in self.shards], "replay shards", SHARD_CPUS)
+        self.obs_shape, self.action_dim = runner_info[0]["obs_shape"], runner_info[0]["action_dim"]
+        self.action_repeat = runner_info[0]["action_repeat"]
+        self.runner_where = [{k: info[k] for k in ("incarnation", "node_id", "pid")} for info in runner_info]
+        self.shard_where = [{k: info[k] for k in ("incarnation", "node_id", "pid")} for info in shard_info]
+        self.shard_acked = [info["steps_inserted"] for info in shard_info]
+        self.shard_old_incarnations: list[set[str]] = [set() for _ in self.shards]
 
-            now = time.monotonic()
-            if now - last_stats > STATS_SECONDS:
-                last_stats = now
-                _log_stats(ray, monitor, runners, shards, limiter, frames, updates, version)
-            if now - last_checkpoint > 60 * lc.checkpoint_minutes:
-                checkpoint()
-                last_checkpoint = now
-            monitor.progress(frames, updates, f"loss {last_metrics.get('world_model/loss', float('nan')):.2f}")
-    except KeyboardInterrupt:
-        monitor.progress(frames, updates, "interrupted: writing a checkpoint", force=True)
+        device = config.learner.device
+        gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        self.learner_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(LearnerActor)
+        self.learner, learner_info = self._start_learner(resume)
+        counters = learner_info["counters"]
+        self.frames = int(counters.get("frames", 0))
+        self.updates = learner_info["updates"]
+        self.limiter = RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
+        if "limiter" in counters:
+            self.limiter.load_state_dict(counters["limiter"])
+
+        self.runner_restarts = [0] * len(self.runners)
+        self.runner_failures = [0] * len(self.runners)  # in a row
+        self.runner_versions = [-1] * len(self.runners)  # weight version of each worker's latest call
+        self.shard_restarts = [0] * len(self.shards)
+        self.steps_lost = 0
+        self.learner_restarts = 0
+        self.learner_restarts_in_a_row = 0
+        self.restart_log: list[dict[str, Any]] = []
+        self.nonfinite_stop: str | None = None
+        self.learner_wait_seconds = self.learner_train_seconds = 0.0
+        self._write_placement()
+        print(f"Ray: {len(self.runners)} environment workers x {config.envs_per_actor} envs, "
+              f"{len(self.shards)} replay shards, learner on {learner_info['device']}"
+              + (f"; resumed at {self.frames:,} frames" if resume else "") + f"; {self._placement_line()}",
+              flush=True)
+
+    # ------------------------------------------------------------------ actors and placement
+
+    def _shard_placement(self, i: int) -> Any:
+        """Shard i's node: round-robin over the nodes with CPUs, GPU nodes last (the learner's
+        memory is there). Ray's SPREAD strategy does not reliably spread actors that ask for almost
+        nothing. The affinity is soft: a shard whose node is gone restarts on another."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n for n in self.ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= SHARD_CPUS]
+        if not nodes:  # e.g. an autoscaling cluster that has no worker node yet
+            return "SPREAD"
+        nodes.sort(key=lambda n: (n["Resources"].get("GPU", 0) > 0, n["NodeID"]))
+        return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)]["NodeID"], soft=True)
+
+    def _wait_for(self, refs: list, what: str, cpus_each: float) -> list:
+        """ray.get that says, every half minute, what it is waiting for (an autoscaling cluster
+        may still be adding nodes; a fixed one may simply be too small)."""
+        while True:
+            ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=30)
+            if not pending:
+                return self.ray.get(refs)
+            total = self.ray.cluster_resources()
+            free = self.ray.available_resources()
+            print(f"waiting for {len(pending)} of {len(refs)} {what} to start (each needs {cpus_each:g} CPU; "
+                  f"the cluster has {total.get('CPU', 0):g} CPUs, {free.get('CPU', 0):g} free, "
+                  f"{total.get('GPU', 0):g} GPUs)", flush=True)
+
+    def _start_learner(self, resume: bool | None) -> tuple[Any, dict[str, Any]]:
+        learner = self.learner_cls.remote(self.config, str(self.run_dir), self.shards, self.obs_shape,
+                                          self.action_dim, resume)
+        info = self._wait_for([learner.info.remote()], "learner", 1.0)[0]
+        self.learner_where = {"node_id": info["node_id"], "pid": info["pid"]}
+        self.learner_digest = info["restored_digest"]
+        return learner, info
+
+    def placement(self) -> dict[str, Any]:
+        return {"learner": self.learner_where["node_id"],
+                "runners": {str(i): w["node_id"] for i, w in enumerate(self.runner_where)},
+                "shards": {str(i): w["node_id"] for i, w in enumerate(self.shard_where)}}
+
+    def pids(self) -> dict[str, Any]:
+        """Process ids of the learner, runners and shards as last seen (for fault injection)."""
+        return {"learner": self.learner_where["pid"], "runners": [w["pid"] for w in self.runner_where],
+                "shards": [w["pid"] for w in self.shard_where]}
+
+    def _write_placement(self) -> None:
+        path = self.run_dir / PLACEMENT
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.placement(), indent=1))
+        os.replace(tmp, path)
+
+    def _placement_line(self) -> str:
+        nodes = {n for group in ("runners", "shards") for n in self.placement()[group].values()}
+        return f"workers and shards on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        ray, config, rc, lc = self.ray, self.config, self.config.replay, self.config.learner
+        self.monitor = monitor = Monitor(self.run_dir, lc.total_frames)
+        self.steps_per_call = rc.chunk_length
+        batch_steps = rc.batch_size * rc.batch_length
+        self.collecting: dict[Any, tuple[int, Any]] = {}  # summary ref -> (runner, chunks ref)
+        self.adding: dict[Any, int] = {}  # shard add ref -> shard
+        self.idle: list[int] = []
+        idle_since: dict[int, float] = {}
+        for i in range(len(self.runners)):
+            self._dispatch(i)
+        self.granted = self.trained = 0
+        grant = 0
+        self.train_ref = None  # a learner call in flight, made only when there are batches to grant
+        self.version, last_metrics = self.updates, {}
+        self.weights: tuple[Any, int] | None = None
+        sample_wait_since: float | None = time.monotonic()
+        last_stats = last_checkpoint = time.monotonic()
+
         try:
-            if train_ref is not None:
-                ray.get(train_ref)
-            checkpoint()
-            print(f"\ncheckpoint written; continue with: choreo pretrain --resume {run_dir}", flush=True)
-        except Exception as e:  # the signal may have reached Ray's worker processes too
-            print(f"\ncould not write a final checkpoint ({type(e).__name__}); the last periodic one in {run_dir} "
-                  f"is intact; continue with: choreo pretrain --resume {run_dir}", flush=True)
+            while self.frames < lc.total_frames:
+                waiting = [*self.collecting, *self.adding] + ([self.train_ref] if self.train_ref else [])
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else ([], [])
+                if ready:  # everything else that is ready too, in one pass
+                    ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+                for ref in ready:
+                    if ref == self.train_ref:
+                        self.train_ref = None
+                        result = self._train_result(ref)
+                        if result is None:
+                            continue
+                        if result["metrics"]:
+                            last_metrics = result["metrics"]
+                            monitor.scalars(last_metrics, self.frames)
+                        if result["snapshot"]:
+                            self.checkpoint()
+                            last_checkpoint = time.monotonic()
+                        sample_wait_since = time.monotonic()
+                    elif ref in self.adding:
+                        self._shard_ack(self.adding.pop(ref), ref)
+                    else:
+                        i, chunks = self.collecting.pop(ref)
+                        if self._collected(i, ref, chunks):
+                            self.idle.append(i)
+                            idle_since[i] = time.monotonic()
+                if self.nonfinite_stop:
+                    break
+                # Actors wait while they are ahead of the learner; the learner while it is ahead of them.
+                call_steps = self.steps_per_call * config.envs_per_actor
+                while self.idle and self.limiter.can_insert(call_steps):
+                    i = self.idle.pop(0)
+                    if i in idle_since:
+                        self.limiter.record_wait("insert", time.monotonic() - idle_since.pop(i))
+                    self._dispatch(i)
+                while self.granted - self.trained < MAX_UNTRAINED_GRANTS and self.limiter.try_sample(batch_steps):
+                    grant += 1
+                    self.granted += 1
+                if self.train_ref is None and grant:
+                    if sample_wait_since is not None:
+                        self.limiter.record_wait("sample", time.monotonic() - sample_wait_since)
+                        sample_wait_since = None
+                    self.train_ref = self.learner.train.remote(grant, self.frames)
+                    grant = 0
+
+                now = time.monotonic()
+                if now - last_stats > STATS_SECONDS:
+                    last_stats = now
+                    self._log_stats()
+                if now - last_checkpoint > 60 * lc.checkpoint_minutes:
+                    self.checkpoint()
+                    last_checkpoint = now
+                if self.on_tick is not None:
+                    self.on_tick(self)
+                monitor.progress(self.frames, self.updates,
+                                 f"loss {last_metrics.get('world_model/loss', float('nan')):.2f}"
+                                 + self._fault_note())
+        except KeyboardInterrupt:
+            monitor.progress(self.frames, self.updates, "interrupted: writing a checkpoint", force=True)
+            try:
+                self._finish_training_call()
+                self.checkpoint()
+                print(f"\ncheckpoint written; continue with: choreo pretrain --resume {self.run_dir}", flush=True)
+            except Exception as e:  # the signal may have reached Ray's worker processes too
+                print(f"\ncould not write a final checkpoint ({type(e).__name__}); the last periodic one in "
+                      f"{self.run_dir} is intact; continue with: choreo pretrain --resume {self.run_dir}", flush=True)
+            monitor.close()
+            return 130
+        except RunStopped as e:
+            monitor.progress(self.frames, self.updates, "stopped", force=True)
+            print(f"\nthe run stopped: {e}", flush=True)
+            try:
+                self.checkpoint()
+                print(f"checkpoint written; after fixing the cause continue with: "
+                      f"choreo pretrain --resume {self.run_dir}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"could not write a final checkpoint ({type(exc).__name__}: {exc}); "
+                      f"the last periodic one in {self.run_dir} is intact", flush=True)
+            monitor.close()
+            return 1
+        if self.nonfinite_stop:
+            monitor.progress(self.frames, self.updates, "stopped", force=True)
+            monitor.close()
+            print(f"\nthe run stopped: {self.nonfinite_stop}\nno checkpoint was written after the non-finite "
+                  f"updates; the last good one is {self.run_dir / CHECKPOINT}", flush=True)
+            return 1
+        self._finish_training_call()
+        if self.collecting:
+            ray.wait(list(self.collecting), num_returns=len(self.collecting), timeout=30)
+        self.checkpoint()
+        monitor.progress(self.frames, self.updates, "done", force=True)
         monitor.close()
-        return 130
-    if train_ref is not None:
-        ray.get(train_ref)
-    if inflight:
-        ray.wait(list(inflight), num_returns=len(inflight), timeout=30)
-    checkpoint()
-    monitor.progress(frames, updates, "done", force=True)
-    monitor.close()
-    ray.get(learner.close.remote())
-    print(f"\nfinished: {frames:,} frames, {updates:,} updates; run directory {run_dir}")
-    return 0
+        ray.get(self.learner.close.remote())
+        print(f"\nfinished: {self.frames:,} frames, {self.updates:,} updates; run directory {self.run_dir}"
+              + (f"; {self._fault_note().strip('; ')}" if self._fault_note() else ""))
+        return 0
 
+    def _fault_note(self) -> str:
+        parts = []
+        if sum(self.runner_restarts):
+            parts.append(f"{sum(self.runner_restarts)} worker restarts")
+        if sum(self.shard_restarts):
+            parts.append(f"{sum(self.shard_restarts)} shard restarts, {self.steps_lost:,} steps lost")
+        if self.learner_restarts:
+            parts.append(f"{self.learner_restarts} learner restarts")
+        return "; " + ", ".join(parts) if parts else ""
 
-def _log_stats(ray: Any, monitor: Monitor, runners: list, shards: list, limiter: RateLimiter, frames: int,
-               updates: int, version: int) -> None:
-    runner_stats = ray.get([r.stats.remote() for r in runners])
-    shard_stats = ray.get([s.stats.remote() for s in shards])
-    scalars: dict[str, float] = {}
-    total_sps = 0.0
-    for st in runner_stats:
-        rid = st["runner_id"]
-        scalars[f"actors/{rid}/steps_per_second"] = st["steps_per_second"]
-        scalars[f"actors/{rid}/policy_lag"] = float(version - st["version"])
-        total_sps += st["steps_per_second"]
-        for episode_return, length in st["episodes"]:
-            monitor.scalars({"episode/return": episode_return, "episode/length": length}, frames)
-    scalars["actors/steps_per_second"] = total_sps
-    scalars["actors/policy_lag"] = float(sum(version - st["version"] for st in runner_stats) / len(runner_stats))
-    for i, st in enumerate(shard_stats):
-        scalars[f"replay/shard{i}/steps"] = st["steps"]
-        scalars[f"replay/shard{i}/inserted_steps"] = st.get("steps_inserted", 0)
-        scalars[f"replay/shard{i}/sampled_steps"] = st.get("steps_sampled", 0)
-    scalars["replay/steps"] = sum(st["steps"] for st in shard_stats)
-    scalars["replay/ratio"] = limiter.ratio()
-    limiter_stats = limiter.stats()
-    scalars.update({f"limiter/{k}": float(v) for k, v in limiter_stats.items() if isinstance(v, (int, float))})
-    scalars["learner/weight_version"] = version
-    scalars["learner/updates"] = updates
-    scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = monitor.rates(frames, updates)
-    monitor.scalars(scalars, frames)
+    def _finish_training_call(self) -> None:
+        if self.train_ref is not None:
+            ref, self.train_ref = self.train_ref, None
+            self._train_result(ref)
+
+    # ------------------------------------------------------------------ workers
+
+    def _dispatch(self, i: int) -> None:
+        chunks, summary = self.runners[i].collect.options(num_returns=2).remote(self.steps_per_call)
+        self.collecting[summary] = (i, chunks)
+
+    def _collected(self, i: int, ref: Any, chunks: Any) -> bool:
+        """Handles runner i's finished call; True if it may get its next call (after the limiter)."""
+        try:
+            summary = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            self._runner_failed(i, exc)
+            return False
+        self.runner_failures[i] = 0
+        self.runner_versions[i] = summary["version"]
+        if summary["incarnation"] != self.runner_where[i]["incarnation"]:
+            self._runner_restarted(i, summary)
+        shard = i % len(self.shards)
+        self.adding[self.shards[shard].add_chunks.remote(chunks)] = shard  # worker -> shard, not via the driver
+        self.limiter.on_insert(summary["steps"])
+        self.frames += summary["steps"] * self.action_repeat
+        return True
+
+    def _runner_failed(self, i: int, exc: BaseException) -> None:
+        self.runner_failures[i] += 1
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if self.runner_failures[i] >= MAX_RUNNER_FAILURES:
+            raise RunStopped(f"environment worker {i} failed {self.runner_failures[i]} times in a row; "
+                             f"last error: {cause}")
+        print(f"\nenvironment worker {i} failed ({cause}); restarting it", flush=True)
+        if isinstance(exc, self.ray.exceptions.RayTaskError):
+            # The process lives but its environments may be broken: a fresh process rebuilds them.
+            self.ray.kill(self.runners[i], no_restart=False)
+        self._dispatch(i)  # runs on the restarted process; its summary shows the new incarnation
+
+    def _runner_restarted(self, i: int, summary: dict[str, Any]) -> None:
+        self.runner_restarts[i] += 1
+        self.runner_where[i] = {k: summary[k] for k in ("incarnation", "node_id", "pid")}
+        self.restart_log.append({"role": "runner", "index": i, "frames": self.frames, **self.runner_where[i]})
+        if self.weights is not None:
+            self.runners[i].set_weights.remote(*self.weights)  # before its next call: calls keep their order
+        self.monitor.scalars({f"actors/{i}/restarts": self.runner_restarts[i],
+                              "actors/restarts": sum(self.runner_restarts)}, self.frames)
+        self._write_placement()
+
+    # ------------------------------------------------------------------ shards
+
+    def _shard_ack(self, s: int, ref: Any) -> None:
+        try:
+            steps, incarnation = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # the chunks were refused (their call failed, bad data)
+            print(f"\nreplay shard {s} refused a chunk ({str(exc).strip().splitlines()[-1]})", flush=True)
+            return
+        if incarnation == self.shard_where[s]["incarnation"]:
+            self.shard_acked[s] += steps
+        elif incarnation in self.shard_old_incarnations[s]:
+            self.steps_lost += steps  # acknowledged by a process that died before checkpointing them
+        else:
+            self._shard_restarted(s)
+            self.shard_acked[s] += steps
+
+    def _shard_restarted(self, s: int) -> None:
+        info = self.ray.get(self.shards[s].info.remote())
+        if info["incarnation"] == self.shard_where[s]["incarnation"]:
+            return
+        lost = max(self.shard_acked[s] - info["restored_inserted"], 0)
+        self.steps_lost += lost
+        self.shard_acked[s] = info["restored_inserted"]
+        self.shard_old_incarnations[s].add(self.shard_where[s]["incarnation"])
+        self.shard_where[s] = {k: info[k] for k in ("incarnation", "node_id", "pid")}
+        self.shard_restarts[s] += 1
+        self.restart_log.append({"role": "shard", "index": s, "frames": self.frames, "steps_lost": lost,
+                                 "restore_error": info["restore_error"], **self.shard_where[s]})
+        note = f"; its checkpoint could not be read: {info['restore_error']}" if info["restore_error"] else ""
+        print(f"\nreplay shard {s} restarted from its checkpoint ({info['restored_inserted']:,} steps inserted "
+              f"by then), {lost:,} steps lost{note}", flush=True)
+        self.monitor.scalars({f"replay/shard{s}/restarts": self.shard_restarts[s],
+                              "replay/restarts": sum(self.shard_restarts), "replay/steps_lost": self.steps_lost},
+                             self.frames)
+        self._write_placement()
+
+    # ------------------------------------------------------------------ learner
+
+    def _train_result(self, ref: Any) -> dict[str, Any] | None:
+        """The learner call's result, or None if the learner died (it is then replaced) or its
+        losses stayed non-finite (the loop then stops)."""
+        try:
+            result = self.ray.get(ref)
+        except NonFiniteLossError as exc:  # Ray re-raises the learner's error as this type
+            self.nonfinite_stop = str(exc).strip().splitlines()[-1]
+            return None
+        except self.ray.exceptions.RayActorError as exc:
+            self._restart_learner(exc)
+            return None
+        self.learner_restarts_in_a_row = 0
+        self.version, self.updates = result["version"], result["total_updates"]
+        self.trained += result["updates"] + result["untrained"]  # untrained grants are not retried
+        if result["weights"] is not None and (self.weights is None or result["weights"][1] != self.weights[1]):
+            self.weights = result["weights"]
+            for r in self.runners:
+                r.set_weights.remote(*self.weights)
+        self.learner_wait_seconds, self.learner_train_seconds = result["wait_seconds"], result["train_seconds"]
+        share = result["wait_seconds"] / result["train_seconds"] if result["train_seconds"] else 0.0
+        self.monitor.scalars({"learner/wait_seconds": result["wait_seconds"], "learner/data_wait_share": share},
+                             self.frames)
+        return result
+
+    def _restart_learner(self, exc: BaseException) -> None:
+        self.learner_restarts += 1
+        self.learner_restarts_in_a_row += 1
+        if self.learner_restarts_in_a_row > MAX_LEARNER_RESTARTS:
+            raise RunStopped(f"the learner died {self.learner_restarts_in_a_row} times in a row "
+                             f"({type(exc).__name__})")
+        print(f"\nthe learner died ({type(exc).__name__}); starting a new one from the last checkpoint", flush=True)
+        self.ray.kill(self.learner, no_restart=True)
+        self.learner, info = self._start_learner(None)
+        if info["restored_digest"] is None:
+            print("there was no checkpoint yet: the new learner starts from scratch", flush=True)
+        self.version = self.updates = info["updates"]
+        self.trained = self.granted  # the grants given to the dead learner died with it
+        self.weights = None  # the new learner's first result carries its restored weights
+        self.restart_log.append({"role": "learner", "frames": self.frames, "updates": info["updates"],
+                                 "digest": self.learner_digest, **self.learner_where})
+        self.monitor.scalars({"learner/restarts": self.learner_restarts}, self.frames)
+        self._write_placement()
+
+    # ------------------------------------------------------------------ checkpoints and metrics
+
+    def checkpoint(self) -> None:
+        """Replay shards and learner state, with the frame counter and the limiter's counters."""
+        self._log_stats()
+        self.ray.get([s.save_checkpoint.remote() for s in self.shards])
+        try:
+            self.ray.get(self.learner.checkpoint.remote({"frames": self.frames, "limiter": self.limiter.state_dict()}))
+        except self.ray.exceptions.RayActorError as exc:
+            self._restart_learner(exc)
+
+    def _poll(self, handles: list) -> list[dict[str, Any] | None]:
+        """`stats()` of each handle; None for those that did not answer within STATS_TIMEOUT."""
+        refs = [h.stats.remote() for h in handles]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=STATS_TIMEOUT)
+        done = set(ready)
+        out = []
+        for ref in refs:
+            try:
+                out.append(self.ray.get(ref) if ref in done else None)
+            except self.ray.exceptions.RayError:
+                out.append(None)
+        return out
+
+    def _log_stats(self) -> None:
+        monitor, frames, version = self.monitor, self.frames, self.version
+        runner_stats = [st for st in self._poll(self.runners) if st is not None]
+        shard_stats = self._poll(self.shards)
+        scalars: dict[str, float] = {}
+        for st in runner_stats:
+            rid = st["runner_id"]
+            scalars[f"actors/{rid}/steps_per_second"] = st["steps_per_second"]
+            scalars[f"actors/{rid}/policy_lag"] = float(version - st["version"])
+            for episode_return, length in st["episodes"]:
+                monitor.scalars({"episode/return": episode_return, "episode/length": length}, frames)
+        if runner_stats:
+            scalars["actors/steps_per_second"] = sum(st["steps_per_second"] for st in runner_stats)
+            scalars["actors/policy_lag"] = float(np.mean([version - st["version"] for st in runner_stats]))
+        for i, st in enumerate(shard_stats):
+            if st is None:
+                continue
+            if st["incarnation"] != self.shard_where[i]["incarnation"]:
+                self._shard_restarted(i)
+            scalars[f"replay/shard{i}/steps"] = st["steps"]
+            scalars[f"replay/shard{i}/inserted_steps"] = st["steps_inserted"]
+            scalars[f"replay/shard{i}/sampled_steps"] = st["steps_sampled"]
+        scalars["replay/steps"] = sum(st["steps"] for st in shard_stats if st is not None)
+        scalars["replay/ratio"] = self.limiter.ratio()
+        scalars.update({f"limiter/{k}": float(v) for k, v in self.limiter.stats().items()
+                        if isinstance(v, (int, float))})
+        scalars["learner/weight_version"] = version
+        scalars["learner/updates"] = self.updates
+        scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
+            monitor.rates(frames, self.updates)
+        monitor.scalars(scalars, frames)
+
+    def summary(self) -> dict[str, Any]:
+        """Figures of the run so far: frames, updates, restarts, steps lost, ratio, waits."""
+        limiter = self.limiter.stats()
+        return {"frames": self.frames, "updates": self.updates, "runner_restarts": sum(self.runner_restarts),
+                "shard_restarts": sum(self.shard_restarts), "learner_restarts": self.learner_restarts,
+                "steps_lost": self.steps_lost, "ratio": self.limiter.ratio(),
+                "target_ratio": self.config.replay.samples_per_insert,
+                "insert_wait_s": limiter["insert_wait_s"], "sample_wait_s": limiter["sample_wait_s"],
+                "learner_wait_s": self.learner_wait_seconds, "learner_train_s": self.learner_train_seconds}

@@ -21,7 +21,7 @@ from buffer.limiter import RateLimiter
 from buffer.shard import ReplayShard
 from launch.config import Config
 from launch.monitor import Monitor
-from learner.learner import CHECKPOINT, Learner
+from learner.learner import CHECKPOINT, Learner, NonFiniteLossError
 
 REPLAY_DIR = "replay"
 
@@ -42,7 +42,7 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
         limiter.on_sample(batch_steps)
         return shard.sample(rc.batch_size, rc.batch_length, sampler)
 
-    learner = Learner(agent, sample, runner.set_weights, lc, run_dir, prefetch=0)
+    learner = Learner(agent, sample, runner.set_weights, lc, run_dir, prefetch=0, run_config=config)
     frames = 0
     if resume:
         counters = learner.load_checkpoint()
@@ -98,6 +98,13 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
                 last_checkpoint = time.monotonic()
             monitor.progress(frames, learner.updates,
                              f"loss {metrics.get('world_model/loss', float('nan')):.2f}")
+    except NonFiniteLossError as e:
+        monitor.progress(frames, learner.updates, "stopped", force=True)
+        monitor.close()
+        learner.close()
+        print(f"\nthe run stopped: {e}\nno checkpoint was written after the non-finite updates; "
+              f"the last good one is {run_dir / CHECKPOINT}")
+        return 1
     except KeyboardInterrupt:
         monitor.progress(frames, learner.updates, "interrupted: writing a checkpoint", force=True)
         checkpoint()

@@ -11,7 +11,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from launch.config import Config, ConfigError, check_run_name, from_yaml_file, load_config, save_config
+from launch.config import (RESUME_OVERRIDES, Config, ConfigError, check_run_name, from_yaml_file, load_config,
+                           save_config, with_overrides)
 from learner.learner import CHECKPOINT
 
 
@@ -116,10 +117,16 @@ def resumable_run_dir(path: str | os.PathLike) -> Path:
 def pretrain(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     if args.resume:
-        if args.preset or args.overrides:
-            raise ConfigError("--resume continues a run with its saved config; drop --preset and key=value")
+        if args.preset:
+            raise ConfigError("--resume continues a run with its saved config; drop --preset")
         run_dir = resumable_run_dir(args.resume)
         config = from_yaml_file(run_dir / "config.yaml")
+        if args.overrides:  # e.g. learner.total_frames=4000000 to run on past the planned end
+            try:
+                config = with_overrides(config, args.overrides, RESUME_OVERRIDES)
+            except ConfigError as e:
+                raise ConfigError(f"--resume continues a run with its saved config: {e}") from None
+            save_config(config, run_dir)
     else:
         config = load_config(args.preset, args.overrides)
         if args.logdir:

@@ -22,13 +22,19 @@ runtime_env.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import sys
+import uuid
 import warnings
 from typing import Any
 
 from actors.runner import make_runner
+from buffer.codec import CodecError
+from buffer.shard import CheckpointMismatchError, ReplayShard
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
@@ -64,7 +70,25 @@ def _import_ray_for_loopback():
     if already and ray_constants.ENABLE_RAY_CLUSTER:
         # Ray read the variable at import; the services module looks the constant up per call.
         ray_constants.ENABLE_RAY_CLUSTER = False
+    if already:
+        # Ray caches its config (the auth mode among it) at import: re-read it, as Ray itself
+        # does when it turns token authentication on, or this process would not send the token.
+        from ray._raylet import Config
+
+        Config.initialize("")
     return ray
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal dispositions can only be changed from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int | None = None,
@@ -80,16 +104,21 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object
     ray = _import_ray_for_loopback()
     if ray.is_initialized():
         raise RuntimeError("Ray is already running in this process; call shutdown_ray() first")
-    ctx = ray.init(
-        address="local",  # always a new instance owned by this process, never someone else's cluster
-        num_cpus=num_cpus,
-        include_dashboard=dashboard,
-        dashboard_host=LOOPBACK,
-        object_store_memory=None if object_store_mb is None else int(object_store_mb) * 1024 * 1024,
-        runtime_env=_runtime_env(env_vars),
-        logging_level=logging.WARNING,
-        _node_ip_address=LOOPBACK,
-    )
+    # Ray's processes are this one's children, in its process group: a Ctrl-C typed in the
+    # terminal would reach them too and kill them before the driver could write its final
+    # checkpoint. Started with SIGINT ignored (inherited), they leave Ctrl-C to the driver, which
+    # stops them with `shutdown_ray()` after checkpointing.
+    with _sigint_ignored():
+        ctx = ray.init(
+            address="local",  # always a new instance owned by this process, never someone else's cluster
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            object_store_memory=None if object_store_mb is None else int(object_store_mb) * 1024 * 1024,
+            runtime_env=_runtime_env(env_vars),
+            logging_level=logging.WARNING,
+            _node_ip_address=LOOPBACK,
+        )
     info = _context_info(ray, ctx)
     if info["node_ip"] != LOOPBACK:
         shutdown_ray()
@@ -133,25 +162,40 @@ def shutdown_ray() -> None:
 # ---------------------------------------------------------------------- the remote environment worker
 
 
+def _reconstructed() -> bool:
+    """Whether this actor process is a restart by Ray (max_restarts) rather than the first start."""
+    import ray
+
+    with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated getter here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def _where() -> dict[str, Any]:
+    """Node id (None outside Ray, e.g. in unit tests) and process id of this process."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node_id, "pid": os.getpid()}
+
+
 class RunnerActor:
     """Hosts an `EnvRunner` in a Ray actor: builds it with `make_runner` inside the worker (the
     environments are never pickled) and forwards its methods.
 
     After a restart (`max_restarts=-1`) the runner is rebuilt from the same seeds; it skips the
-    random seed phase, which already happened, and `stats()["restarted"]` is True so the runtime
-    knows to send the current weights again (until then the policy acts with its initial weights,
-    stamped version -1). The streams keep their ids; the episode that was running when the worker
-    died ends in the replay without an is_last row, and the new one starts with is_first.
+    random seed phase, which already happened, and carries a new `incarnation` (a random id per
+    process), so the runtime sees the restart in the next `collect` result and sends the current
+    weights again (until then the policy acts with its initial weights, stamped version -1). The
+    streams keep their ids; the episode that was running when the worker died ends in the replay
+    without an is_last row, and the new one starts with is_first.
     """
 
     def __init__(self, config: Any, runner_id: int, seed: int, behaviour: str = "explore",
                  num_runners: int | None = None, mode: str = "sample") -> None:
-        import ray
-
         self.runner = make_runner(config, runner_id, seed, behaviour=behaviour, num_runners=num_runners, mode=mode)
-        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated getter here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.restarted = _reconstructed()
         if self.restarted:
             self.runner.skip_random_steps()
 
@@ -160,6 +204,13 @@ class RunnerActor:
 
     def run(self, steps: int) -> list:
         return self.runner.run(steps)
+
+    def collect(self, steps: int) -> tuple[list, dict[str, Any]]:
+        """`run(steps)` plus a small summary; call with `.options(num_returns=2)` so the chunks
+        can go to a shard by reference while the caller fetches only the summary."""
+        chunks = self.runner.run(steps)
+        return chunks, {"steps": steps * len(self.runner.envs), "incarnation": self.incarnation,
+                        "version": self.runner.version, **_where()}
 
     def set_weights(self, arrays: dict, version: int) -> int:
         self.runner.set_weights(arrays, version)
@@ -171,14 +222,15 @@ class RunnerActor:
     def stats(self) -> dict[str, Any]:
         stats = self.runner.stats()
         stats["restarted"] = self.restarted
+        stats["incarnation"] = self.incarnation
         return stats
 
     def info(self) -> dict[str, Any]:
-        """Static facts: shapes, stream ids, action repeat, process id."""
+        """Static facts: shapes, stream ids, action repeat, incarnation, node and process id."""
         r = self.runner
         return {"runner_id": r.runner_id, "stream_ids": list(r.stream_ids), "obs_shape": r.obs_shape,
                 "action_dim": r.action_dim, "action_repeat": r.action_repeat, "num_envs": len(r.envs),
-                "pid": os.getpid()}
+                "incarnation": self.incarnation, **_where()}
 
     def skip_random_steps(self) -> None:
         self.runner.skip_random_steps()
@@ -195,3 +247,52 @@ def remote_runner_class(num_cpus: float = 1.0, max_task_retries: int = RUNNER_MA
     import ray
 
     return ray.remote(num_cpus=num_cpus, max_restarts=-1, max_task_retries=max_task_retries)(RunnerActor)
+
+
+# ---------------------------------------------------------------------- the remote replay shard
+
+
+class ShardActor(ReplayShard):
+    """A `ReplayShard` in a Ray actor that Ray restarts when its process dies (`max_restarts=-1`):
+    the restarted shard loads its last checkpoint from `replay_dir` (it starts empty if there is
+    none yet, or if the file cannot be read: `info()["restore_error"]` says why).
+
+    `add_chunks` answers the steps added together with the shard's `incarnation` (a random id per
+    process), so the runtime can tell which acknowledged steps died with an earlier process: those
+    beyond the checkpoint's `steps_inserted` counter (`info()["restored_inserted"]`) are lost.
+    """
+
+    def __init__(self, capacity: int, seed: int, name: str, replay_dir: str) -> None:
+        super().__init__(capacity, seed, name)
+        self.replay_dir = replay_dir
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.restored_inserted = 0
+        self.restore_error: str | None = None
+        if _reconstructed():
+            try:
+                self.load(replay_dir)
+                self.restored_inserted = int(self.stats()["steps_inserted"])
+            except FileNotFoundError:
+                pass  # died before its first checkpoint: everything it held is lost
+            except (CodecError, CheckpointMismatchError) as exc:
+                self.restore_error = str(exc)
+
+    def add_chunks(self, chunks: list) -> tuple[int, str]:
+        return self.add_many(chunks), self.incarnation
+
+    def resume(self) -> int:
+        """Load the checkpoint of a resumed run (a missing or bad file is an error here)."""
+        self.load(self.replay_dir)
+        self.restored_inserted = int(self.stats()["steps_inserted"])
+        return self.restored_inserted
+
+    def save_checkpoint(self) -> str:
+        return str(self.save(self.replay_dir))
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "incarnation": self.incarnation}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "incarnation": self.incarnation, "restored_inserted": self.restored_inserted,
+                "restore_error": self.restore_error, "steps_inserted": int(super().stats()["steps_inserted"]),
+                **_where()}

@@ -20,6 +20,8 @@ class LearnerConfig:
     """Minutes between checkpoints of the learner state and the replay."""
     snapshot_frames: tuple[int, ...] = field(default=(100_000, 500_000, 1_000_000, 2_000_000))
     """Frame counts at which a snapshot for fine-tuning is written."""
+    threads: int = 0
+    """Torch CPU threads of the learner process (0: all cores of its machine)."""
     log_every: int = 100
     """Updates between metric writes to TensorBoard."""
     max_nonfinite_updates: int = 10

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from learner.config import LearnerConfig
+from learner.snapshot import save_snapshot
 
 Batch = Mapping[str, np.ndarray]
 CHECKPOINT = "checkpoint.pt"
@@ -95,7 +96,7 @@ class Learner:
     """
 
     def __init__(self, agent: Any, sample: Callable[[], Batch | None], publish: Callable[[dict, int], None],
-                 cfg: LearnerConfig, run_dir: Path, prefetch: int = 2) -> None:
+                 cfg: LearnerConfig, run_dir: Path, prefetch: int = 2, run_config: Any = None) -> None:
         self.agent = agent
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -106,6 +107,7 @@ class Learner:
         self.sample = sample
         self.prefetcher = BatchPrefetcher(sample, depth=prefetch) if prefetch > 0 else None
         self.snapshots_written: set[int] = set()
+        self.run_config = run_config  # the run's resolved config, stored in snapshots for fine-tuning
         self.skipped_updates = 0
         self.nonfinite_in_a_row = 0
         self._nonfinite_names: set[str] = set()  # non-finite metrics of the current streak
@@ -173,8 +175,8 @@ class Learner:
         if not due:
             return None
         frame = max(due)
-        path = _atomic_torch_save({"agent": self.agent.state_dict(), "frames": frames, "updates": self.updates},
-                                  self.run_dir / "snapshots" / f"snapshot_{frame}.pt")
+        path = save_snapshot(self.run_dir / "snapshots" / f"snapshot_{frame}.pt", self.agent.state_dict(),
+                             self.run_config or {}, frames, self.updates)
         self.snapshots_written.update(due)
         return path
 

@@ -1,9 +1,11 @@
-"""`gym:<id>`: any installed gymnasium environment with a Box action space, behind the same
+"""`gym:<id>`: any installed gymnasium environment with a Box action space (`gym:<module>:<id>` imports
+`<module>` first, for environments a user module registers), behind the same
 interface as the built-in tasks (actions in [-1, 1], action repeat, flat float32 states or
 uint8 [3, S, S] pixels from `render()`)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # gymnasium's MuJoCo envs import mujoco
@@ -27,7 +29,21 @@ def resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
     return image[rows[:, None], cols[None, :]]
 
 
+def import_gym_module(gym_id: str) -> str:
+    """`module:EnvId` (gymnasium's convention for environments registered by a user's module):
+    imports `module` so that it registers its environments; returns `EnvId`. Plain ids pass."""
+    if ":" not in gym_id:
+        return gym_id
+    module, _, env_id = gym_id.partition(":")
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"gym:{gym_id}: cannot import module '{module}' ({exc})") from None
+    return env_id
+
+
 def _make_inner(gym_id: str, pixels: bool, image_size: int) -> gymnasium.Env:
+    gym_id = import_gym_module(gym_id)
     if gym_id not in gymnasium.registry:
         import difflib
 

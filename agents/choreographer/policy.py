@@ -83,7 +83,8 @@ class ChoreographerPolicy(nn.Module):
         for name, shape in expected.items():
             if tuple(np.shape(arrays[name])) != shape:
                 raise ValueError(f"policy weight '{name}' has shape {np.shape(arrays[name])}, expected {shape}")
-        state = {name: torch.as_tensor(np.asarray(arrays[name])) for name in expected}
+        # A copy: arrays from the object store are read-only views, which torch warns about.
+        state = {name: torch.from_numpy(np.array(arrays[name])) for name in expected}
         self.load_state_dict(state, strict=True)
         self.version = int(version)
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
     cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
            "run_name=ray", "num_actors=2", "num_shards=2", "learner.total_frames=1500",
-           "learner.snapshot_frames=[1000]"]
+           "learner.snapshot_frames=[1000]", "replay.tolerance=0.05"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 environment workers x 1 envs, 2 replay shards, learner on cpu" in done.stdout
@@ -36,7 +36,7 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
     for tag in ("world_model/loss", "skills/window_active_codes", "skill/actor/loss", "explore/actor/loss",
                 "actors/0/steps_per_second", "actors/1/steps_per_second", "actors/steps_per_second",
                 "replay/shard0/steps", "replay/shard1/steps", "replay/ratio", "limiter/insert_wait_s",
-                "limiter/sample_wait_s", "learner/weight_version", "actors/policy_lag",
+                "limiter/sample_wait_s", "learner/weight_version", "learner/data_wait_share", "actors/policy_lag",
                 "throughput/frames_per_second", "throughput/updates_per_second"):
         assert tag in tags, tag
     versions = [e.value for e in events.Scalars("learner/weight_version")]
@@ -47,6 +47,12 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
     # One update per 10 frames after the warm-up (tiny: 100 steps), give or take the grants in flight.
     assert 100 <= checkpoint["updates"] <= 160
     assert (run_dir / "snapshots" / "snapshot_1000.pt").exists()
+    # The limiter held the sampled/inserted ratio (after the warm-up) within 10% of its target
+    # (its band here is +-5%: a learner-bound run sits at the lower edge of the band).
+    limiter = checkpoint["counters"]["limiter"]
+    ratio = limiter["sampled"] / (limiter["inserted"] - limiter["min_size"])
+    assert abs(ratio / limiter["samples_per_insert"] - 1) <= 0.1, ratio
+    assert limiter["wait_count"]["insert"] > 0 and limiter["wait_count"]["sample"] > 0
 
     # Each worker's chunks went to its own shard, and the acting weights' versions advanced.
     for i in range(2):

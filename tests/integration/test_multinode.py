@@ -114,6 +114,23 @@ def two_node_run(tmp_path_factory):
                                     "learner.snapshot_frames=[]", "learner.checkpoint_minutes=10"])
     run_dir = tmp_path_factory.mktemp("multinode") / "run"
     save_config(config, run_dir)
+    with simulated_cluster(head_cpus=4) as cluster:
+        gpu_node = cluster.add_node(num_cpus=5, num_gpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = run_distributed(config, run_dir, address=cluster.address)
+        sockets = listening_sockets()  # both nodes' services, still running
+    yield {"code": code, "nodes": nodes, "gpu_node": gpu_node.node_id, "run_dir": run_dir, "out": out.getvalue(),
+           "sockets": sockets}
+
+
+@contextlib.contextmanager
+def simulated_cluster(head_cpus: int):
+    """A `ray.cluster_utils.Cluster` whose head listens on 127.0.0.1 with `head_cpus` CPUs (add
+    nodes with `cluster.add_node(..., node_ip_address="127.0.0.1")`), with the authentication mode
+    of this process's Ray; shut down, with this process's connection, on exit."""
     with pytest.MonkeyPatch.context() as mp:
         # Ray reads both settings once, when it is imported: set them first. Loopback only: Ray
         # rewrites 127.0.0.1 to the outward address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
@@ -134,21 +151,13 @@ def two_node_run(tmp_path_factory):
         subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], check=True,
                        capture_output=True, timeout=60)
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 4, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+            "num_cpus": head_cpus, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
         try:
-            gpu_node = cluster.add_node(num_cpus=5, num_gpus=1, node_ip_address="127.0.0.1")
-            cluster.wait_for_nodes()
-            nodes = {node.node_id for node in cluster.list_all_nodes()}
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = run_distributed(config, run_dir, address=cluster.address)
-            sockets = listening_sockets()  # both nodes' services, still running
+            yield cluster
         finally:
             if ray.is_initialized():
                 ray.shutdown()
             cluster.shutdown()
-    yield {"code": code, "nodes": nodes, "gpu_node": gpu_node.node_id, "run_dir": run_dir, "out": out.getvalue(),
-           "sockets": sockets}
 
 
 def listening_sockets() -> list[tuple[str, str, int]]:
@@ -193,8 +202,45 @@ def test_pretraining_on_two_nodes_finishes_with_workers_on_both(two_node_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="shards ask for no CPU, and Ray 2.60's SPREAD places zero-resource "
-                                        "actors on one node about half the time")
 def test_replay_shards_on_both_nodes(two_node_run):
     placement = json.loads((two_node_run["run_dir"] / "placement.json").read_text())
     assert set(placement["shards"].values()) == two_node_run["nodes"], placement
+
+
+@pytest.mark.slow
+def test_removed_node_has_its_workers_and_shards_restarted_on_the_others(tmp_path):
+    """A node vanishes mid-run (its raylet and every process on it killed): its workers and shards
+    (and the learner, if it was there) are started again on the head, and the run finishes."""
+    from launch.config import load_config, save_config
+    from launch.distributed import drive
+
+    config = load_config(["tiny"], ["num_actors=2", "num_shards=2", "learner.total_frames=2400",
+                                    "learner.snapshot_frames=[600]", "learner.checkpoint_minutes=1000"])
+    run_dir = tmp_path / "run"
+    save_config(config, run_dir)
+    with simulated_cluster(head_cpus=4) as cluster:  # room for everything once the second node is gone
+        second = cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        head = cluster.head_node.node_id
+        removed: dict = {}
+
+        def remove(driver) -> None:
+            if not removed and driver.frames >= 900 and (run_dir / CHECKPOINT).exists():
+                removed["placement"] = driver.placement()
+                cluster.remove_node(second, allow_graceful=False)
+
+        driver = drive(config, run_dir, address=cluster.address, on_tick=remove)
+    assert driver.exit_code == 0
+    before = removed["placement"]
+    on_second = [i for i, node in before["runners"].items() if node == second.node_id]
+    assert on_second, f"SPREAD put no worker on the second node: {before}"
+    after = json.loads((run_dir / "placement.json").read_text())
+    assert set(after["runners"].values()) == {head} and set(after["shards"].values()) == {head}, after
+    assert after["learner"] == head
+    for i in on_second:
+        assert driver.runner_restarts[int(i)] >= 1
+    shards_on_second = [i for i, node in before["shards"].items() if node == second.node_id]
+    for i in shards_on_second:
+        assert driver.shard_restarts[int(i)] == 1
+    assert driver.learner_restarts == (1 if before["learner"] == second.node_id else 0)
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["counters"]["frames"] >= 2400

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch import cli
-from launch.config import ConfigError, load_config, save_config
+from launch.config import ConfigError, from_yaml_file, load_config, save_config
 from launch.pretrain import default_run_name, new_run_dir, pretrain
 from learner.learner import CHECKPOINT
 from learner.snapshot import SnapshotError, check_compatible, load_snapshot, save_snapshot
@@ -304,6 +304,19 @@ def test_valid_resume_reaches_the_loop(tmp_path, no_run):
     make_run(run_dir)
     assert pretrain(args(resume=run_dir)) == 0
     assert no_run == [run_dir.resolve()]
+
+
+def test_resume_may_extend_the_run_and_nothing_else(tmp_path, no_run):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    make_run(run_dir)
+    before = tree(tmp_path)
+    refused(args("seed=3", resume=run_dir), "--resume continues a run with its saved config",
+            "config key 'seed' cannot change here", "learner.total_frames")
+    refused(args("learner.total_frames=-5", resume=run_dir), "learner.total_frames")
+    assert tree(tmp_path) == before
+    assert pretrain(args("learner.total_frames=123456", resume=run_dir)) == 0
+    assert from_yaml_file(run_dir / "config.yaml").learner.total_frames == 123456
 
 
 # ----------------------------------------------------------------------------- snapshots

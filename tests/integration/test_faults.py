@@ -1,0 +1,202 @@
+"""Faults a pretraining run on Ray must survive: worker, shard and learner processes killed, an
+environment that raises, a loss that turns NaN, and Ctrl-C to the whole process group. Tiny
+models on a local Ray (loopback); the driver runs in the test process, and `on_tick` injects the
+faults at chosen frame counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from buffer.shard import ReplayShard
+from launch.config import load_config, save_config
+from launch.distributed import drive, run_distributed, state_digest
+from launch.local import REPLAY_DIR
+from learner.learner import CHECKPOINT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _faulty_envs_importable(monkeypatch):
+    """Ray puts the driver's working directory on its workers' sys.path: running from this test
+    directory puts `faulty_envs` within their reach (and the driver's)."""
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def _run_dir(tmp_path: Path, overrides: list[str]):
+    config = load_config(["tiny"], ["num_actors=2", "num_shards=2", "learner.checkpoint_minutes=1000", *overrides])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(config, run_dir)
+    return config, run_dir
+
+
+def _tags(run_dir: Path) -> set[str]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def test_killed_worker_shard_and_learner_are_restarted_and_the_run_finishes(tmp_path):
+    config, run_dir = _run_dir(tmp_path, ["learner.total_frames=3000", "learner.snapshot_frames=[600]"])
+    seen: dict = {}
+
+    def inject(driver) -> None:
+        if not (run_dir / CHECKPOINT).exists():
+            return  # every fault comes after the first checkpoint (written with the 600-frame snapshot)
+        if "runner" not in seen and driver.frames >= 800:
+            seen["runner"] = driver.pids()["runners"][1]
+            os.kill(seen["runner"], signal.SIGKILL)
+        elif "shard" not in seen and driver.frames >= 1200 and sum(driver.runner_restarts):
+            saved = ReplayShard(config.replay.capacity // config.num_shards, seed=0, name="shard0")
+            saved.load(run_dir / REPLAY_DIR)
+            seen["shard_checkpoint_inserted"] = saved.stats()["steps_inserted"]
+            seen["shard_acked"] = driver.shard_acked[0]
+            seen["shard"] = driver.pids()["shards"][0]
+            os.kill(seen["shard"], signal.SIGKILL)
+        elif "learner" not in seen and driver.frames >= 1800 and sum(driver.shard_restarts):
+            shutil.copy(run_dir / CHECKPOINT, tmp_path / "before_kill.pt")
+            seen["learner"] = driver.pids()["learner"]
+            os.kill(seen["learner"], signal.SIGKILL)
+
+    driver = drive(config, run_dir, on_tick=inject)
+    assert driver.exit_code == 0
+    assert {"runner", "shard", "learner"} <= set(seen), seen
+
+    # The worker came back in a new process, got the current weights and went on collecting.
+    assert driver.runner_restarts[1] >= 1
+    assert driver.pids()["runners"][1] != seen["runner"]
+    assert driver.runner_versions[1] > 0
+
+    # The shard reloaded its checkpoint; the steps it had acknowledged since then are the ones lost
+    # (plus at most the one call of its worker in flight when it died).
+    assert driver.shard_restarts[0] == 1
+    lost_since_checkpoint = seen["shard_acked"] - seen["shard_checkpoint_inserted"]
+    assert lost_since_checkpoint > 0
+    call_steps = config.replay.chunk_length * config.envs_per_actor
+    assert lost_since_checkpoint <= driver.steps_lost <= lost_since_checkpoint + call_steps
+
+    # The new learner started from the checkpoint bit for bit; frames never went backwards.
+    assert driver.learner_restarts == 1
+    restart = [e for e in driver.restart_log if e["role"] == "learner"][0]
+    before = torch.load(tmp_path / "before_kill.pt", weights_only=True)
+    assert restart["digest"] == state_digest(before["agent"])
+    assert restart["updates"] == before["updates"]
+    assert restart["frames"] >= 1800
+    final = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert final["counters"]["frames"] >= 3000
+    assert final["updates"] > before["updates"]
+
+    tags = _tags(run_dir)
+    for tag in ("actors/restarts", "actors/1/restarts", "replay/restarts", "replay/steps_lost", "learner/restarts"):
+        assert tag in tags, tag
+
+
+def test_environment_that_raises_gets_its_worker_restarted(tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("CHOREO_TEST_CRASH_MARKER", str(marker))
+    config, run_dir = _run_dir(tmp_path, ["env.task=gym:faulty_envs:CrashOnce-v0", "learner.total_frames=1500",
+                                          "learner.snapshot_frames=[]"])
+    driver = drive(config, run_dir)
+    assert driver.exit_code == 0
+    assert marker.exists()
+    assert sum(driver.runner_restarts) == 1
+    assert driver.frames >= 1500
+    assert "actors/restarts" in _tags(run_dir)
+
+
+def test_environment_that_always_raises_stops_the_run_with_the_reason(tmp_path, capsys):
+    config, run_dir = _run_dir(tmp_path, ["env.task=gym:faulty_envs:CrashAlways-v0", "learner.total_frames=1500",
+                                          "learner.snapshot_frames=[]"])
+    assert run_distributed(config, run_dir) == 1
+    out = capsys.readouterr().out
+    assert "the run stopped: environment worker" in out
+    assert "failed 5 times in a row" in out and "simulated environment failure" in out
+
+
+def test_ctrl_c_to_the_process_group_checkpoints_stops_everything_and_resumes(tmp_path):
+    import ray  # noqa: F401  (puts the psutil that ray[default] ships on sys.path)
+    import psutil
+
+    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
+           "run_name=ctrl-c", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000"]
+    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the driver and
+    # every process it started.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = tmp_path / "ctrl-c"
+    deadline = time.monotonic() + 180
+    while not (run_dir / "tensorboard").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(8)  # workers and learner up and running
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "Ray started no processes"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"checkpoint written; continue with: choreo pretrain --resume {run_dir}" in out
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], [p.cmdline()[:2] for p in alive]
+
+    interrupted = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    frames = interrupted["counters"]["frames"]
+    assert frames > 0
+    from launch.config import from_yaml_file
+
+    config = from_yaml_file(run_dir / "config.yaml")
+    config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, total_frames=frames + 400))
+    assert run_distributed(config, run_dir, resume=True) == 0
+    resumed = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert resumed["counters"]["frames"] >= frames + 400
+    assert resumed["updates"] > interrupted["updates"]
+    assert np.isfinite(resumed["counters"]["limiter"]["sampled"])
+
+
+def test_losses_that_stay_nan_stop_the_run_and_leave_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "nan"
+    monkeypatch.setenv("CHOREO_TEST_NAN_MARKER", str(marker))
+    # A small replay, so that NaN observations soon fill every batch.
+    config, run_dir = _run_dir(tmp_path, ["env.task=gym:faulty_envs:NaNObs-v0", "learner.total_frames=1000000",
+                                          "learner.snapshot_frames=[600]", "learner.max_nonfinite_updates=5",
+                                          "replay.capacity=600"])
+    good: dict = {}
+
+    def poison(driver) -> None:
+        if not marker.exists() and (run_dir / CHECKPOINT).exists():
+            good["bytes"] = (run_dir / CHECKPOINT).read_bytes()
+            good["updates"] = driver.updates
+            marker.touch()
+
+    driver = drive(config, run_dir, on_tick=poison)
+    assert driver.exit_code == 1
+    out = capsys.readouterr().out
+    assert "the run stopped: " in out and "updates in a row were non-finite" in out
+    assert "learner.max_nonfinite_updates=5" in out
+    assert (run_dir / CHECKPOINT).read_bytes() == good["bytes"]
+    state = torch.load(run_dir / CHECKPOINT, weights_only=True)["agent"]
+    tensors = []
+
+    def collect(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            tensors.append(x)
+
+    collect(state)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors)
