@@ -38,6 +38,7 @@ own finiteness), each slow target critic, and the exploration reward's running m
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+# Batches fetched from Ray's object store are read-only views. The update only reads them, and a
+# copy would cost a pixel batch's 30 MB per update, so torch's warning about them is silenced.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class ChoreographerAgent(nn.Module):
