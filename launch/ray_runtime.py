@@ -15,6 +15,12 @@ printed or asked for; Ray creates `~/.ray/auth_token` on first use and its own p
 it. `connect_ray` leaves the mode to the environment, since it must match the cluster's
 (`RAY_AUTH_MODE=disabled` for a cluster started that way).
 
+Memory of a run that lasts days: Ray's GCS keeps an event record of every task (each call to an
+actor) up to `RAY_task_events_max_num_task_in_gcs`, whose default is far above what a run makes
+in an hour. A pretraining makes about a hundred calls a second, and the GCS grew by about 150 MB
+per 200k calls (measured here); the embedded Ray keeps the last GCS_TASK_EVENTS instead (flat at
+about 90 MB), unless that variable is set. `launch/cluster.yaml` sets the same on the head node.
+
 Workers get `MUJOCO_GL=egl` and one OpenMP/MKL thread (torch then uses one intra-op thread per
 worker: the acting networks are tiny and several workers share the cores), through the job's
 runtime_env.
@@ -47,6 +53,9 @@ WORKER_ENV_VARS = {
 }
 """Environment variables of every Ray worker process of a choreo job."""
 
+GCS_TASK_EVENTS = "10000"
+"""Task event records the embedded Ray's GCS keeps (only the state API and the dashboard read them)."""
+
 RUNNER_MAX_TASK_RETRIES = 3
 """Retries of a runner call whose actor died while running it (the restarted actor runs it again).
 Bounded, so that a worker that crashes every time surfaces as an error instead of a hang."""
@@ -63,6 +72,7 @@ def _import_ray_for_loopback():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_task_events_max_num_task_in_gcs", GCS_TASK_EVENTS)  # read by the GCS it starts
     already = "ray" in sys.modules
     import ray
     from ray._private import ray_constants

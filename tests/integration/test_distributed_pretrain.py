@@ -17,6 +17,7 @@ from launch.config import from_yaml_file
 from launch.distributed import run_distributed
 from launch.local import REPLAY_DIR
 from learner.learner import CHECKPOINT
+from processes import start_endless_pretrain  # tests/integration is on sys.path
 
 pytestmark = pytest.mark.slow
 
@@ -74,21 +75,10 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
 
 def test_sigterm_checkpoints_and_stops_every_ray_process(tmp_path):
     import signal
-    import time
 
-    import ray  # noqa: F401  (puts the psutil that ray[default] ships on sys.path)
-    import psutil
+    proc, run_dir, children = start_endless_pretrain(tmp_path, "term")
+    import psutil  # importable once ray is (start_endless_pretrain imports it)
 
-    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
-           "run_name=term", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "term"
-    deadline = time.monotonic() + 180
-    while not (run_dir / "tensorboard").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(8)  # workers and learner up and running
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert children, "Ray started no processes"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]

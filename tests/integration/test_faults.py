@@ -9,9 +9,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from launch.config import load_config, save_config
 from launch.distributed import drive, run_distributed, state_digest
 from launch.local import REPLAY_DIR
 from learner.learner import CHECKPOINT
+from processes import start_endless_pretrain  # tests/integration is on sys.path
 
 pytestmark = pytest.mark.slow
 
@@ -128,21 +126,11 @@ def test_environment_that_always_raises_stops_the_run_with_the_reason(tmp_path, 
 
 
 def test_ctrl_c_to_the_process_group_checkpoints_stops_everything_and_resumes(tmp_path):
-    import ray  # noqa: F401  (puts the psutil that ray[default] ships on sys.path)
-    import psutil
-
-    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
-           "run_name=ctrl-c", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000"]
     # A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the driver and
     # every process it started.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    run_dir = tmp_path / "ctrl-c"
-    deadline = time.monotonic() + 180
-    while not (run_dir / "tensorboard").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(8)  # workers and learner up and running
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert children, "Ray started no processes"
+    proc, run_dir, children = start_endless_pretrain(tmp_path, "ctrl-c", new_session=True)
+    import psutil  # importable once ray is (start_endless_pretrain imports it)
+
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]

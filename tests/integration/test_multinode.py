@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from learner.learner import CHECKPOINT
+from processes import listening_sockets  # tests/integration is on sys.path
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "launch" / "cluster.yaml"
 TOTAL_FRAMES = 1200
@@ -65,6 +66,7 @@ def test_cluster_yaml_commands(launcher):
         start = next(c for c in commands if "ray start" in c)
         assert "RAY_AUTH_MODE=token" in start, start
     assert "~/.ray/auth_token" in launcher["file_mounts"]
+    assert "RAY_task_events_max_num_task_in_gcs=10000" in head_start  # the GCS runs on the head
 
 
 def test_cluster_yaml_installs_choreo_on_every_node(launcher):
@@ -121,7 +123,7 @@ def two_node_run(tmp_path_factory):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = run_distributed(config, run_dir, address=cluster.address)
-        sockets = listening_sockets()  # both nodes' services, still running
+        sockets = listening_sockets(include_self=False)  # both nodes' services, still running
     yield {"code": code, "nodes": nodes, "gpu_node": gpu_node.node_id, "run_dir": run_dir, "out": out.getvalue(),
            "sockets": sockets}
 
@@ -158,22 +160,6 @@ def simulated_cluster(head_cpus: int):
             if ray.is_initialized():
                 ray.shutdown()
             cluster.shutdown()
-
-
-def listening_sockets() -> list[tuple[str, str, int]]:
-    """(process name, address, port) of every listening inet socket of this process's descendants
-    (the simulated nodes' gcs, raylets, agents and workers)."""
-    import psutil  # ray[default] ships it (on sys.path once ray is imported)
-
-    found = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            for conn in proc.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 @pytest.mark.slow

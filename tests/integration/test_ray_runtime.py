@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from agents import batch as B
+from processes import listening_sockets  # tests/integration is on sys.path
 
 pytestmark = pytest.mark.slow
 
@@ -24,23 +25,6 @@ def local_ray():
         shutdown_ray()
 
 
-def listening_sockets() -> list[tuple[str, str, int]]:
-    """(process name, address, port) of every listening inet socket of this process and its
-    descendants (Ray's gcs, raylet, agents and workers)."""
-    import psutil  # ray[default] ships it (ray/thirdparty_files, on sys.path once ray is imported)
-
-    me = psutil.Process(os.getpid())
-    found = []
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            for conn in proc.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
 def test_local_ray_is_on_loopback(local_ray):
     from launch.ray_runtime import LOOPBACK_ADDRESSES
 
@@ -53,6 +37,17 @@ def test_local_ray_is_on_loopback(local_ray):
     assert any("gcs" in n for n in names) and any("raylet" in n for n in names), sockets
     off_loopback = [s for s in sockets if s[1] not in LOOPBACK_ADDRESSES]
     assert not off_loopback, f"Ray listens beyond loopback: {off_loopback}"
+
+
+def test_gcs_keeps_a_bounded_task_record(local_ray):
+    """The GCS of a run that lasts days must not keep a record of every call ever made."""
+    import psutil
+
+    from launch.ray_runtime import GCS_TASK_EVENTS
+
+    gcs = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("gcs_server")]
+    assert gcs, "no GCS process among this process's children"
+    assert gcs[0].environ().get("RAY_task_events_max_num_task_in_gcs") == GCS_TASK_EVENTS
 
 
 def test_remote_runner_chunks_and_weights(local_ray):
