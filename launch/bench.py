@@ -10,6 +10,8 @@ BENCHMARKS = {
     "learner": "launch.bench_learner",
     "replay": "launch.bench_replay",
     "actors": "launch.bench_actors",
+    "pretrain": "launch.bench_pretrain",
+    "soak": "launch.bench_soak",
 }
 
 

@@ -45,7 +45,7 @@ from buffer.client import ReplayClient
 from buffer.limiter import RateLimiter
 from launch.config import Config
 from launch.local import REPLAY_DIR
-from launch.monitor import Monitor
+from launch.monitor import Monitor, loss_note
 from launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from learner.learner import CHECKPOINT, NonFiniteLossError
 
@@ -420,9 +420,7 @@ class Driver:
                     last_checkpoint = now
                 if self.on_tick is not None:
                     self.on_tick(self)
-                monitor.progress(self.frames, self.updates,
-                                 f"loss {last_metrics.get('world_model/loss', float('nan')):.2f}"
-                                 + self._fault_note())
+                monitor.progress(self.frames, self.updates, loss_note(last_metrics) + self._fault_note())
         except KeyboardInterrupt:
             monitor.progress(self.frames, self.updates, "interrupted: writing a checkpoint", force=True)
             try:
@@ -471,7 +469,7 @@ class Driver:
             parts.append(f"{sum(self.shard_restarts)} shard restarts, {self.steps_lost:,} steps lost")
         if self.learner_restarts:
             parts.append(f"{self.learner_restarts} learner restarts")
-        return "; " + ", ".join(parts) if parts else ""
+        return "  " + ", ".join(parts) if parts else ""
 
     def _finish_training_call(self) -> None:
         if self.train_ref is not None:

@@ -20,7 +20,7 @@ from agents.registry import make_agent
 from buffer.limiter import RateLimiter
 from buffer.shard import ReplayShard
 from launch.config import Config
-from launch.monitor import Monitor
+from launch.monitor import Monitor, loss_note
 from learner.learner import CHECKPOINT, Learner, NonFiniteLossError
 
 REPLAY_DIR = "replay"
@@ -96,8 +96,7 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
             if learner.maybe_snapshot(frames) is not None or time.monotonic() - last_checkpoint > 60 * lc.checkpoint_minutes:
                 checkpoint()
                 last_checkpoint = time.monotonic()
-            monitor.progress(frames, learner.updates,
-                             f"loss {metrics.get('world_model/loss', float('nan')):.2f}")
+            monitor.progress(frames, learner.updates, loss_note(metrics))
     except NonFiniteLossError as e:
         monitor.progress(frames, learner.updates, "stopped", force=True)
         monitor.close()

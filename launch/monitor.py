@@ -70,9 +70,18 @@ class Monitor:
 
 
 def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
+    if not math.isfinite(seconds) or seconds > 999 * 86400:
+        return "?"  # no rate yet, or a run meant to be stopped by hand
     seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)
+    if d:
+        return f"{d}d{h:02d}h"
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def loss_note(metrics: Mapping[str, float]) -> str:
+    """The world model's loss for the progress line ("" before the first update)."""
+    loss = metrics.get("world_model/loss")
+    return "" if loss is None else f"loss {loss:.2f}"

@@ -1,0 +1,135 @@
+"""Options of `choreo bench pretrain` and `choreo bench soak`: defaults, overrides and clear errors
+for bad values. Parsing only: nothing here starts Ray or a run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from launch import bench, bench_pretrain, bench_soak
+from launch.cli import build_parser, main
+from launch.config import ConfigError
+
+
+def test_bench_help_lists_both(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "pretrain" in out and "soak" in out
+    assert bench.BENCHMARKS["pretrain"] == "launch.bench_pretrain"
+    assert bench.BENCHMARKS["soak"] == "launch.bench_soak"
+
+
+@pytest.mark.parametrize("what", ["pretrain", "soak"])
+def test_cli_routes_to_the_benchmark(what, monkeypatch):
+    args = build_parser().parse_args(["bench", what, "--minutes" if what == "soak" else "--frames", "3", "seed=4"])
+    assert args.what == what and args.rest == ["--minutes" if what == "soak" else "--frames", "3", "seed=4"]
+    seen = {}
+    module = bench_soak if what == "soak" else bench_pretrain
+    monkeypatch.setattr(module, "run", lambda rest, as_json=False: seen.update(rest=rest, as_json=as_json) or 0)
+    assert main(["bench", what, "--json", "seed=4"]) == 0
+    assert seen == {"rest": ["seed=4"], "as_json": True}
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def test_pretrain_defaults():
+    args, config = bench_pretrain.parse([])
+    assert args.preset == ["tiny"] and config.size == "tiny"
+    assert config.env.task.startswith("walker") and config.env.obs == "states"
+    assert config.num_actors == 2 and config.num_shards == 1
+    assert config.learner.total_frames == bench_pretrain.DEFAULT_FRAMES
+    assert args.repeats == 1 and args.seconds is None and args.logdir is None and not args.json
+
+
+def test_pretrain_overrides():
+    args, config = bench_pretrain.parse(["--frames", "5000", "--repeats", "3", "--seconds", "90", "--logdir", "/x",
+                                         "num_actors=4", "num_shards=2", "replay.samples_per_insert=0"])
+    assert config.learner.total_frames == 5000
+    assert config.num_actors == 4 and config.num_shards == 2 and config.replay.samples_per_insert == 0
+    assert args.repeats == 3 and args.seconds == 90.0 and args.logdir == "/x"
+
+
+def test_pretrain_paper_preset_replaces_tiny():
+    args, config = bench_pretrain.parse(["--preset", "paper", "--frames", "6000"])
+    assert args.preset == ["paper"] and config.size == "paper"
+    assert config.agent.world_model.deter == 200 and config.learner.total_frames == 6000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "0"], "--frames must be positive"),
+    (["--frames", "lots"], "--frames takes an integer"),
+    (["--repeats", "-1"], "--repeats must be positive"),
+    (["--seconds", "nan"], "--seconds must be positive"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_pretrain_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_pretrain.parse(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "choreo bench pretrain" in err and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["num_actors=0"], "num_actors"),
+    (["no_such_key=1"], "no_such_key"),
+    (["num_actors"], "key=value"),
+])
+def test_pretrain_bad_config(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        bench_pretrain.parse(argv)
+
+
+def test_bad_config_is_a_clear_cli_error(capsys):
+    assert main(["bench", "pretrain", "num_actors=0"]) == 2
+    assert "choreo: error:" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- soak
+
+
+def test_soak_defaults():
+    args, config = bench_soak.parse([])
+    assert args.minutes == 10.0 and args.kill_actor_every == 120.0 and args.kill_shard_every == 300.0
+    assert config.size == "tiny" and config.num_actors == 4 and config.num_shards == 2
+    assert config.learner.checkpoint_minutes == 1.0
+    assert config.learner.total_frames >= 10**12  # the run never finishes by itself
+
+
+def test_soak_overrides_win_over_its_defaults():
+    args, config = bench_soak.parse(["--minutes", "30", "--kill-actor-every", "0", "--kill-shard-every", "60.5",
+                                     "--seed", "7", "num_actors=3", "learner.checkpoint_minutes=2"])
+    assert args.minutes == 30.0 and args.kill_actor_every == 0.0 and args.kill_shard_every == 60.5
+    assert args.seed == 7 and config.num_actors == 3 and config.num_shards == 2
+    assert config.learner.checkpoint_minutes == 2.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--minutes", "0"], "--minutes must be positive"),
+    (["--minutes", "-5"], "--minutes must be positive"),
+    (["--minutes", "half"], "--minutes takes a number"),
+    (["--kill-actor-every", "-1"], "--kill-actor-every must be a number of seconds >= 0"),
+    (["--kill-shard-every", "soon"], "--kill-shard-every takes seconds"),
+    (["--kill-shard-every", "inf"], "--kill-shard-every must be a number of seconds >= 0"),
+])
+def test_soak_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_soak.parse(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "choreo bench soak" in err and message in err
+
+
+def test_soak_bad_config():
+    with pytest.raises(ConfigError, match="num_shards"):
+        bench_soak.parse(["num_shards=0"])
+
+
+def test_nothing_started_ray():
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
