@@ -22,11 +22,13 @@ the driver writes its final checkpoint), for paper sizes where a run to --frames
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,24 +113,33 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     return args, config
 
 
-def run_once(config: Any, logdir: str | None, seconds: float | None = None) -> dict[str, Any]:
-    """One pretraining; its figures (see the module docstring)."""
+def drive_in_new_run(config: Any, logdir: str | None, on_tick: Any, prefix: str,
+                     as_json: bool = False) -> tuple[Any, Path]:
+    """A pretraining on an embedded Ray in a new run directory under `logdir`, or under a temporary
+    directory (named with `prefix`) that is deleted afterwards. Returns the driver and the run dir.
+    as_json: the run's own lines go to stderr, so that stdout holds only the JSON figures."""
     from launch.config import save_config
     from launch.distributed import drive
     from launch.pretrain import new_run_dir
 
     os.environ.setdefault("MUJOCO_GL", "egl")
-    root = Path(logdir) if logdir else Path(tempfile.mkdtemp(prefix="choreo-bench-pretrain-"))
+    root = Path(logdir) if logdir else Path(tempfile.mkdtemp(prefix=prefix))
     if logdir:
         config = dataclasses.replace(config, logdir=str(logdir))
     run_dir = new_run_dir(config, str(root))
     save_config(config, run_dir)
-    clock = _Clock(seconds)
     try:
-        driver = drive(config, run_dir, on_tick=clock)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            return drive(config, run_dir, on_tick=on_tick), run_dir
     finally:
         if not logdir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def run_once(config: Any, logdir: str | None, seconds: float | None = None, as_json: bool = False) -> dict[str, Any]:
+    """One pretraining; its figures (see the module docstring)."""
+    clock = _Clock(seconds)
+    driver, run_dir = drive_in_new_run(config, logdir, clock, "choreo-bench-pretrain-", as_json)
     if driver.exit_code not in (0, 130) or (driver.exit_code == 130 and not clock.stopped):
         raise SystemExit(f"{PROG}: the run failed (exit code {driver.exit_code})")
     s = driver.summary()
@@ -172,7 +183,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
         print(_describe(config, args.preset), flush=True)
     results = []
     for k in range(args.repeats):
-        r = run_once(config, args.logdir, args.seconds)
+        r = run_once(config, args.logdir, args.seconds, as_json)
         results.append(r)
         if not as_json:
             print(f"\nrun {k + 1}/{args.repeats}: {_row(r)}", flush=True)

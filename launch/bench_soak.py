@@ -28,14 +28,12 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
-import tempfile
+import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from launch.bench_pretrain import _positive
+from launch.bench_pretrain import _positive, drive_in_new_run
 
 PROG = "choreo bench soak"
 DEFAULT_PRESETS = ["tiny"]
@@ -351,27 +349,14 @@ def run(rest: list[str], as_json: bool = False) -> int:
     args, config = parse(rest)
     as_json = as_json or args.json
 
-    from launch.config import save_config
-    from launch.distributed import drive
-    from launch.pretrain import new_run_dir
-
-    os.environ.setdefault("MUJOCO_GL", "egl")
     print(f"soak: {config.env.task} from {config.env.obs}, presets {'+'.join(args.preset)}, {config.num_actors} "
           f"workers x {config.envs_per_actor} envs, {config.num_shards} shards, checkpoint every "
           f"{config.learner.checkpoint_minutes:g} min; {args.minutes:g} minutes; SIGKILL a worker "
           + (f"every {args.kill_actor_every:g} s" if args.kill_actor_every else "never")
-          + ", a shard " + (f"every {args.kill_shard_every:g} s" if args.kill_shard_every else "never"), flush=True)
-    root = Path(args.logdir) if args.logdir else Path(tempfile.mkdtemp(prefix="choreo-bench-soak-"))
-    if args.logdir:
-        config = dataclasses.replace(config, logdir=str(args.logdir))
-    run_dir = new_run_dir(config, str(root))
-    save_config(config, run_dir)
+          + ", a shard " + (f"every {args.kill_shard_every:g} s" if args.kill_shard_every else "never"),
+          file=sys.stderr if as_json else sys.stdout, flush=True)
     soak = Soak(args.minutes, args.kill_actor_every, args.kill_shard_every, seed=args.seed)
-    try:
-        driver = drive(config, run_dir, on_tick=soak)
-    finally:
-        if not args.logdir:
-            shutil.rmtree(root, ignore_errors=True)
+    driver, _ = drive_in_new_run(config, args.logdir, soak, "choreo-bench-soak-", as_json)
     if soak.t0 is None:
         raise SystemExit(f"{PROG}: the run ended before its first loop turn (exit code {driver.exit_code})")
     figures = soak.figures(driver)

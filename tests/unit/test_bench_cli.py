@@ -133,3 +133,28 @@ def test_soak_bad_config():
 def test_nothing_started_ray():
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_run_lines_leave_stdout_to_the_json(as_json, monkeypatch, capsys, tmp_path):
+    """With --json the driver's own lines go to stderr, and a temporary run directory is removed."""
+    import launch.distributed
+
+    seen = {}
+
+    def fake_drive(config, run_dir, on_tick=None):
+        seen["run_dir"] = run_dir
+        assert (run_dir / "config.yaml").exists()
+        print("Ray: 2 environment workers")
+        return "driver"
+
+    monkeypatch.setattr(launch.distributed, "drive", fake_drive)
+    monkeypatch.setattr(bench_pretrain.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    _, config = bench_pretrain.parse([])
+    driver, run_dir = bench_pretrain.drive_in_new_run(config, None, None, "choreo-test-", as_json)
+    assert driver == "driver" and run_dir == seen["run_dir"]
+    out, err = capsys.readouterr()
+    assert ("Ray: 2 environment workers" in err) == as_json
+    assert ("Ray: 2 environment workers" in out) != as_json
+    assert not (tmp_path / "tmp").exists()
