@@ -7,7 +7,6 @@ A plain class: `launch/` runs it in the driver process (`--local`) or wraps it a
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from learner.config import LearnerConfig
-from learner.snapshot import save_snapshot
+from learner.snapshot import atomic_torch_save, save_snapshot
 
 Batch = Mapping[str, np.ndarray]
 CHECKPOINT = "checkpoint.pt"
@@ -158,7 +157,7 @@ class Learner:
 
     def save_checkpoint(self, counters: Mapping[str, Any]) -> Path:
         """Learner state and the caller's counters (frames, ...), written atomically."""
-        return _atomic_torch_save(self.state(counters), self.run_dir / CHECKPOINT)
+        return atomic_torch_save(self.state(counters), self.run_dir / CHECKPOINT)
 
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
         """Restore from a checkpoint (default: the run's); returns the saved counters."""
@@ -199,14 +198,6 @@ def _nonfinite(metrics: Mapping[str, float]) -> bool:
 
 def _finite(value: Any) -> bool:
     return not isinstance(value, (int, float)) or math.isfinite(value)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def load_torch_file(path: Path) -> dict[str, Any]:

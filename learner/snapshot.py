@@ -89,10 +89,16 @@ def save_snapshot(path: str | os.PathLike, agent_state: Mapping[str, Any], confi
         "frames": int(frames),
         "updates": int(updates),
     }
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` to a `.tmp` file, then `os.replace`: a crash leaves the previous file whole."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
