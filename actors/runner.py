@@ -1,7 +1,7 @@
 """The environment worker: steps a batch of environments with one batched policy call per step and
 cuts each environment's stream of steps into fixed-length chunks for the replay.
 
-Row layout (see agents/batch.py): row t holds observation[t] and the decision that LED TO it:
+Row layout (see choreo/vocabulary.py): row t holds observation[t] and the decision that LED TO it:
 action[t], the skill held when choosing it and the version of the weights that chose it. A reset
 row has action zeros, reward 0, discount 1, is_first True, skill -1 and policy_version -1 (no
 weights chose its action). An episode of E agent steps therefore gives E + 1 rows, the last with
@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 import gymnasium
 import numpy as np
 
-from actors.seeding import derive_seed
-from agents import batch as B
+from choreo.vocabulary import derive_seed
+from choreo import vocabulary as B
 
 if TYPE_CHECKING:
-    from launch.config import Config
+    from choreo.launch.config import Config
 
 Chunk = dict[str, np.ndarray]
 
@@ -329,8 +329,8 @@ def make_runner(config: Config, runner_id: int, seed: int, behaviour: str = "exp
     allocates many small objects per step, which triggers full collections; on walker_walk with 16
     envs they cost 10-15% of the step rate. Frozen objects are still freed by reference counting.
     """
-    from actors.envs import make_env_from_config
-    from agents.registry import make_policy
+    from choreo.actors.envs import make_env_from_config
+    from choreo.agents.registry import make_policy
 
     envs = [make_env_from_config(config.env, seed=env_seed(seed, runner_id, i)) for i in range(config.envs_per_actor)]
     obs_shape = tuple(envs[0].observation_space.shape)

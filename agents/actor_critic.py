@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from agents.config import ActorCriticConfig
-from agents.distributions import TruncatedNormal
-from agents.nets import MLP, frozen
-from agents.world_model import State, Trajectory, WorldModel, imagine
+from choreo.agents.config import ActorCriticConfig
+from choreo.agents.distributions import TruncatedNormal
+from choreo.agents.nets import MLP, frozen
+from choreo.agents.world_model import State, Trajectory, WorldModel, imagine
 
 
 class Optimizer:

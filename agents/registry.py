@@ -15,7 +15,7 @@ def register(name: str, agent: Callable[..., Any], policy: Callable[..., Any]) -
 
 def _load_builtin() -> None:
     # Imported on first use so that `import agents.registry` stays cheap.
-    import agents.choreographer  # noqa: F401  (registers "choreographer")
+    import choreo.agents.choreographer  # noqa: F401  (registers "choreographer")
 
 
 def _lookup(table: dict[str, Callable[..., Any]], name: str) -> Callable[..., Any]:

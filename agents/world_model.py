@@ -1,7 +1,7 @@
 """DreamerV2-style world model: a recurrent state-space model (RSSM) with discrete latents, an
 observation encoder/decoder, a reward head, the balanced-KL training loss, and imagination.
 
-Conventions (see agents/batch.py): `action[t]` is the action that LED TO `observation[t]`; the
+Conventions (see choreo/vocabulary.py): `action[t]` is the action that LED TO `observation[t]`; the
 posterior at step t is computed from the previous state, `action[t]` and `observation[t]`.
 Every state tensor has the same leading dims, e.g. `[B, T]` for a sequence batch or `[N]` for a
 batch of imagination starts.
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.batch import ACTION, IS_FIRST, OBSERVATION, REWARD
-from agents.config import WorldModelConfig
-from agents.distributions import OneHotStraightThrough
-from agents.nets import MLP, ConvDecoder, ConvEncoder, LayerNormGRUCell
+from choreo.vocabulary import ACTION, IS_FIRST, OBSERVATION, REWARD
+from choreo.agents.config import WorldModelConfig
+from choreo.agents.distributions import OneHotStraightThrough
+from choreo.agents.nets import MLP, ConvDecoder, ConvEncoder, LayerNormGRUCell
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def kl_balance_loss(post_logits: Tensor, prior_logits: Tensor, balance: float, f
 
 def world_model_loss(wm: WorldModel, batch: dict[str, Tensor], state: State | None = None,
                      generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor], WorldModelOutput]:
-    """The world model's training loss on a sequence batch (keys from agents.batch).
+    """The world model's training loss on a sequence batch (keys from choreo.vocabulary).
 
     loss = balanced KL + obs NLL + reward NLL, where the NLLs of unit-variance Gaussians are taken
     without their constants: 0.5 * squared error summed over observation dims, mean over B, T.

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from agents import batch as B
-from buffer.codec import decode
-from buffer.limiter import RateLimiter
-from buffer.shard import ReplayEmptyError
+from choreo import vocabulary as B
+from choreo.buffer.codec import decode
+from choreo.buffer.limiter import RateLimiter
+from choreo.buffer.shard import ReplayEmptyError
 
 
 def _direct_call(shard: Any, method: str, *args: Any) -> Any:

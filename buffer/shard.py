@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from agents import batch as B
-from buffer.codec import ALLOWED_DTYPES, CodecError, decode, encode
+from choreo import vocabulary as B
+from choreo.buffer.codec import ALLOWED_DTYPES, CodecError, decode, encode
 
 _FLAG_KEYS = (B.IS_FIRST, B.IS_LAST, B.IS_TERMINAL)
 _FLOAT_KEYS = (B.REWARD, B.DISCOUNT)

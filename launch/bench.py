@@ -6,12 +6,12 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = {
-    "envs": "launch.bench_envs",
-    "learner": "launch.bench_learner",
-    "replay": "launch.bench_replay",
-    "actors": "launch.bench_actors",
-    "pretrain": "launch.bench_pretrain",
-    "soak": "launch.bench_soak",
+    "envs": "choreo.launch.bench_envs",
+    "learner": "choreo.launch.bench_learner",
+    "replay": "choreo.launch.bench_replay",
+    "actors": "choreo.launch.bench_actors",
+    "pretrain": "choreo.launch.bench_pretrain",
+    "soak": "choreo.launch.bench_soak",
 }
 
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from actors.envs import make_env
+from choreo.actors.envs import make_env
 
 DOMAIN_TASKS = {
     "walker": "walker_walk",

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from agents import batch as B
+from choreo import vocabulary as B
 
 # Walker's shapes: 24-dim states, 6-dim actions; pixels are 3 x 64 x 64.
 STATE_DIM, ACTION_DIM = 24, 6
@@ -62,8 +62,8 @@ def _measure(agent, batches: list[dict], warmup: int, label: str) -> dict[str, f
 
 
 def run(rest: list[str], as_json: bool = False) -> int:
-    from agents.choreographer.agent import ChoreographerAgent
-    from launch.config import load_config
+    from choreo.agents.choreographer.agent import ChoreographerAgent
+    from choreo.launch.config import load_config
 
     p = argparse.ArgumentParser(prog="choreo bench learner")
     p.add_argument("--obs", choices=["states", "pixels"], default="states")

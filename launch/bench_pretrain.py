@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     """The options and the resolved config (ConfigError for a bad preset or key=value)."""
-    from launch.config import load_config
+    from choreo.launch.config import load_config
 
     args = _parser().parse_args(argv)
     args.preset = args.preset or list(DEFAULT_PRESETS)
@@ -118,9 +118,9 @@ def drive_in_new_run(config: Any, logdir: str | None, on_tick: Any, prefix: str,
     """A pretraining on an embedded Ray in a new run directory under `logdir`, or under a temporary
     directory (named with `prefix`) that is deleted afterwards. Returns the driver and the run dir.
     as_json: the run's own lines go to stderr, so that stdout holds only the JSON figures."""
-    from launch.config import save_config
-    from launch.distributed import drive
-    from launch.pretrain import new_run_dir
+    from choreo.launch.config import save_config
+    from choreo.launch.distributed import drive
+    from choreo.launch.pretrain import new_run_dir
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     root = Path(logdir) if logdir else Path(tempfile.mkdtemp(prefix=prefix))

@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from agents import batch as B
-from buffer.client import ReplayClient
-from buffer.codec import decode, encode
-from buffer.shard import ReplayShard
+from choreo import vocabulary as B
+from choreo.buffer.client import ReplayClient
+from choreo.buffer.codec import decode, encode
+from choreo.buffer.shard import ReplayShard
 
 ACTION_DIM, CHUNK, STREAMS, EPISODE = 6, 50, 16, 1000
 OBS_SHAPES = {"states": (24,), "pixels": (3, 64, 64)}

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from launch.bench_pretrain import _positive, drive_in_new_run
+from choreo.launch.bench_pretrain import _positive, drive_in_new_run
 
 PROG = "choreo bench soak"
 DEFAULT_PRESETS = ["tiny"]
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     """The options and the resolved config (ConfigError for a bad preset or key=value)."""
-    from launch.config import load_config
+    from choreo.launch.config import load_config
 
     args = _parser().parse_args(argv)
     args.preset = args.preset or list(DEFAULT_PRESETS)

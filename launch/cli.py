@@ -14,7 +14,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from launch.config import iter_fields, load_config, to_yaml
+    from choreo.launch.config import iter_fields, load_config, to_yaml
 
     config = load_config(args.preset, args.overrides)
     if args.explain:
@@ -29,7 +29,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
-    from launch.envs_cmd import check_envs, list_envs
+    from choreo.launch.envs_cmd import check_envs, list_envs
 
     if args.check:
         return check_envs(args.ids, obs=args.obs)
@@ -37,13 +37,13 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from launch import bench
+    from choreo.launch import bench
 
     return bench.main(args.what, args.rest, as_json=args.json)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from launch.pretrain import pretrain
+    from choreo.launch.pretrain import pretrain
 
     return pretrain(args)
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.config import ConfigError
+    from choreo.launch.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -27,10 +27,10 @@ from typing import Any, Literal
 
 import yaml
 
-from actors.config import EnvConfig
-from agents.config import AgentConfig
-from buffer.config import ReplayConfig
-from learner.config import LearnerConfig
+from choreo.actors.config import EnvConfig
+from choreo.agents.config import AgentConfig
+from choreo.buffer.config import ReplayConfig
+from choreo.learner.config import LearnerConfig
 
 CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 GROUPS = ("algo", "suite", "size")
@@ -305,7 +305,7 @@ def check_env_task(task: str) -> None:
     """`env.task` names a built-in environment or a registered gymnasium one. Cheap: no simulator
     is imported (gymnasium's registry is a dict; `gym:<module>:<id>` imports <module>, which is how
     such an environment gets registered)."""
-    from actors.envs import ENV_IDS, GYM_PREFIX, METAWORLD_IDS, is_gym_id
+    from choreo.actors.envs import ENV_IDS, GYM_PREFIX, METAWORLD_IDS, is_gym_id
 
     listing = "list them with `choreo envs`"
     if is_gym_id(task):

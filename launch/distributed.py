@@ -40,14 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from actors.seeding import derive_seed
-from buffer.client import ReplayClient
-from buffer.limiter import RateLimiter
-from launch.config import Config
-from launch.local import REPLAY_DIR
-from launch.monitor import Monitor, loss_note
-from launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
-from learner.learner import CHECKPOINT, NonFiniteLossError
+from choreo.vocabulary import derive_seed
+from choreo.buffer.client import ReplayClient
+from choreo.buffer.limiter import RateLimiter
+from choreo.launch.config import Config
+from choreo.launch.local import REPLAY_DIR
+from choreo.launch.monitor import Monitor, loss_note
+from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
+from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 STATS_SECONDS = 5.0
 """Seconds between polls of the actors' and shards' statistics."""
@@ -83,8 +83,8 @@ class LearnerActor:
         import ray
         import torch
 
-        from agents.registry import make_agent
-        from learner.learner import Learner
+        from choreo.agents.registry import make_agent
+        from choreo.learner.learner import Learner
 
         # Ray gives each worker one thread (right for the environment workers); the learner
         # takes the cores it is configured for.
@@ -217,7 +217,7 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
-    from launch.pretrain import interrupt_on_sigterm
+    from choreo.launch.pretrain import interrupt_on_sigterm
 
     interrupt_on_sigterm()
     driver = Driver(ray, config, Path(run_dir), resume, on_tick)

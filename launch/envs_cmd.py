@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from actors.envs import ENV_IDS, env_spec, make_env
+from choreo.actors.envs import ENV_IDS, env_spec, make_env
 
 CHECK_STEPS = 5
 

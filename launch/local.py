@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.runner import make_runner
-from actors.seeding import derive_seed
-from agents import batch as B
-from agents.registry import make_agent
-from buffer.limiter import RateLimiter
-from buffer.shard import ReplayShard
-from launch.config import Config
-from launch.monitor import Monitor, loss_note
-from learner.learner import CHECKPOINT, Learner, NonFiniteLossError
+from choreo.actors.runner import make_runner
+from choreo.vocabulary import derive_seed
+from choreo import vocabulary as B
+from choreo.agents.registry import make_agent
+from choreo.buffer.limiter import RateLimiter
+from choreo.buffer.shard import ReplayShard
+from choreo.launch.config import Config
+from choreo.launch.monitor import Monitor, loss_note
+from choreo.learner.learner import CHECKPOINT, Learner, NonFiniteLossError
 
 REPLAY_DIR = "replay"
 

@@ -11,9 +11,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from launch.config import (RESUME_OVERRIDES, Config, ConfigError, check_run_name, from_yaml_file, load_config,
+from choreo.launch.config import (RESUME_OVERRIDES, Config, ConfigError, check_run_name, from_yaml_file, load_config,
                            save_config, with_overrides)
-from learner.learner import CHECKPOINT
+from choreo.learner.learner import CHECKPOINT
 
 
 RUN_FILES = ("config.yaml", CHECKPOINT, "replay", "snapshots", "tensorboard", "placement.json")
@@ -138,10 +138,10 @@ def pretrain(args: argparse.Namespace) -> int:
     interrupt_on_sigterm()
 
     if args.local:
-        from launch.local import run_local
+        from choreo.launch.local import run_local
 
         return run_local(config, run_dir, resume=bool(args.resume))
-    from launch.distributed import run_distributed
+    from choreo.launch.distributed import run_distributed
 
     return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
 

@@ -38,9 +38,9 @@ import uuid
 import warnings
 from typing import Any
 
-from actors.runner import make_runner
-from buffer.codec import CodecError
-from buffer.shard import CheckpointMismatchError, ReplayShard
+from choreo.actors.runner import make_runner
+from choreo.buffer.codec import CodecError
+from choreo.buffer.shard import CheckpointMismatchError, ReplayShard
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::ffff:127.0.0.1", "::1")

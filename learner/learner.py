@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.config import LearnerConfig
-from learner.snapshot import atomic_torch_save, save_snapshot
+from choreo.learner.config import LearnerConfig
+from choreo.learner.snapshot import atomic_torch_save, save_snapshot
 
 Batch = Mapping[str, np.ndarray]
 CHECKPOINT = "checkpoint.pt"

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import gymnasium
 
-from actors.envs.base import OBS_KINDS
+from choreo.actors.envs.base import OBS_KINDS
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from actors.config import EnvConfig
+    from choreo.actors.config import EnvConfig
 
 URLB_IDS = (
     "walker_stand", "walker_walk", "walker_run", "walker_flip",
@@ -172,19 +172,19 @@ def make_env(
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
 
     if is_gym_id(task):
-        from actors.envs.gym_adapter import GymEnv
+        from choreo.actors.envs.gym_adapter import GymEnv
 
         return GymEnv(task, obs, action_repeat, image_size, seed)
     domain = _domain(task)
     if domain in ("walker", "quadruped"):
-        from actors.envs.dmc import DMCEnv
+        from choreo.actors.envs.dmc import DMCEnv
 
         return DMCEnv(task, obs, action_repeat, image_size, seed)
     if domain == "jaco":
-        from actors.envs.jaco import JacoEnv
+        from choreo.actors.envs.jaco import JacoEnv
 
         return JacoEnv(task, obs, action_repeat, image_size, seed)
-    from actors.envs.metaworld_reach import MetaWorldReach
+    from choreo.actors.envs.metaworld_reach import MetaWorldReach
 
     return MetaWorldReach(task, obs, action_repeat, image_size, seed, goal_set=goal_set, goal_index=goal_index)
 
@@ -204,7 +204,7 @@ def make_env_from_config(cfg: EnvConfig, seed: int) -> gymnasium.Env:
 
 def metaworld_goals(goal_set: int) -> np.ndarray:
     """The 50 Meta-World reach goals [50, 3] of goal set `goal_set` (its integer seed)."""
-    from actors.envs.metaworld_reach import metaworld_goals as goals
+    from choreo.actors.envs.metaworld_reach import metaworld_goals as goals
 
     return goals(goal_set)
 

@@ -25,7 +25,7 @@ from dm_control.rl import control
 from dm_control.suite import common, quadruped, walker
 from dm_control.utils import rewards
 
-from actors.envs.base import ChoreoEnv, ObsFlattener
+from choreo.actors.envs.base import ChoreoEnv, ObsFlattener
 
 # Walker: 25 s at 0.025 s; quadruped: 20 s at 0.02 s.
 WALKER_CONTROL_TIMESTEP = 0.025

@@ -16,7 +16,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from actors.envs.base import ChoreoEnv
+from choreo.actors.envs.base import ChoreoEnv
 
 
 def resize_nearest(image: np.ndarray, size: int) -> np.ndarray:

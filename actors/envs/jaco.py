@@ -26,7 +26,7 @@ from dm_control.entities import props
 from dm_control.manipulation.shared import arenas, cameras, observations, robots, workspaces
 from dm_control.utils import rewards
 
-from actors.envs.base import ChoreoEnv, ObsFlattener
+from choreo.actors.envs.base import ChoreoEnv, ObsFlattener
 
 TARGETS = {
     "top_left": (-0.09, 0.09, 0.001),

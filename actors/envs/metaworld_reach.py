@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.envs.base import ChoreoEnv
+from choreo.actors.envs.base import ChoreoEnv
 
 GOAL_LOW = np.array([-0.45, 0.3, 0.1])
 GOAL_HIGH = np.array([0.45, 0.9, 0.5])

@@ -47,15 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents import batch as B
-from agents.actor_critic import ActorCritic, Optimizer, either
-from agents.choreographer.meta import MetaController
-from agents.choreographer.rewards import RunningMagnitude, code_reward, knn_particle_reward
-from agents.choreographer.skills import SkillAutoEncoder, skill_loss
-from agents.config import AgentConfig
-from agents.nets import MLP, frozen
-from agents.timing import PartTimer
-from agents.world_model import WorldModel, world_model_loss
+from choreo import vocabulary as B
+from choreo.agents.actor_critic import ActorCritic, Optimizer, either
+from choreo.agents.choreographer.meta import MetaController
+from choreo.agents.choreographer.rewards import RunningMagnitude, code_reward, knn_particle_reward
+from choreo.agents.choreographer.skills import SkillAutoEncoder, skill_loss
+from choreo.agents.config import AgentConfig
+from choreo.agents.nets import MLP, frozen
+from choreo.agents.timing import PartTimer
+from choreo.agents.world_model import WorldModel, world_model_loss
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 
@@ -190,7 +190,7 @@ class ChoreographerAgent(nn.Module):
         return torch.autocast(self.device.type, dtype=self._autocast)
 
     def update(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One learner update on a batch `[B, T, ...]` (numpy or torch; keys from agents.batch).
+        """One learner update on a batch `[B, T, ...]` (numpy or torch; keys from choreo.vocabulary).
         Returns flat metrics as floats (one device sync at the end).
 
         `learner/nonfinite` is 1.0 when any loss or gradient norm of this update was NaN or

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from agents.actor_critic import ActorCritic, Optimizer, either, lambda_return, update_slow_target
-from agents.config import ActorCriticConfig
-from agents.distributions import CodeCategorical
-from agents.nets import MLP, frozen
-from agents.world_model import State, WorldModel, imagine
+from choreo.agents.actor_critic import ActorCritic, Optimizer, either, lambda_return, update_slow_target
+from choreo.agents.config import ActorCriticConfig
+from choreo.agents.distributions import CodeCategorical
+from choreo.agents.nets import MLP, frozen
+from choreo.agents.world_model import State, WorldModel, imagine
 
 
 class MetaController(nn.Module):

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.config import AgentConfig
-from agents.distributions import CodeCategorical, TruncatedNormal
-from agents.nets import MLP
-from agents.world_model import RSSM, State, build_encoder, preprocess_observation
+from choreo.agents.config import AgentConfig
+from choreo.agents.distributions import CodeCategorical, TruncatedNormal
+from choreo.agents.nets import MLP
+from choreo.agents.world_model import RSSM, State, build_encoder, preprocess_observation
 
 Behaviour = Literal["explore", "skill", "meta"]
 BEHAVIOURS = ("explore", "skill", "meta")

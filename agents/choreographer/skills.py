@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.config import ChoreographerConfig
-from agents.nets import MLP
+from choreo.agents.config import ChoreographerConfig
+from choreo.agents.nets import MLP
 
 
 class SkillAutoEncoder(nn.Module):

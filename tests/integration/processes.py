@@ -17,7 +17,7 @@ def start_endless_pretrain(logdir: Path, run_name: str, new_session: bool = Fals
     import ray  # noqa: F401  (puts the psutil that ray[default] ships on sys.path)
     import psutil
 
-    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(logdir),
+    cmd = [sys.executable, "-m", "choreo.launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(logdir),
            f"run_name={run_name}", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=new_session)

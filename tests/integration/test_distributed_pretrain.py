@@ -12,18 +12,18 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from buffer.shard import ReplayShard
-from launch.config import from_yaml_file
-from launch.distributed import run_distributed
-from launch.local import REPLAY_DIR
-from learner.learner import CHECKPOINT
+from choreo.buffer.shard import ReplayShard
+from choreo.launch.config import from_yaml_file
+from choreo.launch.distributed import run_distributed
+from choreo.launch.local import REPLAY_DIR
+from choreo.learner.learner import CHECKPOINT
 from processes import start_endless_pretrain  # tests/integration is on sys.path
 
 pytestmark = pytest.mark.slow
 
 
 def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
-    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
+    cmd = [sys.executable, "-m", "choreo.launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(tmp_path),
            "run_name=ray", "num_actors=2", "num_shards=2", "learner.total_frames=1500",
            "learner.snapshot_frames=[1000]", "replay.tolerance=0.05"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from buffer.shard import ReplayShard
-from launch.config import load_config, save_config
-from launch.distributed import drive, run_distributed, state_digest
-from launch.local import REPLAY_DIR
-from learner.learner import CHECKPOINT
+from choreo.buffer.shard import ReplayShard
+from choreo.launch.config import load_config, save_config
+from choreo.launch.distributed import drive, run_distributed, state_digest
+from choreo.launch.local import REPLAY_DIR
+from choreo.learner.learner import CHECKPOINT
 from processes import start_endless_pretrain  # tests/integration is on sys.path
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def test_ctrl_c_to_the_process_group_checkpoints_stops_everything_and_resumes(tm
     interrupted = torch.load(run_dir / CHECKPOINT, weights_only=True)
     frames = interrupted["counters"]["frames"]
     assert frames > 0
-    from launch.config import from_yaml_file
+    from choreo.launch.config import from_yaml_file
 
     config = from_yaml_file(run_dir / "config.yaml")
     config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, total_frames=frames + 400))

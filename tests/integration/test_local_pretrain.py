@@ -11,10 +11,10 @@ import sys
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from buffer.shard import ReplayShard
-from launch.config import from_yaml_file, load_config
-from launch.local import REPLAY_DIR, run_local
-from learner.learner import CHECKPOINT
+from choreo.buffer.shard import ReplayShard
+from choreo.launch.config import from_yaml_file, load_config
+from choreo.launch.local import REPLAY_DIR, run_local
+from choreo.learner.learner import CHECKPOINT
 
 
 def _scalar_tags(run_dir) -> set[str]:
@@ -24,7 +24,7 @@ def _scalar_tags(run_dir) -> set[str]:
 
 
 def test_local_pretrain_writes_run_directory_and_resumes(tmp_path, capsys):
-    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--local", "--preset", "tiny", "--logdir", str(tmp_path),
+    cmd = [sys.executable, "-m", "choreo.launch.cli", "pretrain", "--local", "--preset", "tiny", "--logdir", str(tmp_path),
            "run_name=walker", "learner.total_frames=1200", "learner.snapshot_frames=[1000]"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -66,7 +66,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "launch.cli", "pretrain", "--local", "--preset", "tiny", "--logdir", str(tmp_path),
+    cmd = [sys.executable, "-m", "choreo.launch.cli", "pretrain", "--local", "--preset", "tiny", "--logdir", str(tmp_path),
            "run_name=term", "learner.total_frames=10000000", "learner.checkpoint_minutes=1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "term"

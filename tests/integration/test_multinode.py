@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from learner.learner import CHECKPOINT
+from choreo.learner.learner import CHECKPOINT
 from processes import listening_sockets  # tests/integration is on sys.path
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "launch" / "cluster.yaml"
@@ -109,8 +109,8 @@ def two_node_run(tmp_path_factory):
     always finds room on the second. Token authentication is on, as `connect_ray` reads it from the
     environment. Returns the exit code, the nodes' ids, the run directory, the driver's output and
     the nodes' listening sockets."""
-    from launch.config import load_config, save_config
-    from launch.distributed import run_distributed
+    from choreo.launch.config import load_config, save_config
+    from choreo.launch.distributed import run_distributed
 
     config = load_config(["tiny"], ["num_actors=4", "num_shards=2", f"learner.total_frames={TOTAL_FRAMES}",
                                     "learner.snapshot_frames=[]", "learner.checkpoint_minutes=10"])
@@ -197,8 +197,8 @@ def test_replay_shards_on_both_nodes(two_node_run):
 def test_removed_node_has_its_workers_and_shards_restarted_on_the_others(tmp_path):
     """A node vanishes mid-run (its raylet and every process on it killed): its workers and shards
     (and the learner, if it was there) are started again on the head, and the run finishes."""
-    from launch.config import load_config, save_config
-    from launch.distributed import drive
+    from choreo.launch.config import load_config, save_config
+    from choreo.launch.distributed import drive
 
     config = load_config(["tiny"], ["num_actors=2", "num_shards=2", "learner.total_frames=2400",
                                     "learner.snapshot_frames=[600]", "learner.checkpoint_minutes=1000"])

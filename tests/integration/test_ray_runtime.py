@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from agents import batch as B
+from choreo import vocabulary as B
 from processes import listening_sockets  # tests/integration is on sys.path
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from launch.ray_runtime import shutdown_ray, start_local_ray
+    from choreo.launch.ray_runtime import shutdown_ray, start_local_ray
 
     info = start_local_ray(num_cpus=2)
     try:
@@ -26,7 +26,7 @@ def local_ray():
 
 
 def test_local_ray_is_on_loopback(local_ray):
-    from launch.ray_runtime import LOOPBACK_ADDRESSES
+    from choreo.launch.ray_runtime import LOOPBACK_ADDRESSES
 
     assert local_ray["node_ip"] == "127.0.0.1"
     assert local_ray["address"].startswith("127.0.0.1:")
@@ -43,7 +43,7 @@ def test_gcs_keeps_a_bounded_task_record(local_ray):
     """The GCS of a run that lasts days must not keep a record of every call ever made."""
     import psutil
 
-    from launch.ray_runtime import GCS_TASK_EVENTS
+    from choreo.launch.ray_runtime import GCS_TASK_EVENTS
 
     gcs = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("gcs_server")]
     assert gcs, "no GCS process among this process's children"
@@ -53,8 +53,8 @@ def test_gcs_keeps_a_bounded_task_record(local_ray):
 def test_remote_runner_chunks_and_weights(local_ray):
     import ray
 
-    from launch.config import load_config
-    from launch.ray_runtime import remote_runner_class
+    from choreo.launch.config import load_config
+    from choreo.launch.ray_runtime import remote_runner_class
 
     config = load_config(["tiny"], ["env.task=walker_walk", "envs_per_actor=2", "num_actors=1",
                                     "learner.seed_frames=20", "replay.chunk_length=10"])
@@ -73,7 +73,7 @@ def test_remote_runner_chunks_and_weights(local_ray):
             np.testing.assert_array_equal(chunk[B.POLICY_VERSION], -1)  # reset row + random seed steps
 
         # The acting weights as the learner would send them: a dict of numpy arrays.
-        from agents.registry import make_policy
+        from choreo.agents.registry import make_policy
 
         policy = make_policy(config.algo, (24,), 6, config.agent, behaviour="explore", seed=5)
         weights = {k: v.numpy() for k, v in policy.state_dict().items()}

@@ -6,10 +6,10 @@ import io
 import pytest
 import torch
 
-from agents.batch import ACTION, IS_FIRST, OBSERVATION, REWARD
-from agents.config import ActorCriticConfig, WorldModelConfig
-from agents.actor_critic import ActorCritic, Optimizer, lambda_return, update_slow_target
-from agents.world_model import WorldModel, world_model_loss
+from choreo.vocabulary import ACTION, IS_FIRST, OBSERVATION, REWARD
+from choreo.agents.config import ActorCriticConfig, WorldModelConfig
+from choreo.agents.actor_critic import ActorCritic, Optimizer, lambda_return, update_slow_target
+from choreo.agents.world_model import WorldModel, world_model_loss
 
 WM_TINY = WorldModelConfig(deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2, cnn_depth=4)
 AC_TINY = ActorCriticConfig(horizon=4, units=32, layers=2, slow_target_every=3, actor_lr=1e-3, critic_lr=1e-3)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from launch import bench, bench_pretrain, bench_soak
-from launch.cli import build_parser, main
-from launch.config import ConfigError
+from choreo.launch import bench, bench_pretrain, bench_soak
+from choreo.launch.cli import build_parser, main
+from choreo.launch.config import ConfigError
 
 
 def test_bench_help_lists_both(capsys):
@@ -18,8 +18,8 @@ def test_bench_help_lists_both(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "pretrain" in out and "soak" in out
-    assert bench.BENCHMARKS["pretrain"] == "launch.bench_pretrain"
-    assert bench.BENCHMARKS["soak"] == "launch.bench_soak"
+    assert bench.BENCHMARKS["pretrain"] == "choreo.launch.bench_pretrain"
+    assert bench.BENCHMARKS["soak"] == "choreo.launch.bench_soak"
 
 
 @pytest.mark.parametrize("what", ["pretrain", "soak"])
@@ -138,7 +138,7 @@ def test_nothing_started_ray():
 @pytest.mark.parametrize("as_json", [False, True])
 def test_run_lines_leave_stdout_to_the_json(as_json, monkeypatch, capsys, tmp_path):
     """With --json the driver's own lines go to stderr, and a temporary run directory is removed."""
-    import launch.distributed
+    import choreo.launch.distributed
 
     seen = {}
 
@@ -148,7 +148,7 @@ def test_run_lines_leave_stdout_to_the_json(as_json, monkeypatch, capsys, tmp_pa
         print("Ray: 2 environment workers")
         return "driver"
 
-    monkeypatch.setattr(launch.distributed, "drive", fake_drive)
+    monkeypatch.setattr(choreo.launch.distributed, "drive", fake_drive)
     monkeypatch.setattr(bench_pretrain.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     _, config = bench_pretrain.parse([])

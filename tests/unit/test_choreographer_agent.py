@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from agents import batch as B
-from agents.choreographer.agent import ChoreographerAgent
-from agents.choreographer.meta import MetaController
-from agents.choreographer.policy import ChoreographerPolicy
-from agents.distributions import TruncatedNormal
-from agents.registry import make_agent, make_policy, registered
-from launch.bench_learner import random_batch
-from launch.config import load_config
+from choreo import vocabulary as B
+from choreo.agents.choreographer.agent import ChoreographerAgent
+from choreo.agents.choreographer.meta import MetaController
+from choreo.agents.choreographer.policy import ChoreographerPolicy
+from choreo.agents.distributions import TruncatedNormal
+from choreo.agents.registry import make_agent, make_policy, registered
+from choreo.launch.bench_learner import random_batch
+from choreo.launch.config import load_config
 
 STATE_SHAPE, PIXEL_SHAPE, ACTIONS = (24,), (3, 64, 64), 6
 
@@ -69,9 +69,9 @@ def test_registry_selects_choreographer():
 
 
 def test_world_model_loss_falls_on_real_walker_transitions():
-    from actors.envs import make_env
-    from agents.actor_critic import Optimizer
-    from agents.world_model import WorldModel, world_model_loss
+    from choreo.actors.envs import make_env
+    from choreo.agents.actor_critic import Optimizer
+    from choreo.agents.world_model import WorldModel, world_model_loss
 
     env = make_env("walker_walk", obs="states", seed=0)
     rng = np.random.default_rng(0)

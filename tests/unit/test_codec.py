@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buffer.codec import FORMAT, VERSION, CodecError, decode, encode
+from choreo.buffer.codec import FORMAT, VERSION, CodecError, decode, encode
 
 DTYPES = [np.float32, np.uint8, np.bool_, np.int32, np.int64, np.float64, np.int8, np.uint16, np.float16]
 

@@ -12,8 +12,8 @@ import gymnasium
 import numpy as np
 import pytest
 
-from actors.config import EnvConfig
-from actors.envs import (
+from choreo.actors.config import EnvConfig
+from choreo.actors.envs import (
     ENV_IDS,
     METAWORLD_IDS,
     URLB_IDS,
@@ -269,14 +269,14 @@ def _quadruped_pose(physics, quat, com_target=None):
     qpos[3:7] = quat
     _set_state(physics, qpos=qpos)
     if com_target is not None:
-        from actors.envs.dmc import com_height
+        from choreo.actors.envs.dmc import com_height
 
         qpos[2] += com_target - com_height(physics)
         _set_state(physics, qpos=qpos)
 
 
 def test_quadruped_stand_and_jump_rewards():
-    from actors.envs.dmc import com_height
+    from choreo.actors.envs.dmc import com_height
 
     stand = make_env("quadruped_stand", seed=0)
     stand.reset(seed=0)
@@ -457,7 +457,7 @@ def test_gym_pixels():
 
 
 def test_resize_nearest():
-    from actors.envs.gym_adapter import resize_nearest
+    from choreo.actors.envs.gym_adapter import resize_nearest
 
     image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
     small = resize_nearest(image, 4)
@@ -494,7 +494,7 @@ def test_gymnasium_registration():
 
 
 def test_mujoco_gl_set_on_import_unless_given():
-    code = "import os, actors.envs; print(os.environ.get('MUJOCO_GL'))"
+    code = "import os, choreo.actors.envs; print(os.environ.get('MUJOCO_GL'))"
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "egl"
@@ -507,7 +507,7 @@ def test_mujoco_gl_set_on_import_unless_given():
 
 
 def test_list_envs(capsys):
-    from launch.envs_cmd import list_envs
+    from choreo.launch.envs_cmd import list_envs
 
     assert list_envs([]) == 0
     out = capsys.readouterr().out
@@ -518,7 +518,7 @@ def test_list_envs(capsys):
 
 
 def test_check_envs_names_failures(capsys):
-    from launch.envs_cmd import check_envs
+    from choreo.launch.envs_cmd import check_envs
 
     assert check_envs(["walker_walk", "gym:Pendulum-v1"]) == 0
     assert check_envs(["walker_walk", "gym:CartPole-v1", "no_such_env"]) != 0
@@ -529,7 +529,7 @@ def test_check_envs_names_failures(capsys):
 
 
 def test_bench_envs_json(capsys):
-    from launch import bench
+    from choreo.launch import bench
 
     assert bench.main("envs", ["--steps", "60", "--domains", "walker,mw", "--obs", "states"], as_json=True) == 0
     data = json.loads(capsys.readouterr().out)

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from agents.choreographer.rewards import RunningMagnitude, _row_smallest, code_reward, knn_particle_reward
+from choreo.agents.choreographer.rewards import RunningMagnitude, _row_smallest, code_reward, knn_particle_reward
 
 
 def brute_force(x: torch.Tensor, k: int, clip: float) -> torch.Tensor:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from agents.choreographer.agent import ChoreographerAgent
-from launch.bench_learner import random_batch
-from launch.config import load_config
-from learner.learner import CHECKPOINT, BatchPrefetcher, Learner, load_torch_file
+from choreo.agents.choreographer.agent import ChoreographerAgent
+from choreo.launch.bench_learner import random_batch
+from choreo.launch.config import load_config
+from choreo.learner.learner import CHECKPOINT, BatchPrefetcher, Learner, load_torch_file
 
 
 def test_prefetcher_delivers_in_order_counts_waits_and_surfaces_errors():

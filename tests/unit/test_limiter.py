@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from buffer.codec import decode, encode
-from buffer.limiter import RateLimiter
+from choreo.buffer.codec import decode, encode
+from choreo.buffer.limiter import RateLimiter
 
 
 @pytest.mark.parametrize("args, name", [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import math
 
-from launch.monitor import Monitor, _duration, loss_note
+from choreo.launch.monitor import Monitor, _duration, loss_note
 
 
 def test_duration_units():

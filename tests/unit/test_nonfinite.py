@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import agents.actor_critic as actor_critic
-from agents import batch as B
-from agents.actor_critic import Optimizer, update_slow_target
-from agents.choreographer.agent import ChoreographerAgent
-from agents.choreographer.rewards import RunningMagnitude
-from agents.choreographer.skills import SkillAutoEncoder
-from agents.config import ActorCriticConfig, ChoreographerConfig
-from launch.bench_learner import random_batch
-from launch.config import load_config
-from learner.learner import CHECKPOINT, Learner, NonFiniteLossError
+import choreo.agents.actor_critic as actor_critic
+from choreo import vocabulary as B
+from choreo.agents.actor_critic import Optimizer, update_slow_target
+from choreo.agents.choreographer.agent import ChoreographerAgent
+from choreo.agents.choreographer.rewards import RunningMagnitude
+from choreo.agents.choreographer.skills import SkillAutoEncoder
+from choreo.agents.config import ActorCriticConfig, ChoreographerConfig
+from choreo.launch.bench_learner import random_batch
+from choreo.launch.config import load_config
+from choreo.learner.learner import CHECKPOINT, Learner, NonFiniteLossError
 
 NAN = float("nan")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents import batch as B
-from buffer.client import ReplayClient
-from buffer.codec import encode
-from buffer.limiter import RateLimiter
-from buffer.shard import ReplayShard
+from choreo import vocabulary as B
+from choreo.buffer.client import ReplayClient
+from choreo.buffer.codec import encode
+from choreo.buffer.limiter import RateLimiter
+from choreo.buffer.shard import ReplayShard
 
 STREAM, STEP = 0, 1  # observation columns
 

@@ -1,4 +1,4 @@
-from actors.seeding import derive_seed
+from choreo.vocabulary import derive_seed
 
 
 def test_seeds_are_reproducible_distinct_and_in_range():

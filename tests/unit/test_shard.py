@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from agents import batch as B
-from buffer.codec import CodecError, encode
-from buffer.shard import CheckpointMismatchError, ReplayEmptyError, ReplayShard
+from choreo import vocabulary as B
+from choreo.buffer.codec import CodecError, encode
+from choreo.buffer.shard import CheckpointMismatchError, ReplayEmptyError, ReplayShard
 
 # observation columns: episode id (unique over all streams), step index within the episode,
 # stream id, insertion counter of the step over the whole shard

@@ -6,8 +6,8 @@ import io
 
 import torch
 
-from agents.choreographer.skills import SkillAutoEncoder, skill_loss
-from agents.config import ChoreographerConfig
+from choreo.agents.choreographer.skills import SkillAutoEncoder, skill_loss
+from choreo.agents.config import ChoreographerConfig
 
 
 def make(num_codes: int = 8, code_dim: int = 3, deter: int = 12, seed: int = 0, **cfg) -> SkillAutoEncoder:

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from agents.batch import ACTION, IS_FIRST, OBSERVATION, REWARD
-from agents.config import WorldModelConfig
-from agents.distributions import CodeCategorical, OneHotStraightThrough, TruncatedNormal
-from agents.nets import MLP, ConvDecoder, ConvEncoder, LayerNormGRUCell, frozen
-from agents.world_model import (
+from choreo.vocabulary import ACTION, IS_FIRST, OBSERVATION, REWARD
+from choreo.agents.config import WorldModelConfig
+from choreo.agents.distributions import CodeCategorical, OneHotStraightThrough, TruncatedNormal
+from choreo.agents.nets import MLP, ConvDecoder, ConvEncoder, LayerNormGRUCell, frozen
+from choreo.agents.world_model import (
     State,
     WorldModel,
     build_encoder,
@@ -288,7 +288,7 @@ def _smooth_batch(batch=8, length=16, obs_dim=6, action_dim=2):
 
 
 def test_world_model_loss_falls_on_a_smooth_trajectory():
-    from agents.actor_critic import Optimizer
+    from choreo.agents.actor_critic import Optimizer
 
     torch.manual_seed(0)
     cfg = WorldModelConfig(**{**TINY.__dict__, "lr": 3e-3})

@@ -1,5 +1,7 @@
-"""The batch keys, named once. Environment workers, replay and agents all use these constants,
-so a typo is an import error rather than a KeyError three processes away.
+"""The vocabulary every role shares: the batch keys and the seed derivation. It imports nothing of
+choreo's, so environment workers, replay, agents and the learner name a key or derive a seed
+without importing one another, and a typo is an import error rather than a KeyError three
+processes away.
 
 Layout of a training batch (numpy in replay, torch in the learner), B sequences of T steps:
     observation     [B, T, D] float32 (states) or [B, T, 3, 64, 64] uint8 (pixels)
@@ -12,7 +14,14 @@ Layout of a training batch (numpy in replay, torch in the learner), B sequences 
     is_terminal     [B, T] bool; observation[t] ends its episode by termination
     skill           [B, T] int32; the skill index held when choosing the action (-1 when none)
     policy_version  [B, T] int64; version of the weights that chose action[t] (-1: random seed actions)
+
+Seeds: every actor, environment and shard seed comes from the run's root seed and a role path
+(`derive_seed`), so runs reproduce and no two components share a random stream.
 """
+
+from __future__ import annotations
+
+import hashlib
 
 OBSERVATION = "observation"
 ACTION = "action"
@@ -25,3 +34,12 @@ SKILL = "skill"
 POLICY_VERSION = "policy_version"
 
 KEYS = (OBSERVATION, ACTION, REWARD, DISCOUNT, IS_FIRST, IS_LAST, IS_TERMINAL, SKILL, POLICY_VERSION)
+
+
+def derive_seed(root: int, *path: str | int) -> int:
+    """A 31-bit seed for the component named by `path`, e.g. derive_seed(0, "actor", 3, "env", 1).
+
+    Hash-based (not root + i), so neighbouring roots and indices give unrelated streams.
+    """
+    text = "/".join([str(int(root)), *map(str, path)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & 0x7FFFFFFF
