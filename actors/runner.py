@@ -28,19 +28,14 @@ come from a numpy Generator seeded with `derive_seed(seed, "runner", r, "random_
 
 from __future__ import annotations
 
-import gc
-import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gymnasium
 import numpy as np
 
-from choreo.vocabulary import derive_seed
 from choreo import vocabulary as B
-
-if TYPE_CHECKING:
-    from choreo.launch.config import Config
+from choreo.vocabulary import derive_seed
 
 Chunk = dict[str, np.ndarray]
 
@@ -302,44 +297,3 @@ class EnvRunner:
     def close(self) -> None:
         for env in self.envs:
             env.close()
-
-
-# ---------------------------------------------------------------------- factory
-
-
-def random_steps_per_env(config: Config, num_runners: int | None = None) -> int:
-    """Random seed steps per environment: `ceil(seed_frames / (action_repeat x runners x envs_per_actor))`,
-    so that all environments of the run together take at least `learner.seed_frames` frames of
-    random actions. `num_runners` defaults to `config.num_actors`."""
-    runners = config.num_actors if num_runners is None else num_runners
-    per_step = config.env.action_repeat * runners * config.envs_per_actor
-    return math.ceil(config.learner.seed_frames / per_step)
-
-
-def make_runner(config: Config, runner_id: int, seed: int, behaviour: str = "explore",
-                num_runners: int | None = None, mode: str = "sample", freeze_gc: bool = True) -> EnvRunner:
-    """The runner of worker `runner_id`: `config.envs_per_actor` environments of `config.env`, the
-    acting policy of `config.algo` (seeded with `derive_seed(seed, "runner", runner_id, "policy")`),
-    chunks of `config.replay.chunk_length` rows and `random_steps_per_env(config, num_runners)`
-    random seed steps. `seed` is the run's root seed. `num_runners` is how many runners share the
-    seed phase (default `config.num_actors`; 1 for a single-process run).
-
-    freeze_gc: call `gc.freeze()` once everything is built, so that the cyclic garbage collector
-    no longer rescans the long-lived objects of torch, dm_control and the networks. Acting
-    allocates many small objects per step, which triggers full collections; on walker_walk with 16
-    envs they cost 10-15% of the step rate. Frozen objects are still freed by reference counting.
-    """
-    from choreo.actors.envs import make_env_from_config
-    from choreo.agents.registry import make_policy
-
-    envs = [make_env_from_config(config.env, seed=env_seed(seed, runner_id, i)) for i in range(config.envs_per_actor)]
-    obs_shape = tuple(envs[0].observation_space.shape)
-    action_dim = int(np.prod(envs[0].action_space.shape))
-    policy = make_policy(config.algo, obs_shape, action_dim, config.agent, behaviour=behaviour,
-                         seed=derive_seed(seed, "runner", runner_id, "policy"))
-    runner = EnvRunner(envs, policy, config.replay.chunk_length, runner_id, seed,
-                       random_steps=random_steps_per_env(config, num_runners), mode=mode)
-    if freeze_gc:
-        gc.collect()
-        gc.freeze()
-    return runner

@@ -1,9 +1,11 @@
-"""Client of the sharded replay service: routes chunks to shards, draws batches across shards, and
-applies the rate limiter. No Ray here: `launch/` passes Ray-aware `call` and `gather`.
+"""Client of the sharded replay service: routes chunks to shards and draws batches across shards.
+No Ray here: `launch/` passes Ray-aware `call` and `gather`. The rate limiter is not the client's:
+the run core owns it and decides when batches are drawn.
 
-Routing. Stream s goes to shard `s % len(shards)` (`shard_for`), always the same one, so the chunks
-of an episode stay together and windows never need two shards. Stream ids are assigned densely by
-`launch/` (actor index x envs per actor + env index), so the modulo spreads them evenly.
+Routing (`route`). Everything environment worker w writes goes to shard `w % num_shards`, always
+the same one, so the chunks of an episode stay together and windows never need two shards. Workers
+are numbered densely from 0, so the modulo spreads them evenly. Workers send their chunks to their
+shard directly (through the object store on Ray); the client only reads.
 
 Sampling. A batch of B rows draws per-shard row counts from a multinomial in proportion to the
 shards' sizes (steps held; a shard without a valid window of the length weighs 0), asks each
@@ -19,21 +21,24 @@ shard can serve does `sample` raise (all failed) or return None (nothing to samp
 
 `call(shard, method_name, *args)` returns a result or a future, `gather(list)` resolves a list of
 them; the defaults call the methods directly (local mode). With Ray:
-    ReplayClient(handles, limiter, seed, call=lambda s, m, *a: getattr(s, m).remote(*a), gather=ray.get)
+    ReplayClient(handles, seed, call=lambda s, m, *a: getattr(s, m).remote(*a), gather=ray.get)
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from choreo import vocabulary as B
-from choreo.buffer.codec import decode
-from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayEmptyError
+
+
+def route(worker: int, num_shards: int) -> int:
+    """The shard that holds everything environment worker `worker` writes."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards!r}")
+    return int(worker) % num_shards
 
 
 def _direct_call(shard: Any, method: str, *args: Any) -> Any:
@@ -45,76 +50,29 @@ def _identity_gather(items: list) -> list:
 
 
 class ReplayClient:
-    """Routes `add` to one shard per stream and samples batches over all shards."""
+    """Samples batches over all shards."""
 
-    def __init__(self, shards: Sequence[Any], limiter: RateLimiter | None, seed: int,
-                 call: Callable[..., Any] | None = None, gather: Callable[[list], list] | None = None,
-                 refresh_every: int = 10, poll_s: float = 0.002) -> None:
+    def __init__(self, shards: Sequence[Any], seed: int, call: Callable[..., Any] | None = None,
+                 gather: Callable[[list], list] | None = None, refresh_every: int = 10) -> None:
         if not shards:
             raise ValueError("shards must hold at least one shard")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every!r}")
         self.shards = list(shards)
-        self.limiter = limiter
         self.call = call or _direct_call
         self.gather = gather or _identity_gather
         self.refresh_every = int(refresh_every)
-        self.poll_s = float(poll_s)
         self._rng = np.random.default_rng(seed)
         n = len(self.shards)
         self._weights = np.zeros(n)
         self._cached_length: int | None = None
         self._since_refresh = 0
-        self._counters = {"inserts": 0, "steps_inserted": 0, "samples": 0, "refreshes": 0, "failures": 0}
+        self._counters = {"samples": 0, "refreshes": 0, "failures": 0}
         self._rows = [0] * n
         self._shard_failures = [0] * n
         self._shard_empty = [0] * n
         self.last_errors: list[str | None] = [None] * n
         """The last error message of each shard (None if it never failed)."""
-
-    # ------------------------------------------------------------------------- routing / add
-
-    def shard_for(self, stream: int) -> int:
-        """Index of the shard that holds `stream`: stream % number of shards."""
-        return int(stream) % len(self.shards)
-
-    def add(self, chunk: dict[str, np.ndarray] | bytes, stream: int, timeout: float | None = None) -> bool:
-        """Adds `chunk` of `stream` to its shard; True once added.
-
-        With a limiter, first waits (polling, no busy loop) until it allows the insert; returns
-        False without adding if `timeout` seconds passed first (None: wait as long as it takes,
-        which needs a learner sampling concurrently; a single-threaded caller should pass 0).
-        Errors of the shard (a refused chunk) propagate.
-        """
-        arrays = decode(chunk)[0] if isinstance(chunk, (bytes, bytearray, memoryview)) else chunk
-        if not isinstance(arrays, dict) or B.REWARD not in arrays:
-            raise ValueError(f"chunk must be a dict of arrays with key {B.REWARD!r}")
-        steps = len(arrays[B.REWARD])
-        if self.limiter is not None and not self._wait(lambda: self.limiter.can_insert(steps), "insert", timeout):
-            return False
-        shard = self.shards[self.shard_for(stream)]
-        self.gather([self.call(shard, "add", chunk, stream)])
-        if self.limiter is not None:
-            self.limiter.on_insert(steps)
-        self._counters["inserts"] += 1
-        self._counters["steps_inserted"] += steps
-        return True
-
-    def _wait(self, allowed: Callable[[], bool], side: str, timeout: float | None) -> bool:
-        """Polls `allowed` until True or `timeout`; a wait that took time is recorded in the limiter
-        (a refused single attempt, timeout 0, is not: the caller decides how it waits)."""
-        if allowed():
-            return True
-        start = time.monotonic()
-        ok = False
-        while timeout is None or time.monotonic() - start < timeout:
-            time.sleep(self.poll_s)
-            if allowed():
-                ok = True
-                break
-        if self.limiter is not None and (timeout is None or timeout > 0):
-            self.limiter.record_wait(side, time.monotonic() - start)
-        return ok
 
     # ------------------------------------------------------------------------- sizes
 
@@ -166,28 +124,15 @@ class ReplayClient:
 
     # ------------------------------------------------------------------------- sample
 
-    def sample(self, batch: int, length: int, timeout: float = 0.0) -> dict[str, np.ndarray] | None:
-        """A batch `{key: [batch, length, ...]}` drawn across shards, or None if none is allowed yet.
-
-        None when, within `timeout` seconds (0: one attempt), the limiter did not allow `batch *
-        length` sampled steps or no shard held a valid window. Raises RuntimeError if every shard
-        that should serve failed.
-        """
+    def sample(self, batch: int, length: int) -> dict[str, np.ndarray] | None:
+        """A batch `{key: [batch, length, ...]}` drawn across shards, or None if no shard holds a
+        valid window yet. Raises RuntimeError if every shard that should serve failed."""
         if batch < 1 or length < 1:
             raise ValueError(f"batch and length must be >= 1, got {batch} and {length}")
-        steps = batch * length
-
-        def ready() -> bool:
-            if self.limiter is not None and not self.limiter.can_sample(steps):
-                return False
-            return self._current_weights(length).sum() > 0
-
-        if not self._wait(ready, "sample", timeout):
+        if self._current_weights(length).sum() <= 0:
             return None
         parts = self._draw(batch, length)
         self._since_refresh += 1
-        if self.limiter is not None:
-            self.limiter.on_sample(steps)
         self._counters["samples"] += 1
         return self._assemble(parts, batch)
 
@@ -238,7 +183,7 @@ class ReplayClient:
     # ------------------------------------------------------------------------- stats
 
     def stats(self) -> dict[str, Any]:
-        """Client counters: inserts, samples, size refreshes, failures (total and per shard),
+        """Client counters: samples, size refreshes, failures (total and per shard),
         stale-size refusals per shard, rows drawn per shard, and the current sampling weights."""
         return {**self._counters, "shard_failures": list(self._shard_failures),
                 "shard_empty": list(self._shard_empty), "shard_rows": list(self._rows),

@@ -1,25 +1,39 @@
 """Rate limiter: holds the ratio of sampled steps to inserted steps near `samples_per_insert`.
 
-Pure bookkeeping behind a lock: it answers "may I?" and counts; it never sleeps. Callers poll
-(`ReplayClient` does, and records how long it waited with `record_wait`).
+Pure bookkeeping behind a lock: it answers "may I?" and counts; it never sleeps. One owner holds it
+(the run core, `launch/core.py`), asks before it dispatches work and records how long each side
+waited with `record_wait`.
 
-Rules, with I = steps inserted beyond min_size (the warm-up is not counted), S = steps sampled,
-t = samples_per_insert, e = tolerance:
-- sample n steps:  allowed iff min_size steps are in and (t == 0 or (S + n) <= t * (1 + e) * I).
-- insert m steps:  allowed iff fewer than min_size steps are in, or t == 0,
-                   or S >= t * (1 - e) * (I + m), or the learner could not sample either (below).
+Rules, with I = steps inserted beyond min_size (the warm-up is not counted), S = steps sampled
+(trained on), Ri / Rs = steps reserved for inserting / sampling (below), t = samples_per_insert,
+e = tolerance:
+- sample n steps:  allowed iff min_size steps are in and (t == 0 or S + Rs + n <= t * (1 + e) * I).
+- insert m steps:  allowed iff fewer than min_size steps are in or reserved, or t == 0,
+                   or S >= t * (1 - e) * (I + Ri + m), or nothing is in flight and the learner
+                   could not sample either (below).
 Not counting the warm-up means training starts at the target rate right after it (the reference
 trains once every 10 frames from the end of its 4000 seed frames on), instead of in a burst that
 would first sample the warm-up steps t times over, as a ratio over all inserts would demand.
 
+Work in flight. Where inserting and sampling take time (a worker's call that collects a chunk, a
+learner that takes seconds per update), the caller reserves the steps before the work starts
+(`reserve_insert`, `reserve_sample`) and completes them when it is done (`complete_insert`,
+`complete_sample`, which count them, or give them back when the work was lost). Reserved steps
+count against the bound they could break: reserved samples against the upper bound, reserved
+inserts against the lower one. Only completed steps enter the ratio, so it measures what was
+trained on, not what was promised, whatever an update costs: many workers or a learner with
+batches in its queue cannot run past the band. `on_insert` / `on_sample` count work that is done
+at once (reserve and complete in one call).
+
 No deadlock. With a narrow band (e = 0) or a batch larger than the band's width, a state could
 exist where neither side may proceed: sampling would overshoot the upper bound while inserting
 would undershoot the lower one. The limiter remembers the learner's demand (the step count of the
-last `can_sample` / `on_sample`) and `can_insert` returns True whenever `can_sample(demand)` is
-False. Hence at every moment at least one of `can_sample(demand)` and `can_insert(m)` is True:
-if the actors are held back, the learner is allowed to sample, and each sample raises S until
-inserts are allowed again. Before the learner has asked for anything, its demand counts as one
-step (its first refused request records the real demand).
+last `can_sample` / `reserve_sample`) and, when nothing is in flight on either side, `can_insert`
+returns True whenever `can_sample(demand)` is False. Hence at every moment either some work is in
+flight (and its completion moves the counters), or at least one of `can_sample(demand)` and
+`can_insert(m)` is True: if the actors are held back, the learner is allowed to sample, and each
+sample raises S until inserts are allowed again. Before the learner has asked for anything, its
+demand counts as one step (its first refused request records the real demand).
 """
 
 from __future__ import annotations
@@ -54,6 +68,8 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._inserted = 0
         self._sampled = 0
+        self._insert_reserved = 0  # steps being inserted (a worker's call in flight)
+        self._sample_reserved = 0  # steps granted to the learner and not yet trained on
         self._demand = 1
         self._wait_s = dict.fromkeys(_SIDES, 0.0)
         self._wait_n = dict.fromkeys(_SIDES, 0)
@@ -69,7 +85,8 @@ class RateLimiter:
             return False
         if self.samples_per_insert == 0:
             return True
-        return (self._sampled + steps) <= self.samples_per_insert * (1 + self.tolerance) * self._counted()
+        high = self.samples_per_insert * (1 + self.tolerance) * self._counted()
+        return self._sampled + self._sample_reserved + steps <= high
 
     def can_sample(self, steps: int) -> bool:
         """Whether the learner may sample `steps` steps now (records `steps` as its demand)."""
@@ -79,11 +96,13 @@ class RateLimiter:
             return self._sample_ok(steps)
 
     def _insert_ok(self, steps: int) -> bool:
-        if self._inserted < self.min_size or self.samples_per_insert == 0:
+        if self._inserted + self._insert_reserved < self.min_size or self.samples_per_insert == 0:
             return True
-        low = self.samples_per_insert * (1 - self.tolerance) * self._counted(steps)
+        low = self.samples_per_insert * (1 - self.tolerance) * self._counted(self._insert_reserved + steps)
         if self._sampled >= low:
             return True
+        if self._insert_reserved or self._sample_reserved:
+            return False  # work in flight will move the counters
         return not self._sample_ok(self._demand)  # never both refused: see the module docstring
 
     def can_insert(self, steps: int) -> bool:
@@ -126,6 +145,62 @@ class RateLimiter:
             self._sampled += steps
             return True
 
+    def reserve_insert(self, steps: int) -> bool:
+        """Reserves `steps` steps about to be inserted if `can_insert` allows it; True if reserved.
+        Complete them with `complete_insert`."""
+        steps = _steps("steps", steps)
+        with self._lock:
+            if not self._insert_ok(steps):
+                return False
+            self._insert_reserved += steps
+            return True
+
+    def complete_insert(self, steps: int, inserted: bool = True) -> None:
+        """Ends a reservation of `steps` inserted steps: counts them, or (inserted=False, the work
+        was lost) only gives the reservation back."""
+        steps = _steps("steps", steps)
+        with self._lock:
+            if steps > self._insert_reserved:
+                raise ValueError(f"completing {steps} insert steps, but only {self._insert_reserved} are reserved")
+            self._insert_reserved -= steps
+            if inserted:
+                self._inserted += steps
+
+    def reserve_sample(self, steps: int) -> bool:
+        """Reserves `steps` steps for the learner (a granted batch) if `can_sample` allows it;
+        True if reserved. Complete them with `complete_sample` once trained on."""
+        steps = _steps("steps", steps)
+        with self._lock:
+            self._demand = max(steps, 1)
+            if not self._sample_ok(steps):
+                return False
+            self._sample_reserved += steps
+            return True
+
+    def complete_sample(self, steps: int, trained: bool = True) -> None:
+        """Ends a reservation of `steps` sampled steps: counts them, or (trained=False: the learner
+        holding them died) only gives the reservation back."""
+        steps = _steps("steps", steps)
+        with self._lock:
+            if steps > self._sample_reserved:
+                raise ValueError(f"completing {steps} sample steps, but only {self._sample_reserved} are reserved")
+            self._sample_reserved -= steps
+            if trained:
+                self._sampled += steps
+
+    def forget_samples(self, steps: int) -> None:
+        """Uncounts `steps` sampled steps whose training was lost (a learner that died is replaced
+        from its checkpoint and redoes the updates made since)."""
+        steps = _steps("steps", steps)
+        with self._lock:
+            self._sampled = max(self._sampled - steps, 0)
+
+    @property
+    def reserved(self) -> tuple[int, int]:
+        """Steps in flight: (being inserted, granted to the learner and not trained on)."""
+        with self._lock:
+            return self._insert_reserved, self._sample_reserved
+
     def ratio(self) -> float:
         """Sampled steps per inserted step beyond the warm-up (0 before any)."""
         with self._lock:
@@ -143,9 +218,11 @@ class RateLimiter:
             self._wait_n[side] += 1
 
     def stats(self) -> dict[str, float]:
-        """Counters and wait totals, flat: inserted, sampled, ratio, {insert,sample}_wait_{s,count}."""
+        """Counters and wait totals, flat: inserted, sampled, ratio, the steps reserved on each side,
+        {insert,sample}_wait_{s,count}."""
         with self._lock:
             return {"inserted": self._inserted, "sampled": self._sampled,
+                    "insert_reserved": self._insert_reserved, "sample_reserved": self._sample_reserved,
                     "ratio": self._sampled / self._counted() if self._counted() else 0.0,
                     "insert_wait_s": self._wait_s["insert"], "insert_wait_count": self._wait_n["insert"],
                     "sample_wait_s": self._wait_s["sample"], "sample_wait_count": self._wait_n["sample"]}
@@ -153,7 +230,8 @@ class RateLimiter:
     # ------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain values (msgpack- and torch.load(weights_only=True)-safe) to resume the counters."""
+        """Plain values (msgpack- and torch.load(weights_only=True)-safe) to resume the counters.
+        Reservations are not saved: the work in flight does not survive the process."""
         with self._lock:
             return {"inserted": self._inserted, "sampled": self._sampled, "demand": self._demand,
                     "wait_s": dict(self._wait_s), "wait_count": dict(self._wait_n),

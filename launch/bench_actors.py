@@ -65,7 +65,7 @@ def measure_raw(config, steps: int, repeats: int = 3, seed: int = 0) -> tuple[fl
 def measure_runner(config, steps: int, repeats: int = 3) -> tuple[float, float]:
     """Agent steps/s of one in-process runner; its random seed phase covers the timed steps when
     `config.learner.seed_frames` says so (see `_config`), else the policy acts throughout."""
-    from choreo.actors.runner import make_runner
+    from choreo.launch.build import make_runner
 
     n = config.envs_per_actor
     calls = max(1, steps // n)

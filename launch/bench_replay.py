@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from choreo import vocabulary as B
-from choreo.buffer.client import ReplayClient
+from choreo.buffer.client import ReplayClient, route
 from choreo.buffer.codec import decode, encode
 from choreo.buffer.shard import ReplayShard
 
@@ -44,7 +44,7 @@ def measure(obs: str, shards: int, capacity: int, batches: int, seed: int = 0) -
     rng = np.random.default_rng(seed)
     first, rest = _chunks(obs, rng)
     client = ReplayClient([ReplayShard(capacity // shards, seed=seed + i, name=f"shard{i}") for i in range(shards)],
-                          None, seed=seed)
+                          seed=seed)
     fill, total = capacity // CHUNK, int(1.5 * capacity) // CHUNK
     per_episode = EPISODE // CHUNK
     marks = [time.perf_counter()]
@@ -52,7 +52,7 @@ def measure(obs: str, shards: int, capacity: int, batches: int, seed: int = 0) -
         if k == fill:
             marks.append(time.perf_counter())
         stream, index = k % STREAMS, k // STREAMS
-        client.add(first if index % per_episode == 0 else rest, stream)
+        client.shards[route(stream, shards)].add(first if index % per_episode == 0 else rest, stream)
     marks.append(time.perf_counter())
 
     for _ in range(3):  # warm-up

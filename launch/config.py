@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from choreo.actors.config import EnvConfig
+from choreo.agents import registry
 from choreo.agents.config import AgentConfig
 from choreo.buffer.config import ReplayConfig
 from choreo.learner.config import LearnerConfig
@@ -428,6 +429,14 @@ def from_yaml_file(path: Path) -> Config:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return config
+
+
+def snapshot_shape_keys(config: Config) -> tuple[str, ...]:
+    """The keys of the run config that decide the shapes of `config.algo`'s agent, as dotted run
+    config keys ("agent.world_model.deter", ...): what `learner.snapshot.load_snapshot(...,
+    shape_keys=...)` names when a snapshot does not fit. The algorithm declares them relative to its
+    `AgentConfig` (`agents.registry.shape_keys`); this adds the section the run config holds it in."""
+    return tuple(f"agent.{key}" for key in registry.shape_keys(config.algo))
 
 
 RESUME_OVERRIDES = ("learner.total_frames", "learner.checkpoint_minutes", "learner.snapshot_frames",

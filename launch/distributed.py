@@ -4,14 +4,14 @@
           ^                                                                                       |
           +----------------------- acting weights (object store, versioned) ---------------------+
 
-The driver reads top to bottom like the single-process loop: it holds the rate limiter and
-dispatches work. A runner is given its next `collect(steps)` call only while the limiter lets
-actors insert (actors wait when they are ahead); the learner is granted batches only while the
-limiter lets it sample (the learner waits when it is ahead). A runner's chunks go from its process
-to its shard (`runner_id % num_shards`) without passing through the driver: the driver fetches
-only the call's small summary and hands the shard the chunks' object reference. The learner
-prefetches its granted batches from all shards on a background thread and publishes weights
-through the object store with a version number.
+This is the Ray layer: it places the actors, dispatches their calls and recovers dead processes.
+What to do next, what to count and what to print is the run core's (`launch/core.py`), and the
+roles are made by the builder (`launch/build.py`) inside each actor, as in the single-process loop.
+`Driver.run` is the whole data flow: a worker gets its next `collect` call only when the core's
+limiter lets it insert; its chunks go from its process straight to its shard (`route`), the driver
+fetching only the call's small summary; the learner gets the batches the limiter grants, draws them
+from all shards on its prefetch thread, and reports how many it trained on; new weights go back to
+the workers through the object store with their version.
 
 Faults. Every process but the driver may die, and the run goes on:
 - a worker whose process dies is restarted by Ray (the call in flight is retried there); one whose
@@ -24,6 +24,8 @@ Faults. Every process but the driver may die, and the run goes on:
   optimiser state); frames never go backwards, the updates since that checkpoint are redone.
 - a loss that stays NaN or infinite for `learner.max_nonfinite_updates` updates in a row stops the
   run without a final checkpoint, so the last good one stays intact.
+Once a stop was asked for (a signal), nothing is restarted: the final checkpoint is written, or one
+line says why not and which checkpoint is the last good one.
 """
 
 from __future__ import annotations
@@ -40,20 +42,19 @@ from typing import Any
 
 import numpy as np
 
-from choreo.vocabulary import derive_seed
-from choreo.buffer.client import ReplayClient
-from choreo.buffer.limiter import RateLimiter
+from choreo.buffer.client import route
+from choreo.launch.build import make_agent, make_learner, make_sampler, shard_args
 from choreo.launch.config import Config
+from choreo.launch.core import RunCore, RunStopped
 from choreo.launch.local import REPLAY_DIR
-from choreo.launch.monitor import Monitor, loss_note
 from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 STATS_SECONDS = 5.0
 """Seconds between polls of the actors' and shards' statistics."""
-MAX_UNTRAINED_GRANTS = 4
-"""Batches granted to the learner but not yet trained on. The limiter counts a batch as sampled
-when it is granted, so this bound is what makes a slow learner hold the actors back."""
+TRAIN_CALL_SECONDS = 1.0
+"""A learner call returns after this long (or once it trained on every batch it holds), so that
+the driver hears of progress; a call never breaks off an update."""
 SHARD_CALL_TIMEOUT = 5.0
 """Seconds the learner waits for one shard's answer before drawing those rows from the others
 (a shard that Ray is restarting answers only once it has loaded its checkpoint)."""
@@ -72,8 +73,9 @@ PLACEMENT = "placement.json"
 
 class LearnerActor:
     """Hosts the agent and a `Learner` in a Ray actor. `train(grant, frames)` adds `grant` batches
-    to what the prefetch thread may draw, trains on them (for up to `seconds`), writes due
-    snapshots, and returns metrics, counters and the newest weights' reference."""
+    to those the prefetch thread may draw, trains on what it holds (for about TRAIN_CALL_SECONDS),
+    writes due snapshots, and returns the batches trained on, metrics, counters and the newest
+    weights' reference. Batches not trained on yet stay granted for the next call."""
 
     def __init__(self, config: Config, run_dir: str, shards: list, obs_shape: tuple[int, ...], action_dim: int,
                  resume: bool | None) -> None:
@@ -83,42 +85,37 @@ class LearnerActor:
         import ray
         import torch
 
-        from choreo.agents.registry import make_agent
-        from choreo.learner.learner import Learner
-
         # Ray gives each worker one thread (right for the environment workers); the learner
         # takes the cores it is configured for.
         torch.set_num_threads(config.learner.threads or os.cpu_count() or 1)
-        self.config = config
         rc = config.replay
-        agent = make_agent(config.algo, obs_shape, action_dim, config.agent,
-                           seed=derive_seed(config.seed, "learner"), device=config.learner.device)
-        self.client = ReplayClient(shards, None, seed=derive_seed(config.seed, "sampler"),
-                                   call=lambda shard, method, *args: getattr(shard, method).remote(*args),
-                                   gather=lambda refs: ray.get(refs, timeout=SHARD_CALL_TIMEOUT))
-        self._granted = 0  # batches the prefetch thread may still draw
+        agent = make_agent(config, obs_shape, action_dim)
+        sampler = make_sampler(config, shards, call=lambda shard, method, *args: getattr(shard, method).remote(*args),
+                               gather=lambda refs: ray.get(refs, timeout=SHARD_CALL_TIMEOUT))
+        self._drawable = 0  # granted batches the prefetch thread may still draw
+        self._held = 0  # granted batches not trained on yet (drawn or not)
         self._lock = threading.Lock()
         self._published: tuple[Any, int] | None = None
 
         def sample():
             with self._lock:
-                if self._granted <= 0:
+                if self._drawable <= 0:
                     return None
-                self._granted -= 1
+                self._drawable -= 1
             try:
-                batch = self.client.sample(rc.batch_size, rc.batch_length)
+                batch = sampler.sample(rc.batch_size, rc.batch_length)
             except RuntimeError:  # every shard failed this time (e.g. all restarting): try again
                 batch = None
-            if batch is None:  # no shard has a full window yet: give the grant back
+            if batch is None:  # no shard has a full window yet: the grant stays drawable
                 with self._lock:
-                    self._granted += 1
+                    self._drawable += 1
                 time.sleep(0.01)
             return batch
 
         def publish(weights: dict, version: int) -> None:
             self._published = (ray.put(weights), version)
 
-        self.learner = Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=2, run_config=config)
+        self.learner = make_learner(config, agent, sample, publish, Path(run_dir), prefetch=2)
         self.counters: dict[str, Any] = {}
         self.restored_digest: str | None = None
         if resume is None:
@@ -137,25 +134,24 @@ class LearnerActor:
                 "node_id": ray.get_runtime_context().get_node_id(), "updates": self.learner.updates,
                 "counters": self.counters, "restored_digest": self.restored_digest}
 
-    def train(self, grant: int, frames: int, seconds: float = 1.0) -> dict[str, Any]:
+    def train(self, grant: int, frames: int) -> dict[str, Any]:
         start = time.monotonic()
         with self._lock:
-            self._granted += grant
-        outstanding = grant
+            self._drawable += grant
+        self._held += grant
         metrics: dict[str, float] = {}
-        updates = 0
-        # Train on this call's batches; time spent waiting for them is the learner's data wait.
-        while outstanding > 0 and time.monotonic() - start < seconds:
+        batches = 0
+        # Time spent here waiting for a granted batch is the learner's data wait.
+        while self._held > 0 and time.monotonic() - start < TRAIN_CALL_SECONDS:
             new = self.learner.step(timeout=0.05)
             if new is None:
                 continue  # granted, but not drawn yet (or the shards hold no full window yet)
             metrics = new
-            updates += 1
-            outstanding -= 1
+            batches += 1
+            self._held -= 1
         snapshot = self.learner.maybe_snapshot(frames)
         self.train_seconds += time.monotonic() - start
-        return {"metrics": metrics, "updates": updates, "untrained": outstanding,
-                "total_updates": self.learner.updates, "version": self.learner.version,
+        return {"metrics": metrics, "batches": batches, "updates": self.learner.updates,
                 "weights": self._published, "wait_seconds": self.learner.wait_seconds,
                 "train_seconds": self.train_seconds, "snapshot": str(snapshot) if snapshot else None}
 
@@ -205,8 +201,10 @@ def run_distributed(config: Config, run_dir: Path, address: str | None = None, r
 
 
 def drive(config: Config, run_dir: Path, address: str | None = None, resume: bool = False,
-          dashboard: bool = False, on_tick: Callable[[Driver], None] | None = None) -> Driver:
-    """`run_distributed`, returning the finished `Driver` (its counters and `summary()`)."""
+          dashboard: bool = False, on_tick: Callable[[Driver], None] | None = None,
+          learner_actor: type | None = None) -> Driver:
+    """`run_distributed`, returning the finished `Driver` (its counters and `summary()`).
+    learner_actor: the class that hosts the learner (default `LearnerActor`; tests pass a subclass)."""
     if address:
         connect_ray(address)
     else:
@@ -220,35 +218,29 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
     from choreo.launch.pretrain import interrupt_on_sigterm
 
     interrupt_on_sigterm()
-    driver = Driver(ray, config, Path(run_dir), resume, on_tick)
     try:
+        driver = Driver(ray, config, Path(run_dir), resume, on_tick, learner_actor or LearnerActor)
         driver.exit_code = driver.run()
     finally:
         shutdown_ray()
     return driver
 
 
-class RunStopped(RuntimeError):
-    """A fault the run cannot recover from; the message says which and why."""
-
-
 class Driver:
-    """Creates the actors, runs the dispatch loop, and recovers from the faults listed above.
-    Public counters (frames, updates, restarts, steps lost) are read by tests and benchmarks."""
+    """Places the actors, runs the dispatch loop, and recovers from the faults listed above; the
+    run core (`self.core`) decides and counts. Public counters (frames, updates, restarts, steps
+    lost) are read by tests and benchmarks."""
 
     def __init__(self, ray: Any, config: Config, run_dir: Path, resume: bool,
-                 on_tick: Callable[[Driver], None] | None = None) -> None:
+                 on_tick: Callable[[Driver], None] | None = None, learner_actor: type = LearnerActor) -> None:
         self.ray, self.config, self.run_dir, self.on_tick = ray, config, run_dir, on_tick
         self.exit_code = -1
-        rc = config.replay
         self.replay_dir = str(run_dir / REPLAY_DIR)
         # Workers spread over the cluster's nodes, shards go round-robin over them; the learner
         # takes a GPU when there is one.
         shard_cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=-1)(ShardActor)
         self.shards = [shard_cls.options(scheduling_strategy=self._shard_placement(i)).remote(
-                           max(rc.capacity // config.num_shards, rc.batch_length),
-                           derive_seed(config.seed, "shard", i), f"shard{i}", self.replay_dir)
-                       for i in range(config.num_shards)]
+                           *shard_args(config, i), self.replay_dir) for i in range(config.num_shards)]
         runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy="SPREAD")
         self.runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
         runner_info = self._wait_for([r.info.remote() for r in self.runners], "environment workers", 1.0)
@@ -257,7 +249,6 @@ class Driver:
             ray.get([r.skip_random_steps.remote() for r in self.runners])
         shard_info = self._wait_for([s.info.remote() for s in self.shards], "replay shards", SHARD_CPUS)
         self.obs_shape, self.action_dim = runner_info[0]["obs_shape"], runner_info[0]["action_dim"]
-        self.action_repeat = runner_info[0]["action_repeat"]
         self.runner_where = [{k: info[k] for k in ("incarnation", "node_id", "pid")} for info in runner_info]
         self.shard_where = [{k: info[k] for k in ("incarnation", "node_id", "pid")} for info in shard_info]
         self.shard_acked = [info["steps_inserted"] for info in shard_info]
@@ -265,15 +256,19 @@ class Driver:
 
         device = config.learner.device
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        self.learner_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(LearnerActor)
+        self.learner_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(learner_actor)
         self.learner, learner_info = self._start_learner(resume)
-        counters = learner_info["counters"]
-        self.frames = int(counters.get("frames", 0))
-        self.updates = learner_info["updates"]
-        self.limiter = RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
-        if "limiter" in counters:
-            self.limiter.load_state_dict(counters["limiter"])
+        self.core = RunCore(config, run_dir, num_workers=len(self.runners),
+                            action_repeat=runner_info[0]["action_repeat"],
+                            counters=learner_info["counters"] if resume else None, updates=learner_info["updates"],
+                            resume_command=f"choreo pretrain --resume {run_dir}")
+        self.steps_per_call = config.replay.chunk_length * config.envs_per_actor
 
+        self.collecting: dict[Any, tuple[int, Any]] = {}  # summary ref -> (worker, chunks ref)
+        self.adding: dict[Any, int] = {}  # shard add ref -> shard
+        self.idle: list[int] = list(range(len(self.runners)))  # workers without a call
+        self.train_ref: Any = None  # the learner call in flight
+        self.weights: tuple[Any, int] | None = None  # the newest weights sent to the workers
         self.runner_restarts = [0] * len(self.runners)
         self.runner_failures = [0] * len(self.runners)  # in a row
         self.runner_versions = [-1] * len(self.runners)  # weight version of each worker's latest call
@@ -287,8 +282,258 @@ class Driver:
         self._write_placement()
         print(f"Ray: {len(self.runners)} environment workers x {config.envs_per_actor} envs, "
               f"{len(self.shards)} replay shards, learner on {learner_info['device']}"
-              + (f"; resumed at {self.frames:,} frames" if resume else "") + f"; {self._placement_line()}",
+              + (f"; resumed at {self.core.frames:,} frames" if resume else "") + f"; {self._placement_line()}",
               flush=True)
+
+    @property
+    def frames(self) -> int:
+        return self.core.frames
+
+    @property
+    def updates(self) -> int:
+        return self.core.updates
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        core = self.core
+        last_stats = time.monotonic()
+        try:
+            while not core.done and not self.nonfinite_stop:
+                for ref in self._ready():
+                    if ref == self.train_ref:
+                        self._trained(ref)
+                    elif ref in self.adding:
+                        self._shard_ack(self.adding.pop(ref), ref)
+                    else:
+                        self._collected(*self.collecting.pop(ref), ref)
+                # Workers wait while they are ahead of the learner; the learner while it is ahead of them.
+                for i in [i for i in self.idle if core.may_collect(i, self.steps_per_call)]:
+                    self.idle.remove(i)
+                    self._dispatch(i)
+                if self.train_ref is None and ((grant := core.grant()) or core.outstanding):
+                    self.train_ref = self.learner.train.remote(grant, core.frames)
+                if time.monotonic() - last_stats > STATS_SECONDS:
+                    last_stats = time.monotonic()
+                    self._log_stats()
+                if core.checkpoint_due():
+                    self.checkpoint()
+                if self.on_tick is not None:
+                    self.on_tick(self)
+                core.progress(self._fault_note())
+        except KeyboardInterrupt:
+            core.stop("interrupted")
+            return core.finish("interrupted", self._final_checkpoint)
+        except RunStopped as e:
+            core.stop(str(e))
+            return core.finish("stopped", self._final_checkpoint, str(e))
+        if self.nonfinite_stop:
+            return core.finish("nonfinite", None, self.nonfinite_stop)
+        core.stop("done")
+        code = core.finish("done", self._final_checkpoint, notes=self._fault_note().strip())
+        self.ray.get(self.learner.close.remote())
+        return code
+
+    def _ready(self) -> list:
+        """The calls that finished: waits up to a second for one, then takes all that are done."""
+        waiting = [*self.collecting, *self.adding] + ([self.train_ref] if self.train_ref else [])
+        if not waiting:
+            time.sleep(0.01)
+            return []
+        ready, _ = self.ray.wait(waiting, num_returns=1, timeout=1.0)
+        if ready:
+            ready, _ = self.ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        return ready
+
+    def _final_checkpoint(self) -> None:
+        """The training call in flight is finished first (the learner checkpoints between updates)."""
+        if self.train_ref is not None:
+            self._trained(self.train_ref)
+            if self.nonfinite_stop:
+                raise RuntimeError(f"the last updates were non-finite ({self.nonfinite_stop})")
+        self.checkpoint()
+
+    def _fault_note(self) -> str:
+        parts = []
+        if sum(self.runner_restarts):
+            parts.append(f"{sum(self.runner_restarts)} worker restarts")
+        if sum(self.shard_restarts):
+            parts.append(f"{sum(self.shard_restarts)} shard restarts, {self.steps_lost:,} steps lost")
+        if self.learner_restarts:
+            parts.append(f"{self.learner_restarts} learner restarts")
+        return "  " + ", ".join(parts) if parts else ""
+
+    # ------------------------------------------------------------------ workers
+
+    def _dispatch(self, i: int) -> None:
+        chunks, summary = self.runners[i].collect.options(num_returns=2).remote(self.config.replay.chunk_length)
+        self.collecting[summary] = (i, chunks)
+
+    def _collected(self, i: int, chunks: Any, ref: Any) -> None:
+        """Worker i's call finished: its chunks go to its shard (worker -> shard, not via the driver)."""
+        try:
+            summary = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            self._runner_failed(i, exc)
+            return
+        self.runner_failures[i] = 0
+        self.runner_versions[i] = summary["version"]
+        if summary["incarnation"] != self.runner_where[i]["incarnation"]:
+            self._runner_restarted(i, summary)
+        shard = route(i, len(self.shards))
+        self.adding[self.shards[shard].add_chunks.remote(chunks)] = shard
+        self.core.collected(summary["steps"], summary["version"])
+        self.idle.append(i)
+
+    def _runner_failed(self, i: int, exc: BaseException) -> None:
+        self.runner_failures[i] += 1
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if self.core.stopping:
+            return  # nothing is restarted once a stop was asked for
+        if self.runner_failures[i] >= MAX_RUNNER_FAILURES:
+            self.core.collect_lost(self.steps_per_call)
+            raise RunStopped(f"environment worker {i} failed {self.runner_failures[i]} times in a row; "
+                             f"last error: {cause}")
+        print(f"\nenvironment worker {i} failed ({cause}); restarting it", flush=True)
+        if isinstance(exc, self.ray.exceptions.RayTaskError):
+            # The process lives but its environments may be broken: a fresh process rebuilds them.
+            self.ray.kill(self.runners[i], no_restart=False)
+        self._dispatch(i)  # the same reserved steps, on the restarted process (its summary shows the new incarnation)
+
+    def _runner_restarted(self, i: int, summary: dict[str, Any]) -> None:
+        self.runner_restarts[i] += 1
+        self.runner_where[i] = {k: summary[k] for k in ("incarnation", "node_id", "pid")}
+        self.restart_log.append({"role": "runner", "index": i, "frames": self.frames, **self.runner_where[i]})
+        if self.weights is not None:
+            self.runners[i].set_weights.remote(*self.weights)  # before its next call: calls keep their order
+        self.core.monitor.scalars({f"actors/{i}/restarts": self.runner_restarts[i],
+                                   "actors/restarts": sum(self.runner_restarts)}, self.frames)
+        self._write_placement()
+
+    # ------------------------------------------------------------------ shards
+
+    def _shard_ack(self, s: int, ref: Any) -> None:
+        try:
+            steps, incarnation = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # the chunks were refused (their call failed, bad data)
+            print(f"\nreplay shard {s} refused a chunk ({str(exc).strip().splitlines()[-1]})", flush=True)
+            return
+        if incarnation == self.shard_where[s]["incarnation"]:
+            self.shard_acked[s] += steps
+        elif incarnation in self.shard_old_incarnations[s]:
+            self.steps_lost += steps  # acknowledged by a process that died before checkpointing them
+        else:
+            self._shard_restarted(s)
+            self.shard_acked[s] += steps
+
+    def _shard_restarted(self, s: int) -> None:
+        info = self.ray.get(self.shards[s].info.remote())
+        if info["incarnation"] == self.shard_where[s]["incarnation"]:
+            return
+        lost = max(self.shard_acked[s] - info["restored_inserted"], 0)
+        self.steps_lost += lost
+        self.shard_acked[s] = info["restored_inserted"]
+        self.shard_old_incarnations[s].add(self.shard_where[s]["incarnation"])
+        self.shard_where[s] = {k: info[k] for k in ("incarnation", "node_id", "pid")}
+        self.shard_restarts[s] += 1
+        self.restart_log.append({"role": "shard", "index": s, "frames": self.frames, "steps_lost": lost,
+                                 "restore_error": info["restore_error"], **self.shard_where[s]})
+        note = f"; its checkpoint could not be read: {info['restore_error']}" if info["restore_error"] else ""
+        print(f"\nreplay shard {s} restarted from its checkpoint ({info['restored_inserted']:,} steps inserted "
+              f"by then), {lost:,} steps lost{note}", flush=True)
+        self.core.monitor.scalars({f"replay/shard{s}/restarts": self.shard_restarts[s],
+                                   "replay/restarts": sum(self.shard_restarts), "replay/steps_lost": self.steps_lost},
+                                  self.frames)
+        self._write_placement()
+
+    # ------------------------------------------------------------------ learner
+
+    def _trained(self, ref: Any) -> None:
+        """The learner call's result; a dead learner is replaced, a loss that stayed non-finite
+        ends the loop."""
+        self.train_ref = None
+        try:
+            result = self.ray.get(ref)
+        except NonFiniteLossError as exc:  # Ray re-raises the learner's error as this type
+            self.nonfinite_stop = str(exc).strip().splitlines()[-1]
+            return
+        except self.ray.exceptions.RayActorError as exc:
+            self._restart_learner(exc)
+            return
+        self.learner_restarts_in_a_row = 0
+        self.core.trained(result["batches"], result["updates"], result["metrics"])
+        if result["weights"] is not None and (self.weights is None or result["weights"][1] != self.weights[1]):
+            self.weights = result["weights"]
+            for r in self.runners:
+                r.set_weights.remote(*self.weights)
+        self.learner_wait_seconds, self.learner_train_seconds = result["wait_seconds"], result["train_seconds"]
+        if result["snapshot"]:
+            self.checkpoint()
+
+    def _restart_learner(self, exc: BaseException) -> None:
+        if self.core.stopping:
+            raise RunStopped(f"the learner died ({type(exc).__name__}) while the run was stopping") from None
+        self.learner_restarts += 1
+        self.learner_restarts_in_a_row += 1
+        if self.learner_restarts_in_a_row > MAX_LEARNER_RESTARTS:
+            raise RunStopped(f"the learner died {self.learner_restarts_in_a_row} times in a row "
+                             f"({type(exc).__name__})")
+        print(f"\nthe learner died ({type(exc).__name__}); starting a new one from the last checkpoint", flush=True)
+        self.ray.kill(self.learner, no_restart=True)
+        self.learner, info = self._start_learner(None)
+        if info["restored_digest"] is None:
+            print("there was no checkpoint yet: the new learner starts from scratch", flush=True)
+        self.core.learner_replaced(info["updates"])
+        self.weights = None  # the new learner's first result carries its restored weights
+        self.restart_log.append({"role": "learner", "frames": self.frames, "updates": info["updates"],
+                                 "digest": self.learner_digest, **self.learner_where})
+        self.core.monitor.scalars({"learner/restarts": self.learner_restarts}, self.frames)
+        self._write_placement()
+
+    # ------------------------------------------------------------------ checkpoints and metrics
+
+    def checkpoint(self) -> None:
+        """Replay shards and learner state, with the core's counters (frames, limiter)."""
+        self._log_stats()
+        self.ray.get([s.save_checkpoint.remote() for s in self.shards])
+        try:
+            self.ray.get(self.learner.checkpoint.remote(self.core.counters()))
+        except self.ray.exceptions.RayActorError as exc:
+            self._restart_learner(exc)  # raises RunStopped when the run is stopping
+            return
+        self.core.checkpointed()
+
+    def _poll(self, handles: list) -> list[dict[str, Any] | None]:
+        """`stats()` of each handle; None for those that did not answer within STATS_TIMEOUT."""
+        refs = [h.stats.remote() for h in handles]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=STATS_TIMEOUT)
+        done = set(ready)
+        out = []
+        for ref in refs:
+            try:
+                out.append(self.ray.get(ref) if ref in done else None)
+            except self.ray.exceptions.RayError:
+                out.append(None)
+        return out
+
+    def _log_stats(self) -> None:
+        for i, st in enumerate(shard_stats := self._poll(self.shards)):
+            if st is not None and st["incarnation"] != self.shard_where[i]["incarnation"]:
+                self._shard_restarted(i)
+        share = self.learner_wait_seconds / self.learner_train_seconds if self.learner_train_seconds else 0.0
+        self.core.log([st for st in self._poll(self.runners) if st is not None], shard_stats,
+                      {"learner/wait_seconds": self.learner_wait_seconds, "learner/data_wait_share": share})
+
+    def summary(self) -> dict[str, Any]:
+        """Figures of the run so far: frames, updates, restarts, steps lost, ratio, waits."""
+        limiter = self.core.limiter.stats()
+        return {"frames": self.frames, "updates": self.updates, "runner_restarts": sum(self.runner_restarts),
+                "shard_restarts": sum(self.shard_restarts), "learner_restarts": self.learner_restarts,
+                "steps_lost": self.steps_lost, "ratio": self.core.limiter.ratio(),
+                "target_ratio": self.config.replay.samples_per_insert,
+                "insert_wait_s": limiter["insert_wait_s"], "sample_wait_s": limiter["sample_wait_s"],
+                "learner_wait_s": self.learner_wait_seconds, "learner_train_s": self.learner_train_seconds}
+
 
     # ------------------------------------------------------------------ actors and placement
 
@@ -344,326 +589,3 @@ class Driver:
     def _placement_line(self) -> str:
         nodes = {n for group in ("runners", "shards") for n in self.placement()[group].values()}
         return f"workers and shards on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(self) -> int:
-        ray, config, rc, lc = self.ray, self.config, self.config.replay, self.config.learner
-        self.monitor = monitor = Monitor(self.run_dir, lc.total_frames)
-        self.steps_per_call = rc.chunk_length
-        batch_steps = rc.batch_size * rc.batch_length
-        self.collecting: dict[Any, tuple[int, Any]] = {}  # summary ref -> (runner, chunks ref)
-        self.adding: dict[Any, int] = {}  # shard add ref -> shard
-        self.idle: list[int] = []
-        idle_since: dict[int, float] = {}
-        for i in range(len(self.runners)):
-            self._dispatch(i)
-        self.granted = self.trained = 0
-        grant = 0
-        self.train_ref = None  # a learner call in flight, made only when there are batches to grant
-        self.version, last_metrics = self.updates, {}
-        self.weights: tuple[Any, int] | None = None
-        sample_wait_since: float | None = time.monotonic()
-        last_stats = last_checkpoint = time.monotonic()
-
-        try:
-            while self.frames < lc.total_frames:
-                waiting = [*self.collecting, *self.adding] + ([self.train_ref] if self.train_ref else [])
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else ([], [])
-                if ready:  # everything else that is ready too, in one pass
-                    ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-                for ref in ready:
-                    if ref == self.train_ref:
-                        self.train_ref = None
-                        result = self._train_result(ref)
-                        if result is None:
-                            continue
-                        if result["metrics"]:
-                            last_metrics = result["metrics"]
-                            monitor.scalars(last_metrics, self.frames)
-                        if result["snapshot"]:
-                            self.checkpoint()
-                            last_checkpoint = time.monotonic()
-                        sample_wait_since = time.monotonic()
-                    elif ref in self.adding:
-                        self._shard_ack(self.adding.pop(ref), ref)
-                    else:
-                        i, chunks = self.collecting.pop(ref)
-                        if self._collected(i, ref, chunks):
-                            self.idle.append(i)
-                            idle_since[i] = time.monotonic()
-                if self.nonfinite_stop:
-                    break
-                # Actors wait while they are ahead of the learner; the learner while it is ahead of them.
-                call_steps = self.steps_per_call * config.envs_per_actor
-                while self.idle and self.limiter.can_insert(call_steps):
-                    i = self.idle.pop(0)
-                    if i in idle_since:
-                        self.limiter.record_wait("insert", time.monotonic() - idle_since.pop(i))
-                    self._dispatch(i)
-                while self.granted - self.trained < MAX_UNTRAINED_GRANTS and self.limiter.try_sample(batch_steps):
-                    grant += 1
-                    self.granted += 1
-                if self.train_ref is None and grant:
-                    if sample_wait_since is not None:
-                        self.limiter.record_wait("sample", time.monotonic() - sample_wait_since)
-                        sample_wait_since = None
-                    self.train_ref = self.learner.train.remote(grant, self.frames)
-                    grant = 0
-
-                now = time.monotonic()
-                if now - last_stats > STATS_SECONDS:
-                    last_stats = now
-                    self._log_stats()
-                if now - last_checkpoint > 60 * lc.checkpoint_minutes:
-                    self.checkpoint()
-                    last_checkpoint = now
-                if self.on_tick is not None:
-                    self.on_tick(self)
-                monitor.progress(self.frames, self.updates, loss_note(last_metrics) + self._fault_note())
-        except KeyboardInterrupt:
-            monitor.progress(self.frames, self.updates, "interrupted: writing a checkpoint", force=True)
-            try:
-                self._finish_training_call()
-                self.checkpoint()
-                print(f"\ncheckpoint written; continue with: choreo pretrain --resume {self.run_dir}", flush=True)
-            except Exception as e:  # the signal may have reached Ray's worker processes too
-                print(f"\ncould not write a final checkpoint ({type(e).__name__}); the last periodic one in "
-                      f"{self.run_dir} is intact; continue with: choreo pretrain --resume {self.run_dir}", flush=True)
-            monitor.close()
-            return 130
-        except RunStopped as e:
-            monitor.progress(self.frames, self.updates, "stopped", force=True)
-            print(f"\nthe run stopped: {e}", flush=True)
-            try:
-                self.checkpoint()
-                print(f"checkpoint written; after fixing the cause continue with: "
-                      f"choreo pretrain --resume {self.run_dir}", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"could not write a final checkpoint ({type(exc).__name__}: {exc}); "
-                      f"the last periodic one in {self.run_dir} is intact", flush=True)
-            monitor.close()
-            return 1
-        if self.nonfinite_stop:
-            monitor.progress(self.frames, self.updates, "stopped", force=True)
-            monitor.close()
-            print(f"\nthe run stopped: {self.nonfinite_stop}\nno checkpoint was written after the non-finite "
-                  f"updates; the last good one is {self.run_dir / CHECKPOINT}", flush=True)
-            return 1
-        self._finish_training_call()
-        if self.collecting:
-            ray.wait(list(self.collecting), num_returns=len(self.collecting), timeout=30)
-        self.checkpoint()
-        monitor.progress(self.frames, self.updates, "done", force=True)
-        monitor.close()
-        ray.get(self.learner.close.remote())
-        print(f"\nfinished: {self.frames:,} frames, {self.updates:,} updates; run directory {self.run_dir}"
-              + (f"; {self._fault_note().strip('; ')}" if self._fault_note() else ""))
-        return 0
-
-    def _fault_note(self) -> str:
-        parts = []
-        if sum(self.runner_restarts):
-            parts.append(f"{sum(self.runner_restarts)} worker restarts")
-        if sum(self.shard_restarts):
-            parts.append(f"{sum(self.shard_restarts)} shard restarts, {self.steps_lost:,} steps lost")
-        if self.learner_restarts:
-            parts.append(f"{self.learner_restarts} learner restarts")
-        return "  " + ", ".join(parts) if parts else ""
-
-    def _finish_training_call(self) -> None:
-        if self.train_ref is not None:
-            ref, self.train_ref = self.train_ref, None
-            self._train_result(ref)
-
-    # ------------------------------------------------------------------ workers
-
-    def _dispatch(self, i: int) -> None:
-        chunks, summary = self.runners[i].collect.options(num_returns=2).remote(self.steps_per_call)
-        self.collecting[summary] = (i, chunks)
-
-    def _collected(self, i: int, ref: Any, chunks: Any) -> bool:
-        """Handles runner i's finished call; True if it may get its next call (after the limiter)."""
-        try:
-            summary = self.ray.get(ref)
-        except self.ray.exceptions.RayError as exc:
-            self._runner_failed(i, exc)
-            return False
-        self.runner_failures[i] = 0
-        self.runner_versions[i] = summary["version"]
-        if summary["incarnation"] != self.runner_where[i]["incarnation"]:
-            self._runner_restarted(i, summary)
-        shard = i % len(self.shards)
-        self.adding[self.shards[shard].add_chunks.remote(chunks)] = shard  # worker -> shard, not via the driver
-        self.limiter.on_insert(summary["steps"])
-        self.frames += summary["steps"] * self.action_repeat
-        return True
-
-    def _runner_failed(self, i: int, exc: BaseException) -> None:
-        self.runner_failures[i] += 1
-        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        if self.runner_failures[i] >= MAX_RUNNER_FAILURES:
-            raise RunStopped(f"environment worker {i} failed {self.runner_failures[i]} times in a row; "
-                             f"last error: {cause}")
-        print(f"\nenvironment worker {i} failed ({cause}); restarting it", flush=True)
-        if isinstance(exc, self.ray.exceptions.RayTaskError):
-            # The process lives but its environments may be broken: a fresh process rebuilds them.
-            self.ray.kill(self.runners[i], no_restart=False)
-        self._dispatch(i)  # runs on the restarted process; its summary shows the new incarnation
-
-    def _runner_restarted(self, i: int, summary: dict[str, Any]) -> None:
-        self.runner_restarts[i] += 1
-        self.runner_where[i] = {k: summary[k] for k in ("incarnation", "node_id", "pid")}
-        self.restart_log.append({"role": "runner", "index": i, "frames": self.frames, **self.runner_where[i]})
-        if self.weights is not None:
-            self.runners[i].set_weights.remote(*self.weights)  # before its next call: calls keep their order
-        self.monitor.scalars({f"actors/{i}/restarts": self.runner_restarts[i],
-                              "actors/restarts": sum(self.runner_restarts)}, self.frames)
-        self._write_placement()
-
-    # ------------------------------------------------------------------ shards
-
-    def _shard_ack(self, s: int, ref: Any) -> None:
-        try:
-            steps, incarnation = self.ray.get(ref)
-        except self.ray.exceptions.RayError as exc:  # the chunks were refused (their call failed, bad data)
-            print(f"\nreplay shard {s} refused a chunk ({str(exc).strip().splitlines()[-1]})", flush=True)
-            return
-        if incarnation == self.shard_where[s]["incarnation"]:
-            self.shard_acked[s] += steps
-        elif incarnation in self.shard_old_incarnations[s]:
-            self.steps_lost += steps  # acknowledged by a process that died before checkpointing them
-        else:
-            self._shard_restarted(s)
-            self.shard_acked[s] += steps
-
-    def _shard_restarted(self, s: int) -> None:
-        info = self.ray.get(self.shards[s].info.remote())
-        if info["incarnation"] == self.shard_where[s]["incarnation"]:
-            return
-        lost = max(self.shard_acked[s] - info["restored_inserted"], 0)
-        self.steps_lost += lost
-        self.shard_acked[s] = info["restored_inserted"]
-        self.shard_old_incarnations[s].add(self.shard_where[s]["incarnation"])
-        self.shard_where[s] = {k: info[k] for k in ("incarnation", "node_id", "pid")}
-        self.shard_restarts[s] += 1
-        self.restart_log.append({"role": "shard", "index": s, "frames": self.frames, "steps_lost": lost,
-                                 "restore_error": info["restore_error"], **self.shard_where[s]})
-        note = f"; its checkpoint could not be read: {info['restore_error']}" if info["restore_error"] else ""
-        print(f"\nreplay shard {s} restarted from its checkpoint ({info['restored_inserted']:,} steps inserted "
-              f"by then), {lost:,} steps lost{note}", flush=True)
-        self.monitor.scalars({f"replay/shard{s}/restarts": self.shard_restarts[s],
-                              "replay/restarts": sum(self.shard_restarts), "replay/steps_lost": self.steps_lost},
-                             self.frames)
-        self._write_placement()
-
-    # ------------------------------------------------------------------ learner
-
-    def _train_result(self, ref: Any) -> dict[str, Any] | None:
-        """The learner call's result, or None if the learner died (it is then replaced) or its
-        losses stayed non-finite (the loop then stops)."""
-        try:
-            result = self.ray.get(ref)
-        except NonFiniteLossError as exc:  # Ray re-raises the learner's error as this type
-            self.nonfinite_stop = str(exc).strip().splitlines()[-1]
-            return None
-        except self.ray.exceptions.RayActorError as exc:
-            self._restart_learner(exc)
-            return None
-        self.learner_restarts_in_a_row = 0
-        self.version, self.updates = result["version"], result["total_updates"]
-        self.trained += result["updates"] + result["untrained"]  # untrained grants are not retried
-        if result["weights"] is not None and (self.weights is None or result["weights"][1] != self.weights[1]):
-            self.weights = result["weights"]
-            for r in self.runners:
-                r.set_weights.remote(*self.weights)
-        self.learner_wait_seconds, self.learner_train_seconds = result["wait_seconds"], result["train_seconds"]
-        share = result["wait_seconds"] / result["train_seconds"] if result["train_seconds"] else 0.0
-        self.monitor.scalars({"learner/wait_seconds": result["wait_seconds"], "learner/data_wait_share": share},
-                             self.frames)
-        return result
-
-    def _restart_learner(self, exc: BaseException) -> None:
-        self.learner_restarts += 1
-        self.learner_restarts_in_a_row += 1
-        if self.learner_restarts_in_a_row > MAX_LEARNER_RESTARTS:
-            raise RunStopped(f"the learner died {self.learner_restarts_in_a_row} times in a row "
-                             f"({type(exc).__name__})")
-        print(f"\nthe learner died ({type(exc).__name__}); starting a new one from the last checkpoint", flush=True)
-        self.ray.kill(self.learner, no_restart=True)
-        self.learner, info = self._start_learner(None)
-        if info["restored_digest"] is None:
-            print("there was no checkpoint yet: the new learner starts from scratch", flush=True)
-        self.version = self.updates = info["updates"]
-        self.trained = self.granted  # the grants given to the dead learner died with it
-        self.weights = None  # the new learner's first result carries its restored weights
-        self.restart_log.append({"role": "learner", "frames": self.frames, "updates": info["updates"],
-                                 "digest": self.learner_digest, **self.learner_where})
-        self.monitor.scalars({"learner/restarts": self.learner_restarts}, self.frames)
-        self._write_placement()
-
-    # ------------------------------------------------------------------ checkpoints and metrics
-
-    def checkpoint(self) -> None:
-        """Replay shards and learner state, with the frame counter and the limiter's counters."""
-        self._log_stats()
-        self.ray.get([s.save_checkpoint.remote() for s in self.shards])
-        try:
-            self.ray.get(self.learner.checkpoint.remote({"frames": self.frames, "limiter": self.limiter.state_dict()}))
-        except self.ray.exceptions.RayActorError as exc:
-            self._restart_learner(exc)
-
-    def _poll(self, handles: list) -> list[dict[str, Any] | None]:
-        """`stats()` of each handle; None for those that did not answer within STATS_TIMEOUT."""
-        refs = [h.stats.remote() for h in handles]
-        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=STATS_TIMEOUT)
-        done = set(ready)
-        out = []
-        for ref in refs:
-            try:
-                out.append(self.ray.get(ref) if ref in done else None)
-            except self.ray.exceptions.RayError:
-                out.append(None)
-        return out
-
-    def _log_stats(self) -> None:
-        monitor, frames, version = self.monitor, self.frames, self.version
-        runner_stats = [st for st in self._poll(self.runners) if st is not None]
-        shard_stats = self._poll(self.shards)
-        scalars: dict[str, float] = {}
-        for st in runner_stats:
-            rid = st["runner_id"]
-            scalars[f"actors/{rid}/steps_per_second"] = st["steps_per_second"]
-            scalars[f"actors/{rid}/policy_lag"] = float(version - st["version"])
-            for episode_return, length in st["episodes"]:
-                monitor.scalars({"episode/return": episode_return, "episode/length": length}, frames)
-        if runner_stats:
-            scalars["actors/steps_per_second"] = sum(st["steps_per_second"] for st in runner_stats)
-            scalars["actors/policy_lag"] = float(np.mean([version - st["version"] for st in runner_stats]))
-        for i, st in enumerate(shard_stats):
-            if st is None:
-                continue
-            if st["incarnation"] != self.shard_where[i]["incarnation"]:
-                self._shard_restarted(i)
-            scalars[f"replay/shard{i}/steps"] = st["steps"]
-            scalars[f"replay/shard{i}/inserted_steps"] = st["steps_inserted"]
-            scalars[f"replay/shard{i}/sampled_steps"] = st["steps_sampled"]
-        scalars["replay/steps"] = sum(st["steps"] for st in shard_stats if st is not None)
-        scalars["replay/ratio"] = self.limiter.ratio()
-        scalars.update({f"limiter/{k}": float(v) for k, v in self.limiter.stats().items()
-                        if isinstance(v, (int, float))})
-        scalars["learner/weight_version"] = version
-        scalars["learner/updates"] = self.updates
-        scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
-            monitor.rates(frames, self.updates)
-        monitor.scalars(scalars, frames)
-
-    def summary(self) -> dict[str, Any]:
-        """Figures of the run so far: frames, updates, restarts, steps lost, ratio, waits."""
-        limiter = self.limiter.stats()
-        return {"frames": self.frames, "updates": self.updates, "runner_restarts": sum(self.runner_restarts),
-                "shard_restarts": sum(self.shard_restarts), "learner_restarts": self.learner_restarts,
-                "steps_lost": self.steps_lost, "ratio": self.limiter.ratio(),
-                "target_ratio": self.config.replay.samples_per_insert,
-                "insert_wait_s": limiter["insert_wait_s"], "sample_wait_s": limiter["sample_wait_s"],
-                "learner_wait_s": self.learner_wait_seconds, "learner_train_s": self.learner_train_seconds}

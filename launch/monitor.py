@@ -1,5 +1,6 @@
 """What a person watching a run sees: TensorBoard event files under the run directory and a
-progress line (frames, frames/s, updates/s, time left) on the terminal."""
+progress line (frames, frames/s, updates/s, time left and which side sets the pace) on the
+terminal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,65 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from collections import deque
+from collections.abc import Callable
 from typing import TextIO
+
+PACE_WINDOW = 600.0
+"""Seconds of recent progress the rates of the time estimate are measured over."""
+
+
+class Pace:
+    """Rates over the last `window` seconds after the warm-up, which side holds the other back,
+    and the time left at that pace.
+
+    With a ratio target the limiter ties frames to updates: when the learner is the slower side
+    (the workers are held back, waiting for it), the run advances at `updates/s x frames_per_update`
+    frames per second, where `frames_per_update` is what the target allows (batch steps / samples
+    per insert x action repeat); otherwise at the workers' frame rate. The warm-up's burst of random
+    frames is left out: it says nothing of the pace after it.
+    """
+
+    def __init__(self, total_frames: int, frames_per_update: float, num_workers: int, window: float = PACE_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total_frames, self.frames_per_update = total_frames, frames_per_update
+        self.num_workers, self.window, self.clock = max(num_workers, 1), window, clock
+        self._samples: deque[tuple[float, int, int, float, float]] = deque()
+
+    def update(self, frames: int, updates: int, workers_held_s: float, learner_held_s: float) -> None:
+        """Records the run's counters now: frames, updates, and the seconds the workers (summed over
+        them) and the learner have been held back by the limiter so far."""
+        now = self.clock()
+        self._samples.append((now, frames, updates, workers_held_s, learner_held_s))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+
+    def _deltas(self) -> tuple[float, float, float, float, float] | None:
+        if len(self._samples) < 2:
+            return None
+        (t0, f0, u0, w0, l0), (t1, f1, u1, w1, l1) = self._samples[0], self._samples[-1]
+        return (t1 - t0, f1 - f0, u1 - u0, w1 - w0, l1 - l0) if t1 > t0 else None
+
+    def rates(self) -> tuple[float, float]:
+        """Frames/s and updates/s over the window (0 before two records)."""
+        d = self._deltas()
+        return (d[1] / d[0], d[2] / d[0]) if d else (0.0, 0.0)
+
+    def bound(self) -> str | None:
+        """"learner" when the workers spent more of the window held back than the learner did,
+        "workers" when the learner did, None without a ratio target or before any wait."""
+        d = self._deltas()
+        if not d or not self.frames_per_update:
+            return None
+        workers_share, learner_share = d[3] / (d[0] * self.num_workers), d[4] / d[0]
+        if max(workers_share, learner_share) < 0.05:
+            return None
+        return "learner" if workers_share > learner_share else "workers"
+
+    def seconds_left(self, frames: int) -> float:
+        fps, ups = self.rates()
+        rate = ups * self.frames_per_update if self.bound() == "learner" else fps
+        return max(self.total_frames - frames, 0) / rate if rate > 0 else math.inf
 
 
 class Monitor:
@@ -44,19 +103,27 @@ class Monitor:
         self._last = (now, frames, updates)
         return self.frames_per_second, self.updates_per_second
 
-    def progress(self, frames: int, updates: int, extra: str = "", force: bool = False) -> None:
+    def progress(self, frames: int, updates: int, extra: str = "", force: bool = False,
+                 pace: Pace | None = None) -> None:
+        """Prints the progress line (at most every `interval` seconds unless `force`). With `pace`,
+        the rates and the time left are its (recent, after the warm-up, at the pace the limiter
+        allows) and the line names the side that sets the pace; without, they are since the start."""
         now = time.monotonic()
         if not force and now - self._last_print < self.interval:
             return
         self._last_print = now
-        elapsed = now - self._start
-        fps = frames / elapsed if elapsed > 0 else 0.0
-        ups = updates / elapsed if elapsed > 0 else 0.0
-        left = (self.total_frames - frames) / fps if fps > 0 else float("inf")
+        if pace is not None:
+            (fps, ups), left, bound = pace.rates(), pace.seconds_left(frames), pace.bound()
+        else:
+            elapsed = now - self._start
+            fps = frames / elapsed if elapsed > 0 else 0.0
+            ups = updates / elapsed if elapsed > 0 else 0.0
+            left, bound = (self.total_frames - frames) / fps if fps > 0 else float("inf"), None
         share = min(frames / self.total_frames, 1.0) if self.total_frames else 1.0
         bar = "#" * int(share * 20)
-        line = (f"[{bar:<20}] {frames:,}/{self.total_frames:,} frames  {fps:,.0f} fps  {ups:.2f} upd/s  "
-                f"left {_duration(left)}  {extra}")
+        pace_note = f" ({bound}-bound)" if bound else ""
+        line = (f"[{bar:<20}] {frames:,}/{self.total_frames:,} frames  {fps:,.0f} fps  {ups:.3g} upd/s  "
+                f"left {_duration(left)}{pace_note}  {extra}")
         if self.interactive:
             self.stream.write("\r" + line[:160].ljust(160))
         else:

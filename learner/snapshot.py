@@ -11,7 +11,9 @@ weights_only=True)`, so opening one cannot run code):
 file or none, never half of one. `load_snapshot` reads one back and raises `SnapshotError`, whose
 message names the file and the problem, for a missing, truncated or foreign file; with the freshly
 built agent's `state_dict()` it also checks that every tensor matches in name and shape
-(`check_compatible`) and, when one does not, names the config keys that decide shapes and differ.
+(`check_compatible`) and, when one does not, names the config keys that decide shapes and differ:
+the run-level ones below and the agent's, which the caller passes (`shape_keys`; the algorithm
+declares them, see `agents.registry.shape_keys`), so that this module knows no algorithm's config.
 Loading never writes to the file.
 """
 
@@ -21,7 +23,7 @@ import dataclasses
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +33,10 @@ FORMAT = "choreo-snapshot"
 VERSION = 1
 KEYS = ("format", "version", "agent", "config", "frames", "updates")
 
-SHAPE_KEYS = (
-    "algo",
-    "env.obs",
-    "env.image_size",
-    "agent.world_model.deter",
-    "agent.world_model.hidden",
-    "agent.world_model.stoch",
-    "agent.world_model.classes",
-    "agent.world_model.mlp_units",
-    "agent.world_model.mlp_layers",
-    "agent.world_model.cnn_depth",
-    "agent.actor_critic.units",
-    "agent.actor_critic.layers",
-    "agent.choreographer.num_codes",
-    "agent.choreographer.code_dim",
-)
-"""Config keys that decide the shapes of the agent's tensors (with the environment's observation
-and action sizes, which `env.task` decides: compared by domain, see `_domain`)."""
+RUN_SHAPE_KEYS = ("algo", "env.obs", "env.image_size")
+"""Run-level config keys that decide the shapes of any agent's tensors (with the environment's
+observation and action sizes, which `env.task` decides: compared by domain, see `_domain`). The
+agent's own keys (network sizes) come from the caller as `shape_keys`."""
 
 SKIPPED = ("generator",)
 """Entries not compared: a random generator's state, whose size depends on the device it was saved
@@ -109,13 +97,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_snapshot(path: str | os.PathLike, expected: Mapping[str, Any] | None = None,
-                  config: Any = None) -> dict[str, Any]:
+                  config: Any = None, shape_keys: Sequence[str] = ()) -> dict[str, Any]:
     """Read the snapshot at `path` (tensors on the CPU) and check that it is one.
 
     expected: the `state_dict()` of a freshly built agent; when given, `check_compatible` checks
         every tensor's name and shape against it.
     config: the current run's config (`Config` or plain dict), named in a mismatch's message where
         the keys that decide shapes differ from the saved ones.
+    shape_keys: the agent's shape-deciding keys as dotted keys of the run config (e.g.
+        "agent.world_model.deter"), compared after `RUN_SHAPE_KEYS`; `launch.config.snapshot_shape_keys`
+        gives them for a run's algorithm.
     Raises SnapshotError naming the file for: no file, a truncated or corrupted file, a file that
     is not a choreo snapshot (missing keys, another format or version), an incompatible agent.
     """
@@ -154,17 +145,17 @@ def load_snapshot(path: str | os.PathLike, expected: Mapping[str, Any] | None = 
             raise SnapshotError(f"snapshot {path}: '{key}' is a {type(data[key]).__name__}, not a "
                                 f"{'dict' if kind is Mapping else 'integer'}")
     if expected is not None:
-        check_compatible(data, expected, path, config)
+        check_compatible(data, expected, path, config, shape_keys)
     return data
 
 
 def check_compatible(snapshot: Mapping[str, Any], agent_state: Mapping[str, Any], path: str | os.PathLike,
-                     config: Any = None) -> None:
+                     config: Any = None, shape_keys: Sequence[str] = ()) -> None:
     """Check that `snapshot["agent"]` fits `agent_state` (a freshly built agent's `state_dict()`):
     the same tensors under the same names (nested dicts and lists walked recursively) with the same
     shapes. Raises SnapshotError naming the file, the first missing, unexpected or mismatched entry
-    (with both shapes), and the config keys that decide shapes where the saved config and `config`
-    differ.
+    (with both shapes), and the config keys that decide shapes (`RUN_SHAPE_KEYS`, then `shape_keys`,
+    dotted keys of the run config) where the saved config and `config` differ.
 
     Where the fresh agent holds an empty container (an optimizer that has not stepped yet has no
     moments), the snapshot may hold anything; random generator states are not compared (their size
@@ -174,17 +165,20 @@ def check_compatible(snapshot: Mapping[str, Any], agent_state: Mapping[str, Any]
         return
     message = f"snapshot {path} does not fit this agent: {problem}"
     if config is not None:
-        differing = config_differences(snapshot.get("config", {}), plain(config))
+        differing = config_differences(snapshot.get("config", {}), plain(config), shape_keys)
         if differing:
             message += "; the config keys that decide shapes differ (saved -> now): " + ", ".join(
                 f"{k}: {a!r} -> {b!r}" for k, a, b in differing)
     raise SnapshotError(message)
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) for each shape-deciding config key that differs."""
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       shape_keys: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for each shape-deciding config key that differs: the
+    run-level `RUN_SHAPE_KEYS`, then `shape_keys` (the agent's, as dotted keys of the run config),
+    then `env.task` where its domain differs."""
     out = []
-    for key in SHAPE_KEYS:
+    for key in dict.fromkeys((*RUN_SHAPE_KEYS, *shape_keys)):
         a, b = _get(saved, key), _get(current, key)
         if a != b:
             out.append((key, a, b))

@@ -3,8 +3,10 @@
 Every environment is a gymnasium.Env with a Box action space in [-1, 1], float32 flat state
 observations or uint8 [3, S, S] pixel observations, rewards summed over the action repeat and an
 episode length counted in agent steps (`truncated` on the last step; the built-in tasks never
-terminate). Build one with `make_env` / `make_env_from_config`, or through gymnasium:
-`gymnasium.make("choreo/walker_flip", obs="pixels")`.
+terminate). Build one with `make_env` / `make_env_from_config`, or through gymnasium: importing this
+package registers every id as `choreo/<id>`, and gymnasium imports it for an id that names it,
+`gymnasium.make("choreo.actors.envs:choreo/walker_flip", obs="pixels")` (gymnasium 1.x loads no
+plugins from entry points, so the plain `choreo/walker_flip` needs `import choreo.actors.envs` first).
 
 Importing this package is cheap: dm_control, Meta-World and MuJoCo load on the first `make_env`.
 """

@@ -79,6 +79,23 @@ class ChoreographerAgent(nn.Module):
     `torch.load(weights_only=True)`.
     """
 
+    SHAPE_KEYS = (
+        "world_model.deter",
+        "world_model.hidden",
+        "world_model.stoch",
+        "world_model.classes",
+        "world_model.mlp_units",
+        "world_model.mlp_layers",
+        "world_model.cnn_depth",
+        "actor_critic.units",
+        "actor_critic.layers",
+        "choreographer.num_codes",
+        "choreographer.code_dim",
+    )
+    """Keys of `AgentConfig` (dotted, relative to it) that decide the shapes of this agent's tensors,
+    together with the observation shape and action size. A snapshot whose tensors do not fit names
+    those of them that differ (see `agents.registry.shape_keys`)."""
+
     def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig, seed: int = 0,
                  device: str | torch.device | None = "auto", profile: bool = False) -> None:
         super().__init__()

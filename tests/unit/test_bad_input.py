@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from choreo.launch import cli
-from choreo.launch.config import ConfigError, from_yaml_file, load_config, save_config
+from choreo.agents import registry
+from choreo.agents.config import AgentConfig
+from choreo.launch.config import ConfigError, from_yaml_file, load_config, save_config, snapshot_shape_keys
 from choreo.launch.pretrain import default_run_name, new_run_dir, pretrain
 from choreo.learner.learner import CHECKPOINT
 from choreo.learner.snapshot import SnapshotError, check_compatible, load_snapshot, save_snapshot
@@ -359,9 +361,11 @@ def test_snapshot_is_replaced_atomically(tmp_path, trained):
 
 
 def _load_fails(path: Path, *fragments: str, expected=None, config=None) -> str:
+    """Load as fine-tuning does: with the config, the agent's shape keys come from its algorithm."""
     before = path.read_bytes() if path.exists() else None
+    shape_keys = snapshot_shape_keys(config) if config is not None else ()
     with pytest.raises(SnapshotError) as info:
-        load_snapshot(path, expected=expected, config=config)
+        load_snapshot(path, expected=expected, config=config, shape_keys=shape_keys)
     message = str(info.value)
     assert str(path) in message, message
     for fragment in fragments:
@@ -421,6 +425,25 @@ def test_snapshot_from_other_sizes_names_key_shapes_and_config_keys(snapshot, tr
     fresh = other.state_dict()
     key = next(k for k in fresh if isinstance(fresh[k], torch.Tensor) and saved[k].shape != fresh[k].shape)
     assert f"'{key}' has shape {tuple(saved[key].shape)} in the snapshot and {tuple(fresh[key].shape)}" in message
+
+
+def test_shape_keys_come_from_the_algorithm(snapshot, trained):
+    """The learner names no algorithm's keys: the agent declares them (relative to its config),
+    the run config's section is added by launch, and each names an existing integer field."""
+    keys = registry.shape_keys("choreographer")
+    assert "world_model.deter" in keys and "choreographer.num_codes" in keys
+    assert snapshot_shape_keys(load_config(["tiny"])) == tuple("agent." + k for k in keys)
+    for key in keys:
+        node = AgentConfig()
+        for part in key.split("."):
+            assert hasattr(node, part), f"shape key {key!r} is not a field of AgentConfig"
+            node = getattr(node, part)
+        assert isinstance(node, int), key
+    # Without the agent's keys only the tensors and the run-level keys are named.
+    other_cfg = load_config(["tiny"], ["agent.world_model.deter=16"])
+    with pytest.raises(SnapshotError) as info:
+        load_snapshot(snapshot, expected=make(cfg=other_cfg.agent).state_dict(), config=other_cfg)
+    assert "does not fit this agent" in str(info.value) and "agent.world_model.deter" not in str(info.value)
 
 
 def test_snapshot_with_missing_or_unexpected_tensors(snapshot, trained):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -491,6 +493,27 @@ def test_gymnasium_registration():
         env = gymnasium.make("choreo/mw_reach", obs="pixels")
         assert env.reset(seed=0)[0].shape == (3, 64, 64)
         env.close()
+
+
+def _readme_gymnasium_snippets() -> list[str]:
+    """The python blocks of README.md's paragraph on gymnasium ids (up to the next heading)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.find("registered with gymnasium")
+    assert start >= 0, "README.md no longer says how the ids are registered with gymnasium"
+    end = readme.find("\n#", start)
+    return re.findall(r"```python\n(.*?)```", readme[start:end if end >= 0 else None], re.S)
+
+
+def test_readme_gymnasium_snippets_work_in_a_fresh_interpreter():
+    """The README's snippets, exactly as written, make a choreo env through gymnasium alone (a fresh
+    interpreter: nothing of choreo imported beforehand)."""
+    snippets = _readme_gymnasium_snippets()
+    assert len(snippets) >= 1
+    check = "\nprint(env.spec.id, env.observation_space.shape, obs.shape, obs.dtype)\nenv.close()\n"
+    for snippet in snippets:
+        out = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"README snippet failed:\n{snippet}\n{out.stderr[-3000:]}"
+        assert out.stdout.split("\n")[-2] == "choreo/walker_flip (24,) (24,) float32", (snippet, out.stdout)
 
 
 def test_mujoco_gl_set_on_import_unless_given():

@@ -1,4 +1,4 @@
-"""ReplayClient: stable routing, size-proportional sampling, failing shards, limiter, futures."""
+"""ReplayClient: stable routing, size-proportional sampling, failing shards, futures."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from choreo import vocabulary as B
-from choreo.buffer.client import ReplayClient
+from choreo.buffer.client import ReplayClient, route
 from choreo.buffer.codec import encode
-from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayShard
 
 STREAM, STEP = 0, 1  # observation columns
@@ -24,33 +23,40 @@ def chunk(stream: int, start: int, n: int = 25, episode: int = 1000) -> dict[str
             B.POLICY_VERSION: np.zeros(n, np.int64)}
 
 
-def feed(client: ReplayClient, streams, chunks_per_stream: int, n: int = 25) -> None:
-    for k in range(chunks_per_stream):
-        for s in streams:
-            assert client.add(chunk(s, k * n, n), s)
+def add(client: ReplayClient, chunk, worker: int) -> None:
+    """What a worker does: send its chunk to its own shard (the client only reads)."""
+    client.shards[route(worker, len(client.shards))].add(chunk, worker)
+
+
+def feed(client: ReplayClient, workers, chunks_per_worker: int, n: int = 25) -> None:
+    """Worker w writes one stream, numbered w."""
+    for k in range(chunks_per_worker):
+        for w in workers:
+            add(client, chunk(w, k * n, n), w)
 
 
 def test_routing_is_stable():
     shards = [ReplayShard(10_000, seed=i, name=f"shard{i}") for i in range(3)]
-    client = ReplayClient(shards, None, seed=0)
-    assert [client.shard_for(s) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    client = ReplayClient(shards, seed=0)
+    assert [route(w, 3) for w in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="num_shards"):
+        route(1, 0)
     feed(client, range(7), 4)
     for i, shard in enumerate(shards):
         held = shard.sample(500, 1, rng=0)[B.OBSERVATION][:, 0, STREAM].astype(int)
         assert set(held.tolist()) == {s for s in range(7) if s % 3 == i}
     assert [s.stats()["steps"] for s in shards] == [300, 200, 200]
-    assert client.stats()["steps_inserted"] == 700
     # encoded chunks route the same way
-    client.add(encode(chunk(4, 100), {"stream": 4}), 4)
+    add(client, encode(chunk(4, 100), {"stream": 4}), 4)
     assert shards[1].stats()["steps"] == 225
 
 
 def test_sampling_proportional_to_shard_sizes():
     shards = [ReplayShard(100_000, seed=i, name=f"shard{i}") for i in range(3)]
-    client = ReplayClient(shards, None, seed=1)
+    client = ReplayClient(shards, seed=1)
     for stream, chunks in ((0, 8), (1, 16), (2, 40)):  # 200, 400, 1000 steps
         for k in range(chunks):
-            client.add(chunk(stream, 25 * k), stream)
+            add(client, chunk(stream, 25 * k), stream)
     rows = np.zeros(3)
     for _ in range(200):
         batch = client.sample(32, 10)
@@ -64,10 +70,10 @@ def test_sampling_proportional_to_shard_sizes():
 
 def test_shard_without_window_gets_no_rows_and_empty_client_returns_none():
     shards = [ReplayShard(1000, seed=i, name=f"shard{i}") for i in range(2)]
-    client = ReplayClient(shards, None, seed=0)
+    client = ReplayClient(shards, seed=0)
     assert client.sample(4, 10) is None
-    client.add(chunk(0, 0, n=50), 0)
-    client.add(chunk(1, 0, n=5), 1)  # shard 1: 5 steps, no window of 10
+    add(client, chunk(0, 0, n=50), 0)
+    add(client, chunk(1, 0, n=5), 1)  # shard 1: 5 steps, no window of 10
     for _ in range(20):
         batch = client.sample(8, 10)
         assert (batch[B.OBSERVATION][:, :, STREAM] == 0).all()
@@ -76,7 +82,7 @@ def test_shard_without_window_gets_no_rows_and_empty_client_returns_none():
 def test_same_seed_same_batch_and_rows_shuffled():
     def build():
         shards = [ReplayShard(5000, seed=i, name=f"shard{i}") for i in range(2)]
-        client = ReplayClient(shards, None, seed=42)
+        client = ReplayClient(shards, seed=42)
         feed(client, range(4), 6)
         return client
 
@@ -114,7 +120,7 @@ def test_failing_shard_does_not_stop_sampling(futures, everything):
     if futures:  # Ray-style: call returns a future, gather resolves (and raises there)
         kwargs = {"call": lambda s, m, *a: (lambda: getattr(s, m)(*a)),
                   "gather": lambda futs: [f() for f in futs]}
-    client = ReplayClient(shards, None, seed=0, refresh_every=3, **kwargs)
+    client = ReplayClient(shards, seed=0, refresh_every=3, **kwargs)
     feed(client, range(6), 8)
     client.sample(32, 10)
     shards[1].broken, shards[1].everything = True, everything
@@ -144,31 +150,10 @@ def test_sizes_cached_between_refreshes():
         calls.append(method)
         return getattr(shard, method)(*args)
 
-    client = ReplayClient([ReplayShard(5000, seed=0)], None, seed=0, call=call, refresh_every=5)
+    client = ReplayClient([ReplayShard(5000, seed=0)], seed=0, call=call, refresh_every=5)
     feed(client, range(2), 4)
     for _ in range(20):
         client.sample(4, 5)
     assert calls.count("sample_info") == 4 and calls.count("sample") == 20
     client.sample(4, 6)  # another length: refreshed at once
     assert calls.count("sample_info") == 5
-
-
-def test_limiter_gates_both_sides():
-    lim = RateLimiter(samples_per_insert=1.0, tolerance=0.0, min_size=100)
-    client = ReplayClient([ReplayShard(5000, seed=0)], lim, seed=0, poll_s=0.001)
-    assert client.sample(2, 5) is None  # below min_size
-    feed(client, [0], 4)  # the 100 warm-up steps: not counted in the ratio
-    assert client.sample(1, 1) is None
-    assert client.add(chunk(0, 100), 0)  # 25 counted steps
-    assert lim.stats()["inserted"] == 125
-    batch = client.sample(1, 25)  # 25 sampled steps: ratio 1
-    assert batch is not None and lim.ratio() == 1.0
-    assert client.sample(1, 1) is None  # would push the ratio above 1
-    assert client.add(chunk(0, 125), 0)  # the learner can't sample, so inserting is allowed
-    assert lim.stats()["inserted"] == 150
-    assert not client.add(chunk(0, 150), 0, timeout=0.01)  # ratio 0.5 < 1: actors wait
-    assert client.sample(1, 25, timeout=0.01) is not None
-    assert client.sample(1, 1, timeout=0.01) is None  # the learner waits now
-    st = lim.stats()
-    assert st["insert_wait_count"] == 1 and st["insert_wait_s"] >= 0.01
-    assert st["sample_wait_count"] == 1 and st["sample_wait_s"] >= 0.01  # refusals with timeout 0 are not waits

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from choreo.actors.runner import EnvRunner, env_seed, make_runner, random_steps_per_env
+from choreo.actors.runner import EnvRunner, env_seed
+from choreo.launch.build import make_runner, random_steps_per_env
 from choreo.vocabulary import derive_seed
 from choreo import vocabulary as B
 

@@ -1,0 +1,271 @@
+"""The run core: what every loop decides, without Ray.
+
+A loop (`launch/local.py` in one process, `launch/distributed.py` on Ray) moves data and calls
+roles; the core decides and counts:
+- the counters: frames collected, updates trained, the weight version the workers act with;
+- the rate limiter's accounting: a worker's call reserves its steps before it is dispatched
+  (`may_collect`) and counts them when it returns (`collected`); batches are granted to the
+  learner (`grant`) and counted as sampled only when it reports them trained (`trained`), so the
+  ratio is what was trained on, whatever an update costs;
+- the checkpoint cadence, the metric names written to TensorBoard, the progress line and the
+  exit messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from choreo.launch.build import make_limiter
+from choreo.launch.config import Config
+from choreo.launch.monitor import Monitor, Pace, loss_note
+
+MAX_OUTSTANDING_BATCHES = 4
+"""Batches granted to the learner and not yet trained on: enough for its prefetch queue to stay
+full, few enough that the workers are held back as soon as the learner falls behind."""
+
+
+class RunStopped(RuntimeError):
+    """A fault the run cannot recover from; the message says which and why."""
+
+
+class RunCore:
+    """Counters, limiter accounting, checkpoint cadence, metrics and exit messages of one run.
+
+    counters: what the last checkpoint saved (`{"frames", "limiter"}`), or None for a new run.
+    updates: the learner's update count (its weight version) when the loop starts.
+    resume_command: how the user continues this run, for the exit messages.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, num_workers: int, action_repeat: int,
+                 counters: Mapping[str, Any] | None, updates: int, resume_command: str,
+                 monitor: Monitor | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.run_dir, self.clock = config, Path(run_dir), clock
+        rc, lc = config.replay, config.learner
+        self.limiter = make_limiter(config)
+        counters = dict(counters or {})
+        if "limiter" in counters:
+            self.limiter.load_state_dict(counters["limiter"])
+        self.frames = int(counters.get("frames", 0))
+        self.updates = self.version = int(updates)
+        self.action_repeat = action_repeat
+        self.batch_steps = rc.batch_size * rc.batch_length
+        self.outstanding = 0  # batches granted to the learner and not trained on
+        self.metrics: dict[str, float] = {}  # the learner's latest
+        self.stopping: str | None = None  # why the run stops, once a stop was asked for
+        self.resume_command = resume_command
+        self.monitor = monitor or Monitor(self.run_dir, lc.total_frames)
+        frames_per_update = (self.batch_steps / rc.samples_per_insert * action_repeat
+                             if rc.samples_per_insert else 0.0)
+        self.pace = Pace(lc.total_frames, frames_per_update, num_workers, clock=clock)
+        self.last_checkpoint = clock()
+        self.checkpoint_frames: int | None = int(counters["frames"]) if counters else None
+        self._insert_held_since: dict[int, float] = {}
+        self._sample_held_since: float | None = None
+        self._lags: list[float] = []
+
+    # ------------------------------------------------------------------ workers
+
+    def may_collect(self, worker: int, steps: int) -> bool:
+        """Whether worker `worker` may collect `steps` agent steps now; if so they are reserved
+        until `collected` (or `collect_lost`). A refusal starts (or continues) its wait."""
+        now = self.clock()
+        if self.stopping or not self.limiter.reserve_insert(steps):
+            self._insert_held_since.setdefault(worker, now)
+            return False
+        since = self._insert_held_since.pop(worker, None)
+        if since is not None:
+            self.limiter.record_wait("insert", now - since)
+        return True
+
+    def collected(self, steps: int, version: int) -> None:
+        """A worker's call came back with `steps` agent steps, acted with weights `version`."""
+        self.limiter.complete_insert(steps)
+        self.frames += steps * self.action_repeat
+        if version >= 0:
+            self._lags.append(self.version - version)
+
+    def collect_lost(self, steps: int) -> None:
+        """A reserved call will not come back (its worker broke for good)."""
+        self.limiter.complete_insert(steps, inserted=False)
+
+    # ------------------------------------------------------------------ learner
+
+    def grant(self) -> int:
+        """Batches the learner may draw now (reserved until `trained`): as many as the limiter
+        allows, up to MAX_OUTSTANDING_BATCHES not yet trained on. While the learner has nothing to
+        train on because of the limiter, its wait is counted."""
+        if self.stopping:
+            return 0
+        n = 0
+        while self.outstanding + n < MAX_OUTSTANDING_BATCHES and self.limiter.reserve_sample(self.batch_steps):
+            n += 1
+        self.outstanding += n
+        now = self.clock()
+        if n and self._sample_held_since is not None:
+            self.limiter.record_wait("sample", now - self._sample_held_since)
+            self._sample_held_since = None
+        elif not n and self.outstanding == 0 and self._sample_held_since is None:
+            self._sample_held_since = now
+        return n
+
+    def trained(self, batches: int, updates: int, metrics: Mapping[str, float] | None = None) -> None:
+        """The learner trained on `batches` granted batches and now stands at `updates` updates."""
+        batches = min(batches, self.outstanding)
+        self.outstanding -= batches
+        self.limiter.complete_sample(batches * self.batch_steps)
+        self.updates = self.version = updates
+        if metrics:
+            self.metrics = dict(metrics)
+            self.monitor.scalars(self.metrics, self.frames)
+
+    def release(self, batches: int) -> None:
+        """Gives back `batches` granted batches that will not be trained on (the replay held no
+        full window yet, or the learner holding them died)."""
+        batches = min(batches, self.outstanding)
+        self.outstanding -= batches
+        self.limiter.complete_sample(batches * self.batch_steps, trained=False)
+
+    def learner_replaced(self, updates: int) -> None:
+        """A dead learner was replaced from the last checkpoint, at `updates` updates: the batches
+        it held died with it, and the samples of the updates it made since the checkpoint are
+        uncounted (the new learner redoes them, so the workers wait for it as they should)."""
+        self.release(self.outstanding)
+        self.limiter.forget_samples(max(self.updates - updates, 0) * self.batch_steps)
+        self.updates = self.version = updates
+
+    # ------------------------------------------------------------------ cadence
+
+    @property
+    def done(self) -> bool:
+        return self.frames >= self.config.learner.total_frames
+
+    def checkpoint_due(self) -> bool:
+        return self.clock() - self.last_checkpoint > 60 * self.config.learner.checkpoint_minutes
+
+    def counters(self) -> dict[str, Any]:
+        """What a checkpoint stores beside the learner's state."""
+        return {"frames": self.frames, "limiter": self.limiter.state_dict()}
+
+    def checkpointed(self) -> None:
+        """The loop wrote a checkpoint with `counters()` (periodic or final)."""
+        self.last_checkpoint = self.clock()
+        self.checkpoint_frames = self.frames
+
+    # ------------------------------------------------------------------ metrics
+
+    def held_seconds(self) -> tuple[float, float]:
+        """Seconds the workers (summed) and the learner were held by the limiter, ongoing waits included."""
+        now, st = self.clock(), self.limiter.stats()
+        workers = st["insert_wait_s"] + sum(now - t for t in self._insert_held_since.values())
+        learner = st["sample_wait_s"] + (now - self._sample_held_since if self._sample_held_since is not None else 0)
+        return workers, learner
+
+    def ratio_scalars(self) -> dict[str, float]:
+        """The replay ratio trained on (sampled steps per inserted step after the warm-up) beside its target."""
+        st = self.limiter.stats()
+        scalars = {"replay/ratio": self.limiter.ratio(), "replay/target_ratio": self.config.replay.samples_per_insert,
+                   "learner/outstanding_batches": self.outstanding}
+        scalars.update({f"limiter/{k}": float(v) for k, v in st.items() if isinstance(v, (int, float))})
+        return scalars
+
+    def log(self, worker_stats: Iterable[Mapping[str, Any]] = (), shard_stats: Iterable[Mapping[str, Any] | None] = (),
+            extra: Mapping[str, float] | None = None) -> None:
+        """Writes the periodic scalars: workers' rates and episodes, policy lag, shards, the ratio,
+        throughput. Every loop logs through here, so the names mean one thing everywhere."""
+        monitor, frames = self.monitor, self.frames
+        scalars: dict[str, float] = {}
+        worker_stats = list(worker_stats)
+        for st in worker_stats:
+            rid = st["runner_id"]
+            scalars[f"actors/{rid}/steps_per_second"] = st["steps_per_second"]
+            for episode_return, length in st["episodes"]:
+                monitor.scalars({"episode/return": episode_return, "episode/length": length}, frames)
+        if worker_stats:
+            scalars["actors/steps_per_second"] = sum(st["steps_per_second"] for st in worker_stats)
+        if self._lags:
+            # how many updates behind the learner the weights were that acted in the calls since the last log
+            scalars["actors/policy_lag"] = float(np.mean(self._lags))
+            self._lags.clear()
+        steps = 0
+        for i, st in enumerate(shard_stats):
+            if st is None:
+                continue
+            steps += st["steps"]
+            scalars[f"replay/shard{i}/steps"] = st["steps"]
+            scalars[f"replay/shard{i}/inserted_steps"] = st["steps_inserted"]
+            scalars[f"replay/shard{i}/sampled_steps"] = st["steps_sampled"]
+        scalars["replay/steps"] = steps
+        scalars.update(self.ratio_scalars())
+        scalars["learner/weight_version"] = self.version
+        scalars["learner/updates"] = self.updates
+        scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
+            monitor.rates(frames, self.updates)
+        scalars.update(extra or {})
+        monitor.scalars(scalars, frames)
+
+    def progress(self, note: str = "") -> None:
+        """The progress line: frames, rates and the time left at the pace the limiter allows."""
+        if self.limiter.stats()["inserted"] >= self.config.replay.min_size:  # the warm-up is over
+            self.pace.update(self.frames, self.updates, *self.held_seconds())
+        else:
+            note = "warm-up " + note
+        self.monitor.progress(self.frames, self.updates, " ".join(filter(None, [loss_note(self.metrics), note])),
+                              pace=self.pace)
+
+    # ------------------------------------------------------------------ the end
+
+    def stop(self, why: str) -> None:
+        """A stop was asked for (a signal) or is forced (a fault): final, nothing is restarted after it."""
+        if self.stopping is None:
+            self.stopping = why
+
+    def finish(self, outcome: str, checkpoint: Callable[[], None] | None, detail: str = "", notes: str = "") -> int:
+        """Ends the run: writes the final checkpoint (unless `checkpoint` is None), prints what happened
+        and how to continue, closes the monitor; returns the exit code.
+
+        outcome: "done" (0), "interrupted" (a signal, 130), "stopped" (a fault, 1) or "nonfinite"
+        (1, no checkpoint: the last one is the last good state). detail: the fault's message.
+        """
+        word = {"done": "done", "interrupted": "interrupted: writing a checkpoint"}.get(outcome, "stopped")
+        self.monitor.progress(self.frames, self.updates, word, force=True, pace=self.pace)
+        lines = []
+        if outcome in ("stopped", "nonfinite"):
+            lines.append(f"the run stopped: {detail}")
+        saved = None
+        if checkpoint is not None:
+            try:
+                checkpoint()
+                saved = True
+            except Exception as exc:  # noqa: BLE001 - say why, and which checkpoint is still good
+                why = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                lines.append(f"could not write the final checkpoint ({type(exc).__name__}{': ' + why if why else ''}); "
+                             + self._last_good())
+                saved = False
+        if outcome == "done":
+            lines.append(f"finished: {self.frames:,} frames, {self.updates:,} updates; run directory {self.run_dir}"
+                         + (f"; {notes}" if notes else ""))
+        elif outcome == "nonfinite":
+            lines.append("no checkpoint was written after the non-finite updates; " + self._last_good())
+        elif saved:
+            lines.append(f"checkpoint written at {self.frames:,} frames; "
+                         + ("after fixing the cause " if outcome == "stopped" else "")
+                         + f"continue with: {self.resume_command}")
+        self.monitor.close()
+        print("\n" + "\n".join(lines), flush=True)
+        if outcome == "done" and saved is False:
+            return 1  # finished, but its end is not on disk
+        return {"done": 0, "interrupted": 130}.get(outcome, 1)
+
+    def _last_good(self) -> str:
+        from choreo.learner.learner import CHECKPOINT
+
+        path = self.run_dir / CHECKPOINT
+        if self.checkpoint_frames is None or not path.exists():
+            return f"there is no checkpoint of this run yet ({path} was never written)"
+        return (f"the last good one is {path}, at {self.checkpoint_frames:,} frames; "
+                f"continue with: {self.resume_command}")
