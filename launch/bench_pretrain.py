@@ -12,7 +12,8 @@ deleted afterwards (kept under --logdir when given). Measured from the driver's 
   - the rate limiter's waits: insert (workers held back because the learner was behind; seconds
     summed over workers, share of workers x wall time) and sample (the learner not granted a
     batch because the workers were behind; seconds, share of wall time);
-  - the achieved samples-per-insert ratio against its target (0 = limiter off).
+  - the replay ratio trained on (sampled steps of the batches the learner trained on, per step
+    inserted after the warm-up) against its target (0 = limiter off).
 With --repeats N the whole run is repeated (Ray restarted each time) and the best and median
 frames/s and updates/s are shown beside each run's row; on a shared machine the best is the one
 least disturbed by other processes. --seconds S stops a run after S measured seconds (like Ctrl-C:
@@ -212,7 +213,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
     print(f"  limiter: sample   {best['sample_wait_s']:>10.2f} s = {100 * best['sample_wait_share']:.1f}% of wall time "
           f"(learner held back: workers behind)")
     target = best["target_ratio"]
-    print(f"  samples/insert    {best['ratio']:>10.2f}  (target "
+    print(f"  trained/inserted  {best['ratio']:>10.2f}  (target "
           + (f"{target:g}, {100 * (best['ratio'] / target - 1):+.1f}%)" if target else "0: limiter off)"))
     if best["restarts"]:
         print(f"  note: {best['restarts']} restarts during the run")

@@ -215,14 +215,14 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
-    from choreo.launch.pretrain import interrupt_on_sigterm
+    from choreo.launch.pretrain import signals_stop_the_run
 
-    interrupt_on_sigterm()
-    try:
-        driver = Driver(ray, config, Path(run_dir), resume, on_tick, learner_actor or LearnerActor)
-        driver.exit_code = driver.run()
-    finally:
-        shutdown_ray()
+    with signals_stop_the_run():  # after ray.init, which installs a SIGTERM handler of its own
+        try:
+            driver = Driver(ray, config, Path(run_dir), resume, on_tick, learner_actor or LearnerActor)
+            driver.exit_code = driver.run()
+        finally:
+            shutdown_ray()  # a second signal meanwhile only says that the run is stopping
     return driver
 
 

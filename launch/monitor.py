@@ -38,6 +38,8 @@ class Pace:
         """Records the run's counters now: frames, updates, and the seconds the workers (summed over
         them) and the learner have been held back by the limiter so far."""
         now = self.clock()
+        if len(self._samples) > 1 and now - self._samples[-2][0] < 1.0:
+            self._samples.pop()  # at most one record a second: the newest replaces the last
         self._samples.append((now, frames, updates, workers_held_s, learner_held_s))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()

@@ -21,6 +21,27 @@ in an hour. A pretraining makes about a hundred calls a second, and the GCS grew
 per 200k calls (measured here); the embedded Ray keeps the last GCS_TASK_EVENTS instead (flat at
 about 90 MB), unless that variable is set. `launch/cluster.yaml` sets the same on the head node.
 
+Signals to the run's process group: schedulers (`timeout`, SLURM's scancel, ...) send SIGTERM, and
+a terminal's Ctrl-C sends SIGINT, to every process of the job's process group. Ray's processes
+are the driver's children and would be in its group: they would get the signal as well and stop
+while the driver still needs them for its final checkpoint. `start_local_ray` therefore starts
+each process that Ray spawns itself (GCS, raylet, log monitor, dashboard) in a session, hence a
+process group, of its own (`setsid`, by `start_new_session=True` on `ConsolePopen`, the one
+`Popen` subclass through which Ray's `start_ray_process` starts them; only during `ray.init`).
+The raylet's agents stay in the raylet's group and its workers get process groups of their own
+in its session (Ray's per-worker process groups). A signal to the driver's group thus reaches
+the driver only; the driver stops Ray with `shutdown_ray()` after its checkpoint: Ray's shutdown
+kills the processes it started by PID, and the raylet stops its agents and workers. Nothing is
+left when the driver dies without that shutdown (SIGKILL, a crash): Ray starts each of its
+processes with PR_SET_PDEATHSIG=SIGKILL (kernel fate-sharing), which a new session does not
+change, so GCS, raylet, log monitor and dashboard die with the driver, the workers within
+seconds of their raylet, and the two agents once they notice the raylet gone (they exit about a
+minute later, after failing to report it to the dead GCS; Ray's own behaviour, as before). Done only
+where Ray uses that kernel fate-sharing (Linux): elsewhere Ray cleans up with a reaper that kills
+the driver's process group, so its processes stay in that group (with SIGINT ignored, which keeps
+Ctrl-C but not SIGTERM off them). The services still listen on loopback only: where a process
+runs changes nothing of what it binds.
+
 Workers get `MUJOCO_GL=egl` and one OpenMP/MKL thread (torch then uses one intra-op thread per
 worker: the acting networks are tiny and several workers share the cores), through the job's
 runtime_env.
@@ -32,13 +53,14 @@ import contextlib
 import logging
 import os
 import signal
-import threading
+import subprocess
 import sys
+import threading
 import uuid
 import warnings
 from typing import Any
 
-from choreo.actors.runner import make_runner
+from choreo.launch.build import make_runner
 from choreo.buffer.codec import CodecError
 from choreo.buffer.shard import CheckpointMismatchError, ReplayShard
 
@@ -101,6 +123,39 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _ray_processes_in_new_sessions():
+    """While active, every process Ray starts itself (`ray._private.services.start_ray_process`:
+    GCS, raylet, log monitor, dashboard) starts in a session, hence a process group, of its own.
+
+    Only where Ray uses kernel fate-sharing (Linux, PR_SET_PDEATHSIG): without it Ray spawns a
+    reaper that cleans up by killing the driver's process group, which needs them in that group.
+    Yields whether the processes are moved."""
+    from ray._private import services, utils
+
+    original = getattr(services, "ConsolePopen", None)
+    if not (sys.platform.startswith("linux") and utils.detect_fate_sharing_support()):
+        yield False
+        return
+    if not (isinstance(original, type) and issubclass(original, subprocess.Popen)):
+        warnings.warn("this Ray has no ray._private.services.ConsolePopen: its processes stay in this process's "
+                      "group, and a SIGTERM sent to the group stops them before the final checkpoint",
+                      RuntimeWarning, stacklevel=3)
+        yield False
+        return
+
+    class _NewSessionPopen(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs["start_new_session"] = True  # setsid() in the child, before Ray's preexec_fn
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = _NewSessionPopen
+    try:
+        yield True
+    finally:
+        services.ConsolePopen = original
+
+
 def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int | None = None,
                     env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """Start an embedded Ray owned by this process, listening on 127.0.0.1 only.
@@ -114,11 +169,12 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object
     ray = _import_ray_for_loopback()
     if ray.is_initialized():
         raise RuntimeError("Ray is already running in this process; call shutdown_ray() first")
-    # Ray's processes are this one's children, in its process group: a Ctrl-C typed in the
-    # terminal would reach them too and kill them before the driver could write its final
-    # checkpoint. Started with SIGINT ignored (inherited), they leave Ctrl-C to the driver, which
-    # stops them with `shutdown_ray()` after checkpointing.
-    with _sigint_ignored():
+    # Ray's processes are this one's children: a signal to this process's group (a terminal's
+    # Ctrl-C, a scheduler's SIGTERM) must not reach them, or they die before the driver writes its
+    # final checkpoint. They start in sessions of their own (see the module docstring) and with
+    # SIGINT ignored (inherited; what keeps Ctrl-C off them where they stay in this group); the
+    # driver stops them with `shutdown_ray()` after checkpointing.
+    with _sigint_ignored(), _ray_processes_in_new_sessions():
         ctx = ray.init(
             address="local",  # always a new instance owned by this process, never someone else's cluster
             num_cpus=num_cpus,

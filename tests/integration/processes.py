@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 
-def start_endless_pretrain(logdir: Path, run_name: str, new_session: bool = False):
+def start_endless_pretrain(logdir: Path, run_name: str, new_session: bool = False, overrides: tuple[str, ...] = ()):
     """`choreo pretrain --preset tiny` that would run for days, started as a command, once its
     workers and learner are up. Returns the process, its run directory and the processes it
-    started (Ray's). new_session: in a process group of its own, as a terminal would start it."""
+    started (Ray's). new_session: in a process group of its own, as a terminal or a scheduler
+    would start it. overrides: more config overrides (key=value)."""
     import ray  # noqa: F401  (puts the psutil that ray[default] ships on sys.path)
     import psutil
 
     cmd = [sys.executable, "-m", "choreo.launch.cli", "pretrain", "--preset", "tiny", "--logdir", str(logdir),
-           f"run_name={run_name}", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000"]
+           f"run_name={run_name}", "learner.total_frames=100000000", "learner.checkpoint_minutes=1000", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=new_session)
     run_dir = logdir / run_name

@@ -1,5 +1,5 @@
 """Faults a pretraining run on Ray must survive: worker, shard and learner processes killed, an
-environment that raises, a loss that turns NaN, and Ctrl-C to the whole process group. Tiny
+environment that raises, a loss that turns NaN, and Ctrl-C or SIGTERM to the whole process group. Tiny
 models on a local Ray (loopback); the driver runs in the test process, and `on_tick` injects the
 faults at chosen frame counts."""
 
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,22 +127,64 @@ def test_environment_that_always_raises_stops_the_run_with_the_reason(tmp_path, 
     assert "failed 5 times in a row" in out and "simulated environment failure" in out
 
 
+def _signal_the_process_group(tmp_path: Path, signum: int, run_name: str) -> tuple[Path, dict]:
+    """Start `choreo pretrain` (tiny, embedded Ray) in a process group of its own, as a terminal or a
+    scheduler (`timeout`, SLURM) starts a job; once it wrote a periodic checkpoint and trained on,
+    send `signum` to the whole group, as Ctrl-C (SIGINT) or the scheduler (SIGTERM) does. Checks
+    that the driver wrote a final checkpoint after the signal, beyond the periodic one, exited 130,
+    and that no process of its Ray is left; returns the run directory and that final checkpoint."""
+    proc, run_dir, children = start_endless_pretrain(tmp_path, run_name, new_session=True,
+                                                     overrides=("learner.snapshot_frames=[400]",))
+    import psutil  # importable once ray is (start_endless_pretrain imports it)
+
+    try:
+        # Ray's processes run in sessions of their own (launch/ray_runtime.py): the group's signal
+        # reaches the driver only. The workers that the raylet starts later join the raylet's session.
+        assert all(os.getpgid(p.pid) != proc.pid for p in children), "a Ray process is in the driver's group"
+        ray_sessions = {os.getsid(p.pid) for p in children} - {os.getsid(proc.pid)}
+        assert ray_sessions
+        deadline = time.monotonic() + 120
+        while not (run_dir / CHECKPOINT).exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before its first checkpoint: {proc.communicate()[1][-3000:]}")
+        assert (run_dir / CHECKPOINT).exists(), "no periodic checkpoint within 120 s"
+        time.sleep(3)  # train on past the periodic checkpoint
+        periodic = torch.load(run_dir / CHECKPOINT, weights_only=True)["counters"]["frames"]
+        signalled_at = time.time()
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed check above: do not leave the run behind
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    written = re.search(rf"checkpoint written( at [\d,]+ frames)?; continue with: choreo pretrain --resume "
+                        rf"{re.escape(str(run_dir))}\n", out)
+    assert written, out[-3000:]
+    assert "could not write a final checkpoint" not in out
+    assert (run_dir / CHECKPOINT).stat().st_mtime >= signalled_at
+    final = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert final["counters"]["frames"] >= periodic > 0
+
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], [p.cmdline()[:2] for p in alive]
+    left = []  # also the workers started after `children` was taken: every process of Ray's sessions
+    for p in psutil.process_iter(["name"]):
+        try:
+            if os.getsid(p.pid) in ray_sessions:
+                left.append((p.pid, p.info["name"]))
+        except (ProcessLookupError, PermissionError):
+            continue
+    assert left == [], left
+    return run_dir, final
+
+
 def test_ctrl_c_to_the_process_group_checkpoints_stops_everything_and_resumes(tmp_path):
     # A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the driver and
     # every process it started.
-    proc, run_dir, children = start_endless_pretrain(tmp_path, "ctrl-c", new_session=True)
-    import psutil  # importable once ray is (start_endless_pretrain imports it)
-
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert f"checkpoint written; continue with: choreo pretrain --resume {run_dir}" in out
-    _, alive = psutil.wait_procs(children, timeout=30)
-    assert alive == [], [p.cmdline()[:2] for p in alive]
-
-    interrupted = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    run_dir, interrupted = _signal_the_process_group(tmp_path, signal.SIGINT, "ctrl-c")
     frames = interrupted["counters"]["frames"]
-    assert frames > 0
     from choreo.launch.config import from_yaml_file
 
     config = from_yaml_file(run_dir / "config.yaml")
@@ -150,6 +194,11 @@ def test_ctrl_c_to_the_process_group_checkpoints_stops_everything_and_resumes(tm
     assert resumed["counters"]["frames"] >= frames + 400
     assert resumed["updates"] > interrupted["updates"]
     assert np.isfinite(resumed["counters"]["limiter"]["sampled"])
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_stops_everything(tmp_path):
+    # Schedulers (`timeout`, SLURM's scancel) send SIGTERM to every process of the job's group.
+    _signal_the_process_group(tmp_path, signal.SIGTERM, "sigterm")
 
 
 def test_losses_that_stay_nan_stop_the_run_and_leave_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):

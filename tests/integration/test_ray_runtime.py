@@ -1,5 +1,6 @@
 """The embedded Ray: a remote EnvRunner on walker_walk (tiny) returns chunks, takes weights and
-stamps their version; every Ray process listens on loopback only."""
+stamps their version; every Ray process listens on loopback only and runs outside the driver's
+process group."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def test_local_ray_is_on_loopback(local_ray):
     assert any("gcs" in n for n in names) and any("raylet" in n for n in names), sockets
     off_loopback = [s for s in sockets if s[1] not in LOOPBACK_ADDRESSES]
     assert not off_loopback, f"Ray listens beyond loopback: {off_loopback}"
+
+
+def test_ray_processes_run_outside_this_process_group(local_ray):
+    """A signal to the driver's process group (Ctrl-C, a scheduler's SIGTERM) must reach the driver
+    only, so that it can write its final checkpoint before it stops Ray itself."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    assert any(p.name().startswith("raylet") for p in children)
+    in_group = [(p.pid, p.name()) for p in children if os.getpgid(p.pid) == os.getpgrp()]
+    assert not in_group, f"Ray processes in the driver's process group: {in_group}"
 
 
 def test_gcs_keeps_a_bounded_task_record(local_ray):
