@@ -51,7 +51,7 @@ class RunCore:
         if "limiter" in counters:
             self.limiter.load_state_dict(counters["limiter"])
         self.frames = int(counters.get("frames", 0))
-        self.updates = self.version = int(updates)
+        self.updates = int(updates)
         self.action_repeat = action_repeat
         self.batch_steps = rc.batch_size * rc.batch_length
         self.outstanding = 0  # batches granted to the learner and not trained on
@@ -67,6 +67,11 @@ class RunCore:
         self._insert_held_since: dict[int, float] = {}
         self._sample_held_since: float | None = None
         self._lags: list[float] = []
+
+    @property
+    def version(self) -> int:
+        """The weight version the learner publishes: its update count."""
+        return self.updates
 
     # ------------------------------------------------------------------ workers
 
@@ -118,7 +123,7 @@ class RunCore:
         batches = min(batches, self.outstanding)
         self.outstanding -= batches
         self.limiter.complete_sample(batches * self.batch_steps)
-        self.updates = self.version = updates
+        self.updates = updates
         if metrics:
             self.metrics = dict(metrics)
             self.monitor.scalars(self.metrics, self.frames)
@@ -136,7 +141,7 @@ class RunCore:
         uncounted (the new learner redoes them, so the workers wait for it as they should)."""
         self.release(self.outstanding)
         self.limiter.forget_samples(max(self.updates - updates, 0) * self.batch_steps)
-        self.updates = self.version = updates
+        self.updates = updates
 
     # ------------------------------------------------------------------ cadence
 
@@ -208,14 +213,15 @@ class RunCore:
         scalars.update(extra or {})
         monitor.scalars(scalars, frames)
 
-    def progress(self, note: str = "") -> None:
-        """The progress line: frames, rates and the time left at the pace the limiter allows."""
-        if self.limiter.stats()["inserted"] >= self.config.replay.min_size:  # the warm-up is over
+    def progress(self, note: str = "", force: bool = False) -> None:
+        """The progress line: frames, rates and the time left at the pace the limiter allows (during
+        the warm-up: its rates since the start, and no estimate)."""
+        warm = self.limiter.stats()["inserted"] >= self.config.replay.min_size
+        if warm:
             self.pace.update(self.frames, self.updates, *self.held_seconds())
-        else:
-            note = "warm-up " + note
-        self.monitor.progress(self.frames, self.updates, " ".join(filter(None, [loss_note(self.metrics), note])),
-                              pace=self.pace)
+        self.monitor.progress(self.frames, self.updates,
+                              " ".join(filter(None, [loss_note(self.metrics), note if warm else "warm-up " + note])),
+                              force=force, pace=self.pace if warm else None, eta=warm)
 
     # ------------------------------------------------------------------ the end
 
@@ -232,7 +238,7 @@ class RunCore:
         (1, no checkpoint: the last one is the last good state). detail: the fault's message.
         """
         word = {"done": "done", "interrupted": "interrupted: writing a checkpoint"}.get(outcome, "stopped")
-        self.monitor.progress(self.frames, self.updates, word, force=True, pace=self.pace)
+        self.progress(word, force=True)
         lines = []
         if outcome in ("stopped", "nonfinite"):
             lines.append(f"the run stopped: {detail}")

@@ -30,6 +30,7 @@ line says why not and which checkpoint is the last good one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -331,7 +332,8 @@ class Driver:
             return core.finish("nonfinite", None, self.nonfinite_stop)
         core.stop("done")
         code = core.finish("done", self._final_checkpoint, notes=self._fault_note().strip())
-        self.ray.get(self.learner.close.remote())
+        with contextlib.suppress(self.ray.exceptions.RayActorError):  # its checkpoint, if any, is written
+            self.ray.get(self.learner.close.remote())
         return code
 
     def _ready(self) -> list:

@@ -106,10 +106,11 @@ class Monitor:
         return self.frames_per_second, self.updates_per_second
 
     def progress(self, frames: int, updates: int, extra: str = "", force: bool = False,
-                 pace: Pace | None = None) -> None:
+                 pace: Pace | None = None, eta: bool = True) -> None:
         """Prints the progress line (at most every `interval` seconds unless `force`). With `pace`,
         the rates and the time left are its (recent, after the warm-up, at the pace the limiter
-        allows) and the line names the side that sets the pace; without, they are since the start."""
+        allows) and the line names the side that sets the pace; without, they are since the start.
+        eta=False: no time left (a warm-up says nothing of the pace after it)."""
         now = time.monotonic()
         if not force and now - self._last_print < self.interval:
             return
@@ -120,7 +121,7 @@ class Monitor:
             elapsed = now - self._start
             fps = frames / elapsed if elapsed > 0 else 0.0
             ups = updates / elapsed if elapsed > 0 else 0.0
-            left, bound = (self.total_frames - frames) / fps if fps > 0 else float("inf"), None
+            left, bound = (self.total_frames - frames) / fps if fps > 0 and eta else float("inf"), None
         share = min(frames / self.total_frames, 1.0) if self.total_frames else 1.0
         bar = "#" * int(share * 20)
         pace_note = f" ({bound}-bound)" if bound else ""
