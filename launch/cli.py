@@ -48,6 +48,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from choreo.launch.report import run
+
+    return run(args.run_dirs, plot_path=args.plot, markdown_path=args.markdown, reps=args.reps, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="choreo", description="Unsupervised skill learning with world models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run every component in this process, without Ray")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("report", help="URL benchmark report of fine-tuning runs: tables, intervals, curves")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or folders searched recursively for their eval.jsonl")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="write learning curves and aggregates (needs matplotlib)")
+    p.add_argument("--markdown", default=None, metavar="FILE.md", help="write the tables as Markdown")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap replicates of the confidence intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random generator")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
