@@ -111,7 +111,12 @@ def lambda_return(reward: Tensor, value: Tensor, discount: Tensor | float, boots
 
 
 def _lambda_return(reward: Tensor, next_value: Tensor, discount: Tensor | float, lambda_: float) -> Tensor:
-    """`lambda_return` given next_value[t] = v_{t+1} `[H, N]` (its last row is the bootstrap)."""
+    """`lambda_return` given next_value[t] = v_{t+1} `[H, N]` (its last row is the bootstrap).
+    Always in float32: under bf16 autocast the rewards and values come out in bfloat16, whose 8-bit
+    mantissa would round a sum over 15 steps, and with it every advantage and critic target."""
+    reward, next_value = reward.float(), next_value.float()
+    if isinstance(discount, Tensor):
+        discount = discount.float()
     inputs = reward + discount * (1.0 - lambda_) * next_value  # [H, N]
     carry = discount * lambda_
     returns = []
@@ -227,7 +232,7 @@ class ActorCritic(nn.Module):
             feats = traj.feat.unbind(0)
             next_value = torch.stack([self.target_critic(self._input(f, condition)) for f in feats[1:]]).squeeze(-1)
             target = _lambda_return(reward[:-1], next_value, cfg.discount, cfg.lambda_)  # [H, N]
-            weight = cfg.discount ** torch.arange(cfg.horizon + 1, device=reward.device, dtype=reward.dtype)
+            weight = cfg.discount ** torch.arange(cfg.horizon + 1, device=reward.device, dtype=torch.float32)
             entropy = torch.stack(entropies)  # [H, N]
             objective = target[1:]
             if self.entropy_scale:

@@ -84,11 +84,11 @@ class MetaController(nn.Module):
             reward = wm.reward(traj.feat).squeeze(-1)  # [H + 1, N], differentiable w.r.t. actions
             value = self.target_critic(traj.feat).squeeze(-1)  # [H + 1, N]
             target = lambda_return(reward[:-1], value[:-1], cfg.discount, value[-1], cfg.lambda_)  # [H, N]
-            weight = cfg.discount ** torch.arange(cfg.horizon + 1, device=value.device, dtype=value.dtype)
+            weight = cfg.discount ** torch.arange(cfg.horizon + 1, device=value.device, dtype=torch.float32)
 
             log_prob = torch.stack(log_probs)[:-1]  # [H - 1, N]: codes at states 0..H-2
             entropy = torch.stack(entropies)[:-1]
-            advantage = (target[1:] - value[:-2]).detach()
+            advantage = (target[1:] - value[:-2].float()).detach()  # float32 (see lambda_return)
             meta_objective = log_prob * advantage + self.entropy_scale * entropy
             meta_loss = -(weight[:-2, None] * meta_objective).mean()
             executor_loss = -(weight[:-2, None] * target[1:]).mean()

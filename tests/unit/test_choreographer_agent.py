@@ -293,6 +293,30 @@ def test_bf16_autocast_runs_on_cpu():
     assert np.isfinite(metrics["world_model/loss"])
 
 
+def test_bf16_autocast_keeps_returns_and_targets_in_float32(monkeypatch):
+    """Under bf16 autocast rewards and values come out in bfloat16; the lambda-returns (and with
+    them the advantages and critic targets) of the exploration, skill and meta actor-critics are
+    computed in float32."""
+    import choreo.agents.actor_critic as actor_critic
+
+    seen = []
+    original = actor_critic._lambda_return
+
+    def spy(reward, next_value, discount, lambda_):
+        out = original(reward, next_value, discount, lambda_)
+        seen.append((reward.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(actor_critic, "_lambda_return", spy)
+    agent = make(cfg=tiny("agent.precision.autocast=bf16"))
+    agent.update(batch())  # pretraining: exploration and skill actor-critics
+    agent.finetune_mode()
+    agent.update(batch(reward=1.0))  # the gate opens: the meta-controller trains
+    assert len(seen) == 3
+    assert any(inputs == torch.bfloat16 for inputs, _ in seen), "autocast was not in effect"
+    assert all(out == torch.float32 for _, out in seen), seen
+
+
 @pytest.mark.gpu
 def test_cuda_update_with_bf16_autocast_matches_checkpoint_round_trip():
     agent = ChoreographerAgent(STATE_SHAPE, ACTIONS, tiny(), seed=0, device="cuda")
