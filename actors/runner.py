@@ -251,6 +251,38 @@ class EnvRunner:
             out.extend(self.step())
         return out
 
+    def evaluate(self, episodes: int) -> list[float]:
+        """Returns of `episodes` fresh episodes acted by the policy (in this runner's mode), for
+        evaluation: nothing is written to chunks and the training streams are not touched (an
+        evaluation runner does nothing else). Environment i plays episodes i, i + N, ...; each
+        episode starts with a reset that continues the environment's own random stream."""
+        if episodes < 1:
+            raise ValueError(f"episodes must be at least 1, got {episodes}")
+        n = len(self.envs)
+        quota = [len(range(i, episodes, n)) for i in range(n)]  # episodes each env plays
+        returns: list[list[float]] = [[] for _ in range(n)]
+        obs = np.stack([env.reset()[0] for env in self.envs]).astype(self.obs_dtype)
+        first = np.ones(n, bool)
+        running = np.array([q > 0 for q in quota])
+        total = np.zeros(n)
+        state = self.policy.initial_state(n)
+        while running.any():
+            actions, state, _ = self.policy.act(obs, first, state, self.mode)
+            actions = np.asarray(actions, np.float32).reshape(n, self.action_dim)
+            first[:] = False
+            for i in np.flatnonzero(running):
+                obs[i], reward, terminated, truncated, _ = self.envs[i].step(actions[i])
+                total[i] += float(reward)
+                if terminated or truncated:
+                    returns[i].append(float(total[i]))
+                    total[i] = 0.0
+                    if len(returns[i]) == quota[i]:
+                        running[i] = False
+                    else:
+                        obs[i] = self.envs[i].reset()[0]
+                        first[i] = True
+        return [returns[i][k] for k in range(max(quota)) for i in range(n) if k < quota[i]]  # episode order
+
     def skip_random_steps(self) -> None:
         """End the random seed phase now (e.g. when a run resumes after it)."""
         if self._random_left > 0:

@@ -108,6 +108,13 @@ class ChoreographerConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    freeze_skills: bool = False
+    """Fine-tuning trains the meta-controller only: the skill actor keeps its pretrained weights
+    (the paper's Figure 9 ablation; the reference's flag for this has no effect)."""
+
+
+@dataclass(frozen=True)
 class PrecisionConfig:
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """Mixed precision of the learner: auto = bf16 autocast on CUDA, float32 on the CPU."""
@@ -125,3 +132,5 @@ class AgentConfig:
     """Skill codebook, skill rewards, exploration and meta-controller."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Mixed precision and compilation."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """What fine-tuning trains."""

@@ -33,13 +33,22 @@ def random_steps_per_env(config: Config, num_runners: int | None = None) -> int:
     return math.ceil(config.learner.seed_frames / per_step)
 
 
-def make_runner(config: Config, runner_id: int, seed: int | None = None, behaviour: str = "explore",
-                num_runners: int | None = None, mode: str = "sample", freeze_gc: bool = True) -> EnvRunner:
+def worker_behaviour(config: Config) -> str:
+    """The policy the environment workers run: exploration when pretraining, the meta-controller
+    (random skills until the reward gate opens) when fine-tuning."""
+    return "meta" if config.mode == "finetune" else "explore"
+
+
+def make_runner(config: Config, runner_id: int, seed: int | None = None, behaviour: str | None = None,
+                num_runners: int | None = None, mode: str = "sample", freeze_gc: bool = True,
+                num_envs: int | None = None, random_steps: int | None = None) -> EnvRunner:
     """The runner of worker `runner_id`: `config.envs_per_actor` environments of `config.env`, the
     acting policy of `config.algo` (seeded with `derive_seed(seed, "runner", runner_id, "policy")`),
     chunks of `config.replay.chunk_length` rows and `random_steps_per_env(config, num_runners)`
     random seed steps. `seed` is the run's root seed (default `config.seed`). `num_runners` is how
     many runners share the seed phase (default `config.num_actors`; 1 for a single-process run).
+    behaviour: the policy's (default: the run's, see `worker_behaviour`); num_envs and random_steps
+    override `config.envs_per_actor` and the seed phase.
 
     freeze_gc: call `gc.freeze()` once everything is built, so that the cyclic garbage collector
     no longer rescans the long-lived objects of torch, dm_control and the networks. Acting
@@ -50,25 +59,53 @@ def make_runner(config: Config, runner_id: int, seed: int | None = None, behavio
     from choreo.agents.registry import make_policy
 
     seed = config.seed if seed is None else seed
-    envs = [make_env_from_config(config.env, seed=env_seed(seed, runner_id, i)) for i in range(config.envs_per_actor)]
+    num_envs = config.envs_per_actor if num_envs is None else num_envs
+    envs = [make_env_from_config(config.env, seed=env_seed(seed, runner_id, i)) for i in range(num_envs)]
     obs_shape = tuple(envs[0].observation_space.shape)
     action_dim = int(np.prod(envs[0].action_space.shape))
-    policy = make_policy(config.algo, obs_shape, action_dim, config.agent, behaviour=behaviour,
+    policy = make_policy(config.algo, obs_shape, action_dim, config.agent,
+                         behaviour=behaviour or worker_behaviour(config),
                          seed=derive_seed(seed, "runner", runner_id, "policy"))
-    runner = EnvRunner(envs, policy, config.replay.chunk_length, runner_id, seed,
-                       random_steps=random_steps_per_env(config, num_runners), mode=mode)
+    if random_steps is None:
+        random_steps = random_steps_per_env(config, num_runners)
+    runner = EnvRunner(envs, policy, config.replay.chunk_length, runner_id, seed, random_steps=random_steps, mode=mode)
     if freeze_gc:
         gc.collect()
         gc.freeze()
     return runner
 
 
-def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int) -> Any:
-    """The learner-side agent of `config.algo` on `config.learner.device`."""
+def make_eval_runner(config: Config) -> EnvRunner:
+    """The evaluation worker: `config.eval.episodes` environments seeded apart from the training
+    ones (root seed `derive_seed(config.seed, "eval")`), the run's policy acting with its mean
+    action, no random steps."""
+    return make_runner(config, runner_id=0, seed=derive_seed(config.seed, "eval"), mode="mode",
+                       num_envs=config.eval.episodes, random_steps=0)
+
+
+def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, start: bool = True) -> Any:
+    """The learner-side agent of `config.algo` on `config.learner.device`. start: put it at the
+    mode's starting point (fine-tuning: the snapshot's weights, or random ones with
+    `finetune.from_scratch`, then the switch to fine-tuning); False when a checkpoint is loaded next."""
     from choreo.agents.registry import make_agent as registered_agent
 
-    return registered_agent(config.algo, obs_shape, action_dim, config.agent,
-                            seed=derive_seed(config.seed, "learner"), device=config.learner.device)
+    agent = registered_agent(config.algo, obs_shape, action_dim, config.agent,
+                             seed=derive_seed(config.seed, "learner"), device=config.learner.device)
+    if start and config.mode == "finetune":
+        pretrained = None if config.finetune.from_scratch else load_pretrained(config, agent)["agent"]
+        agent.start_finetuning(pretrained)
+    return agent
+
+
+def load_pretrained(config: Config, agent: Any) -> dict[str, Any]:
+    """`config.finetune.snapshot`, checked against `agent` (a fresh one of this run): a snapshot of
+    another domain, observation type, action size or network size raises SnapshotError naming
+    the file and what differs."""
+    from choreo.launch.config import snapshot_shape_keys
+    from choreo.learner.snapshot import load_snapshot
+
+    return load_snapshot(config.finetune.snapshot, expected=agent.state_dict(), config=config,
+                         shape_keys=snapshot_shape_keys(config))
 
 
 def shard_args(config: Config, index: int) -> tuple[int, int, str]:

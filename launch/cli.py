@@ -48,6 +48,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain(args)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from choreo.launch.pretrain import finetune
+
+    return finetune(args)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
+    p.add_argument("--local", action="store_true", help="run every component in this process, without Ray")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from choreo.launch.report import run
 
@@ -77,11 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain skills without rewards")
     _config_args(p)
-    p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
-    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
-    p.add_argument("--local", action="store_true", help="run every component in this process, without Ray")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    _run_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="adapt pretrained skills to a task (task=TASK), with evaluations")
+    _config_args(p)
+    _run_args(p)
+    p.add_argument("--snapshot", default=None, metavar="FILE", help="pretraining snapshot to start from")
+    p.add_argument("--from-scratch", action="store_true", help="the same protocol from random weights")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("report", help="URL benchmark report of fine-tuning runs: tables, intervals, curves")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

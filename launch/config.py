@@ -2,11 +2,13 @@
 
 Composition order (later wins):
     configs/base.yaml -> configs/algo/<algo>.yaml -> configs/suite/<suite>.yaml
-    -> configs/size/<size>.yaml -> key=value overrides from the command line.
+    -> configs/size/<size>.yaml -> configs/mode/<mode>.yaml -> key=value overrides from the command line.
 
 `--preset NAME` picks the preset NAME from whichever group has it, so `--preset pixels --preset
 tiny` and `--preset tiny --preset pixels` mean the same. The group choices are themselves keys
-(`algo`, `suite`, `size`) and may also be given as overrides (`algo=dads`).
+(`algo`, `suite`, `size`, `mode`) and may also be given as overrides (`algo=dads`). The mode is
+what a command does (`choreo pretrain`: pretrain, `choreo finetune`: finetune); its preset holds
+that protocol's defaults (for fine-tuning: 100k frames, no random warm-up, evaluations).
 """
 
 from __future__ import annotations
@@ -34,12 +36,29 @@ from choreo.buffer.config import ReplayConfig
 from choreo.learner.config import LearnerConfig
 
 CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
-GROUPS = ("algo", "suite", "size")
+GROUPS = ("algo", "suite", "size", "mode")
 """Preset groups, in composition order after base."""
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be run; the message names the key or file at fault."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_frames: int = 0
+    """Frames between evaluations, the first at frame 0 (0: no evaluations)."""
+    episodes: int = 10
+    """Episodes of one evaluation, on environments seeded apart from the training ones, acting
+    with the policy's mean action."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    snapshot: str = ""
+    """Pretraining snapshot that fine-tuning starts from (set by `choreo finetune --snapshot`)."""
+    from_scratch: bool = False
+    """Fine-tune from random weights instead of a snapshot, with the same protocol."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,8 @@ class Config:
     """Observation suite; selects configs/suite/<suite>.yaml."""
     size: Literal["paper", "tiny"] = "paper"
     """Model and run size; selects configs/size/<size>.yaml."""
+    mode: Literal["pretrain", "finetune"] = "pretrain"
+    """What the run does (set by the command); selects configs/mode/<mode>.yaml."""
     seed: int = 0
     """Root seed; every actor, environment and shard seed is derived from it."""
     logdir: str = "runs"
@@ -70,6 +91,10 @@ class Config:
     """The sharded replay service."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """The learner process."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluations during the run."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Where fine-tuning starts from."""
 
 
 # ----------------------------------------------------------------------------- field docs
@@ -396,6 +421,15 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'replay.samples_per_insert' must be >= 0 (0 switches the limiter off)")
     if config.replay.batch_size * config.replay.batch_length > config.replay.capacity:
         raise ConfigError("config key 'replay.capacity' is smaller than one batch (batch_size x batch_length)")
+    if config.eval.every_frames < 0:
+        raise ConfigError(f"config key 'eval.every_frames' must be >= 0 (0: no evaluations), got {config.eval.every_frames}")
+    if config.eval.episodes < 1:
+        raise ConfigError(f"config key 'eval.episodes' must be at least 1, got {config.eval.episodes}")
+    if config.mode == "finetune" and not (config.finetune.snapshot or config.finetune.from_scratch):
+        raise ConfigError("mode 'finetune' starts from config key 'finetune.snapshot' (choreo finetune --snapshot "
+                          "FILE) or from random weights with 'finetune.from_scratch=true' (--from-scratch)")
+    if config.finetune.snapshot and config.finetune.from_scratch:
+        raise ConfigError("config keys 'finetune.snapshot' and 'finetune.from_scratch' exclude each other")
     if not 0 < config.agent.choreographer.ema_decay < 1:
         raise ConfigError("config key 'agent.choreographer.ema_decay' must be in (0, 1)")
 

@@ -7,12 +7,16 @@ roles; the core decides and counts:
   (`may_collect`) and counts them when it returns (`collected`); batches are granted to the
   learner (`grant`) and counted as sampled only when it reports them trained (`trained`), so the
   ratio is what was trained on, whatever an update costs;
+- when evaluations are due (`eval.every_frames`, the first at frame 0, the last once the run has
+  its frames) and where their results go (TensorBoard and `eval.jsonl`);
 - the checkpoint cadence, the metric names written to TensorBoard, the progress line and the
   exit messages.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -27,6 +31,15 @@ from choreo.launch.monitor import Monitor, Pace, loss_note
 MAX_OUTSTANDING_BATCHES = 4
 """Batches granted to the learner and not yet trained on: enough for its prefetch queue to stay
 full, few enough that the workers are held back as soon as the learner falls behind."""
+
+
+EVAL_FILE = "eval.jsonl"
+"""One JSON line per evaluation in the run directory (read by `choreo report`)."""
+
+
+def resume_command(config: Config, run_dir: Path, local: bool) -> str:
+    """How the user continues a run that stopped: the command of its mode, with --resume."""
+    return f"choreo {config.mode}{' --local' if local else ''} --resume {run_dir}"
 
 
 class RunStopped(RuntimeError):
@@ -64,6 +77,8 @@ class RunCore:
         self.pace = Pace(lc.total_frames, frames_per_update, num_workers, clock=clock)
         self.last_checkpoint = clock()
         self.checkpoint_frames: int | None = int(counters["frames"]) if counters else None
+        self.next_eval = int(counters.get("next_eval", 0))  # the frame the next evaluation is due at
+        self.evaluating = False
         self._insert_held_since: dict[int, float] = {}
         self._sample_held_since: float | None = None
         self._lags: list[float] = []
@@ -79,7 +94,7 @@ class RunCore:
         """Whether worker `worker` may collect `steps` agent steps now; if so they are reserved
         until `collected` (or `collect_lost`). A refusal starts (or continues) its wait."""
         now = self.clock()
-        if self.stopping or not self.limiter.reserve_insert(steps):
+        if self.stopping or self.done or not self.limiter.reserve_insert(steps):
             self._insert_held_since.setdefault(worker, now)
             return False
         since = self._insert_held_since.pop(worker, None)
@@ -147,14 +162,56 @@ class RunCore:
 
     @property
     def done(self) -> bool:
+        """The run has its frames (workers get no more calls)."""
         return self.frames >= self.config.learner.total_frames
+
+    @property
+    def finished(self) -> bool:
+        """The run has its frames and its last evaluation."""
+        return self.done and not self.evaluating and not self.eval_due()
+
+    # ------------------------------------------------------------------ evaluations
+
+    def eval_due(self) -> bool:
+        """An evaluation is due (at frame 0, then every `eval.every_frames`) and none is running."""
+        return self.config.eval.every_frames > 0 and not self.evaluating and self.frames >= self.next_eval
+
+    def start_eval(self) -> int:
+        """The loop starts the due evaluation with the current weights; returns the frame it is of."""
+        self.evaluating = True
+        return self.frames
+
+    def evaluated(self, frame: int, returns: list[float]) -> None:
+        """An evaluation's episode returns: to TensorBoard (`eval/*` at `frame`), one line of
+        `eval.jsonl` (task, seed, frame, mean return, every return, mode) and the terminal."""
+        every = self.config.eval.every_frames
+        self.evaluating = False
+        self.next_eval = (frame // every + 1) * every
+        values = np.asarray(returns, np.float64)
+        mean = float(values.mean())
+        se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        self.monitor.scalars({"eval/return": mean, "eval/return_se": se, "eval/episodes": len(values)}, frame)
+        c = self.config
+        mode = c.mode if c.mode != "finetune" else ("scratch" if c.finetune.from_scratch else "finetune")
+        record = {"task": c.env.task, "seed": c.seed, "frame": int(frame), "mean_return": mean,
+                  "returns": [float(r) for r in values], "mode": mode}
+        with open(self.run_dir / EVAL_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"\nevaluation at {frame:,} frames: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
+              flush=True)
+
+    def eval_lost(self) -> None:
+        """The evaluation in flight will not come back (it is started again when due)."""
+        self.evaluating = False
 
     def checkpoint_due(self) -> bool:
         return self.clock() - self.last_checkpoint > 60 * self.config.learner.checkpoint_minutes
 
     def counters(self) -> dict[str, Any]:
         """What a checkpoint stores beside the learner's state."""
-        return {"frames": self.frames, "limiter": self.limiter.state_dict()}
+        return {"frames": self.frames, "limiter": self.limiter.state_dict(), "next_eval": self.next_eval}
 
     def checkpointed(self) -> None:
         """The loop wrote a checkpoint with `counters()` (periodic or final)."""

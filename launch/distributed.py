@@ -46,7 +46,7 @@ import numpy as np
 from choreo.buffer.client import route
 from choreo.launch.build import make_agent, make_learner, make_sampler, shard_args
 from choreo.launch.config import Config
-from choreo.launch.core import RunCore, RunStopped
+from choreo.launch.core import RunCore, RunStopped, resume_command
 from choreo.launch.local import REPLAY_DIR
 from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
@@ -156,6 +156,10 @@ class LearnerActor:
                 "weights": self._published, "wait_seconds": self.learner.wait_seconds,
                 "train_seconds": self.train_seconds, "snapshot": str(snapshot) if snapshot else None}
 
+    def weights(self) -> tuple[Any, int] | None:
+        """The newest published acting weights (object reference, version)."""
+        return self._published
+
     def checkpoint(self, counters: dict[str, Any]) -> str:
         return str(self.learner.save_checkpoint(counters))
 
@@ -212,7 +216,7 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
         # Logical CPUs: one per environment worker, one for the learner and one shared by the
         # shards' token shares, even on a smaller machine (they then share its cores), so that
         # any num_actors can be scheduled locally.
-        cpus = config.num_actors + 1 + math.ceil(config.num_shards * SHARD_CPUS)
+        cpus = config.num_actors + 1 + math.ceil(config.num_shards * SHARD_CPUS) + (config.eval.every_frames > 0)
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
@@ -244,6 +248,7 @@ class Driver:
                            *shard_args(config, i), self.replay_dir) for i in range(config.num_shards)]
         runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy="SPREAD")
         self.runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
+        self.evaluator = runner_cls.remote(config, 0, config.seed, evaluation=True) if config.eval.every_frames else None
         runner_info = self._wait_for([r.info.remote() for r in self.runners], "environment workers", 1.0)
         if resume:
             ray.get([s.resume.remote() for s in self.shards])
@@ -262,14 +267,18 @@ class Driver:
         self.core = RunCore(config, run_dir, num_workers=len(self.runners),
                             action_repeat=runner_info[0]["action_repeat"],
                             counters=learner_info["counters"] if resume else None, updates=learner_info["updates"],
-                            resume_command=f"choreo pretrain --resume {run_dir}")
+                            resume_command=resume_command(config, run_dir, local=False))
         self.steps_per_call = config.replay.chunk_length * config.envs_per_actor
 
         self.collecting: dict[Any, tuple[int, Any]] = {}  # summary ref -> (worker, chunks ref)
         self.adding: dict[Any, int] = {}  # shard add ref -> shard
         self.idle: list[int] = list(range(len(self.runners)))  # workers without a call
         self.train_ref: Any = None  # the learner call in flight
+        self.eval_ref: Any = None  # the evaluation in flight
+        self.eval_frame = 0  # the frame it is of
+        self.eval_failures = 0  # in a row
         self.weights: tuple[Any, int] | None = None  # the newest weights sent to the workers
+        self._broadcast(ray.get(self.learner.weights.remote()))  # the workers act with the learner's from the start
         self.runner_restarts = [0] * len(self.runners)
         self.runner_failures = [0] * len(self.runners)  # in a row
         self.runner_versions = [-1] * len(self.runners)  # weight version of each worker's latest call
@@ -300,10 +309,12 @@ class Driver:
         core = self.core
         last_stats = time.monotonic()
         try:
-            while not core.done and not self.nonfinite_stop:
+            while not core.finished and not self.nonfinite_stop:
                 for ref in self._ready():
                     if ref == self.train_ref:
                         self._trained(ref)
+                    elif ref == self.eval_ref:
+                        self._evaluated(ref)
                     elif ref in self.adding:
                         self._shard_ack(self.adding.pop(ref), ref)
                     else:
@@ -314,6 +325,8 @@ class Driver:
                     self._dispatch(i)
                 if self.train_ref is None and ((grant := core.grant()) or core.outstanding):
                     self.train_ref = self.learner.train.remote(grant, core.frames)
+                if core.eval_due():
+                    self._evaluate()
                 if time.monotonic() - last_stats > STATS_SECONDS:
                     last_stats = time.monotonic()
                     self._log_stats()
@@ -338,7 +351,7 @@ class Driver:
 
     def _ready(self) -> list:
         """The calls that finished: waits up to a second for one, then takes all that are done."""
-        waiting = [*self.collecting, *self.adding] + ([self.train_ref] if self.train_ref else [])
+        waiting = [*self.collecting, *self.adding] + [r for r in (self.train_ref, self.eval_ref) if r is not None]
         if not waiting:
             time.sleep(0.01)
             return []
@@ -464,13 +477,38 @@ class Driver:
             return
         self.learner_restarts_in_a_row = 0
         self.core.trained(result["batches"], result["updates"], result["metrics"])
-        if result["weights"] is not None and (self.weights is None or result["weights"][1] != self.weights[1]):
-            self.weights = result["weights"]
-            for r in self.runners:
-                r.set_weights.remote(*self.weights)
+        self._broadcast(result["weights"])
         self.learner_wait_seconds, self.learner_train_seconds = result["wait_seconds"], result["train_seconds"]
         if result["snapshot"]:
             self.checkpoint()
+
+    def _broadcast(self, weights: tuple[Any, int] | None) -> None:
+        """New acting weights (object reference, version) to every worker; their calls keep their order."""
+        if weights is not None and (self.weights is None or weights[1] != self.weights[1]):
+            self.weights = weights
+            for r in self.runners:
+                r.set_weights.remote(*weights)
+
+    def _evaluate(self) -> None:
+        """The due evaluation, on the evaluation worker with the newest weights."""
+        self.evaluator.set_weights.remote(*self.weights)
+        self.eval_frame = self.core.start_eval()
+        self.eval_ref = self.evaluator.evaluate.remote(self.config.eval.episodes)
+
+    def _evaluated(self, ref: Any) -> None:
+        self.eval_ref = None
+        try:
+            returns = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # its worker died and its retries failed: due again
+            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            self.eval_failures += 1
+            if self.eval_failures >= MAX_RUNNER_FAILURES:
+                raise RunStopped(f"the evaluation failed {self.eval_failures} times in a row; last error: {cause}")
+            print(f"\nthe evaluation at {self.eval_frame:,} frames failed ({cause}); it runs again", flush=True)
+            self.core.eval_lost()
+            return
+        self.eval_failures = 0
+        self.core.evaluated(self.eval_frame, returns)
 
     def _restart_learner(self, exc: BaseException) -> None:
         if self.core.stopping:
@@ -486,7 +524,8 @@ class Driver:
         if info["restored_digest"] is None:
             print("there was no checkpoint yet: the new learner starts from scratch", flush=True)
         self.core.learner_replaced(info["updates"])
-        self.weights = None  # the new learner's first result carries its restored weights
+        self.weights = None
+        self._broadcast(self.ray.get(self.learner.weights.remote()))  # the restored weights
         self.restart_log.append({"role": "learner", "frames": self.frames, "updates": info["updates"],
                                  "digest": self.learner_digest, **self.learner_where})
         self.core.monitor.scalars({"learner/restarts": self.learner_restarts}, self.frames)

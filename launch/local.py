@@ -1,6 +1,6 @@
-"""`choreo pretrain --local`: every role in this one process, no Ray. The roles come from the
-builder and the decisions from the run core, as on Ray; the loop only moves the data. Useful for
-debugging and for machines where Ray is not wanted.
+"""`--local`: every role in this one process, no Ray, for every mode (pretraining, fine-tuning).
+The roles come from the builder and the decisions from the run core, as on Ray; the loop only
+moves the data. Useful for debugging and for machines where Ray is not wanted.
 
 In one thread the two sides take turns: the worker steps its environments when the limiter lets
 it insert, and the learner trains on the batches the limiter grants, one at a time.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from choreo.launch.build import make_agent, make_learner, make_runner, make_sampler, make_shard
+from choreo.launch.build import make_agent, make_eval_runner, make_learner, make_runner, make_sampler, make_shard
 from choreo.launch.config import Config
-from choreo.launch.core import RunCore
+from choreo.launch.core import RunCore, resume_command
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 REPLAY_DIR = "replay"
@@ -24,11 +24,17 @@ STATS_SECONDS = 5.0
 def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
     rc = config.replay
     runner = make_runner(config, runner_id=0, num_runners=1)
-    agent = make_agent(config, runner.obs_shape, runner.action_dim)
+    evaluator = make_eval_runner(config) if config.eval.every_frames else None
+    agent = make_agent(config, runner.obs_shape, runner.action_dim, start=not resume)
     shard = make_shard(config, 0)
     sampler = make_sampler(config, [shard])
+
+    def publish(weights: dict, version: int) -> None:
+        for r in filter(None, (runner, evaluator)):
+            r.set_weights(weights, version)
+
     learner = make_learner(config, agent, lambda: sampler.sample(rc.batch_size, rc.batch_length),
-                           runner.set_weights, run_dir, prefetch=0)  # replay is read in this thread
+                           publish, run_dir, prefetch=0)  # replay is read in this thread
     counters = None
     if resume:
         counters = learner.load_checkpoint()
@@ -37,7 +43,7 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
         print(f"resumed {run_dir} at {int(counters['frames']):,} frames, {learner.updates:,} updates, "
               f"{shard.stats()['steps']:,} steps in replay")
     core = RunCore(config, run_dir, num_workers=1, action_repeat=config.env.action_repeat, counters=counters,
-                   updates=learner.updates, resume_command=f"choreo pretrain --local --resume {run_dir}")
+                   updates=learner.updates, resume_command=resume_command(config, run_dir, local=True))
     learner.publish()
     steps_per_call = len(runner.envs)
 
@@ -48,7 +54,9 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
 
     last_stats = time.monotonic()
     try:
-        while not core.done:
+        while not core.finished:
+            if core.eval_due():
+                core.evaluated(core.start_eval(), evaluator.evaluate(config.eval.episodes))
             if core.may_collect(0, steps_per_call):
                 for stream, chunk in runner.step():
                     shard.add(chunk, stream)

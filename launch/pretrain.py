@@ -1,4 +1,5 @@
-"""`choreo pretrain`: resolve the config, prepare the run directory, and run the loop."""
+"""`choreo pretrain` and `choreo finetune`: resolve the config, prepare the run directory, and run
+the loop of the mode (the same loops, local or on Ray, for both)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import signal
 import time
 import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from choreo.launch.config import (RESUME_OVERRIDES, Config, ConfigError, check_run_name, from_yaml_file, load_config,
                            save_config, with_overrides)
@@ -116,12 +119,62 @@ def resumable_run_dir(path: str | os.PathLike) -> Path:
 
 
 def pretrain(args: argparse.Namespace) -> int:
+    """`choreo pretrain`: skills without rewards."""
+    return run_mode(args, "pretrain")
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """`choreo finetune --snapshot FILE task=TASK` (or `--from-scratch`): adapt to a task."""
+    return run_mode(args, "finetune")
+
+
+def mode_overrides(args: argparse.Namespace, mode: str) -> list[str]:
+    """The command's own keys, before the user's overrides: the mode and, for fine-tuning, where it
+    starts from (the snapshot as an absolute path, so that the saved config works from anywhere)."""
+    if mode != "finetune":
+        return [f"mode={mode}"]
+    if bool(args.snapshot) == bool(args.from_scratch):
+        raise ConfigError("choreo finetune needs exactly one of --snapshot FILE (a pretraining snapshot, "
+                          "runs/<run>/snapshots/snapshot_<frames>.pt) and --from-scratch")
+    if args.from_scratch:
+        return ["mode=finetune", "finetune.from_scratch=true"]
+    snapshot = Path(args.snapshot).expanduser()
+    if not snapshot.is_file():
+        raise ConfigError(f"--snapshot {snapshot}: no such file")
+    return ["mode=finetune", f"finetune.snapshot={snapshot.resolve()}"]
+
+
+def check_snapshot(config: Config) -> None:
+    """Refuse, before anything starts, a snapshot that does not fit the run (another domain,
+    observation type, action size or network size): the message names the file and what differs."""
+    from choreo.actors.envs import make_env_from_config
+    from choreo.launch.build import load_pretrained
+    from choreo.learner.snapshot import SnapshotError
+
+    env = make_env_from_config(config.env, seed=0)
+    try:
+        obs_shape, action_dim = tuple(env.observation_space.shape), int(np.prod(env.action_space.shape))
+    finally:
+        env.close()
+    from choreo.agents.registry import make_agent
+
+    agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device="cpu")
+    try:
+        load_pretrained(config, agent)
+    except SnapshotError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     if args.resume:
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
         run_dir = resumable_run_dir(args.resume)
         config = from_yaml_file(run_dir / "config.yaml")
+        if config.mode != mode:
+            raise ConfigError(f"cannot resume {run_dir} with choreo {mode}: it is a {config.mode} run; "
+                              f"continue it with choreo {config.mode} --resume {run_dir}")
         if args.overrides:  # e.g. learner.total_frames=4000000 to run on past the planned end
             try:
                 config = with_overrides(config, args.overrides, RESUME_OVERRIDES)
@@ -129,9 +182,15 @@ def pretrain(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--resume continues a run with its saved config: {e}") from None
             save_config(config, run_dir)
     else:
-        config = load_config(args.preset, args.overrides)
+        # `task=...` is short for env.task (`choreo finetune --snapshot FILE task=walker_run`)
+        overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
+        config = load_config(args.preset, mode_overrides(args, mode) + overrides)
+        if config.mode != mode:
+            raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {config.mode}")
         if args.logdir:
             config = dataclasses.replace(config, logdir=args.logdir)
+        if mode == "finetune" and not config.finetune.from_scratch:
+            check_snapshot(config)
         run_dir = new_run_dir(config, args.logdir)
         save_config(config, run_dir, exclusive=True)
     print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1")

@@ -60,7 +60,7 @@ import uuid
 import warnings
 from typing import Any
 
-from choreo.launch.build import make_runner
+from choreo.launch.build import make_eval_runner, make_runner
 from choreo.buffer.codec import CodecError
 from choreo.buffer.shard import CheckpointMismatchError, ReplayShard
 
@@ -257,9 +257,12 @@ class RunnerActor:
     without an is_last row, and the new one starts with is_first.
     """
 
-    def __init__(self, config: Any, runner_id: int, seed: int, behaviour: str = "explore",
-                 num_runners: int | None = None, mode: str = "sample") -> None:
-        self.runner = make_runner(config, runner_id, seed, behaviour=behaviour, num_runners=num_runners, mode=mode)
+    def __init__(self, config: Any, runner_id: int, seed: int, behaviour: str | None = None,
+                 num_runners: int | None = None, mode: str = "sample", evaluation: bool = False) -> None:
+        """behaviour: the policy's (default: the run's); evaluation: the run's evaluation worker
+        (`make_eval_runner`: its own seeds, the mean action), which only `evaluate`s."""
+        self.runner = (make_eval_runner(config) if evaluation else
+                       make_runner(config, runner_id, seed, behaviour=behaviour, num_runners=num_runners, mode=mode))
         self.incarnation = uuid.uuid4().hex[:12]
         self.restarted = _reconstructed()
         if self.restarted:
@@ -277,6 +280,9 @@ class RunnerActor:
         chunks = self.runner.run(steps)
         return chunks, {"steps": steps * len(self.runner.envs), "incarnation": self.incarnation,
                         "version": self.runner.version, **_where()}
+
+    def evaluate(self, episodes: int) -> list[float]:
+        return self.runner.evaluate(episodes)
 
     def set_weights(self, arrays: dict, version: int) -> int:
         self.runner.set_weights(arrays, version)

@@ -104,6 +104,7 @@ class ChoreographerAgent(nn.Module):
         self.action_dim = action_dim
         self.device = resolve_device(device)
         self.timer = PartTimer(self.device if profile else None)
+        self.seed = seed
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(seed)
         wm_cfg, ac_cfg, ch = cfg.world_model, cfg.actor_critic, cfg.choreographer
@@ -164,6 +165,20 @@ class ChoreographerAgent(nn.Module):
         self.executor_opt = self._executor_optimizer()
         self.finetuning.fill_(True)
         self.gate_open.fill_(False)
+
+    def start_finetuning(self, pretrained: Mapping[str, Any] | None) -> None:
+        """Fine-tuning's starting point: a pretrained agent's `state_dict()` (a snapshot's "agent"),
+        or these random weights (None, fine-tuning from scratch); then `finetune_mode()`. The random
+        generator restarts from this agent's seed, not the snapshot's (which may also come from
+        another device), so that fine-tuning runs of one snapshot with different seeds differ."""
+        if pretrained is not None:
+            state = dict(pretrained)
+            extra = dict(state.get("_extra_state", {}))
+            extra["generator"] = self.generator.get_state()
+            state["_extra_state"] = extra
+            self.load_state_dict(state)
+        self.generator.manual_seed(self.seed)
+        self.finetune_mode()
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -309,7 +324,8 @@ class ChoreographerAgent(nn.Module):
         metrics["meta/gate_open"] = self.gate_open.float()
         if bool(self.gate_open):
             with self.timer("meta_controller"):
-                metrics.update(self.meta.update(self.wm, self.skill_ac, self.executor_opt, out.post.detach(),
+                executor_opt = None if self.cfg.finetune.freeze_skills else self.executor_opt
+                metrics.update(self.meta.update(self.wm, self.skill_ac, executor_opt, out.post.detach(),
                                                 self.generator, skip=metrics["world_model/nonfinite"]))
         return metrics
 

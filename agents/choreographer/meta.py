@@ -55,9 +55,10 @@ class MetaController(nn.Module):
     def policy(self, feat: Tensor) -> CodeCategorical:
         return CodeCategorical(self.actor(feat))
 
-    def update(self, wm: WorldModel, skill_ac: ActorCritic, executor_opt: Optimizer, start: State,
+    def update(self, wm: WorldModel, skill_ac: ActorCritic, executor_opt: Optimizer | None, start: State,
                generator: torch.Generator | None = None, skip: Tensor | None = None) -> dict[str, Tensor]:
-        """One step of the meta actor, the executor (skill actor) and the meta critic.
+        """One step of the meta actor, the executor (skill actor) and the meta critic; with
+        `executor_opt` None the skill actor is not trained (frozen skills).
 
         Non-finite losses (see `Optimizer`): with `skip` set (a 0-d tensor, the caller's running
         flag) every step is skipped. Otherwise the meta actor and the executor, whose losses
@@ -91,11 +92,11 @@ class MetaController(nn.Module):
             advantage = (target[1:] - value[:-2].float()).detach()  # float32 (see lambda_return)
             meta_objective = log_prob * advantage + self.entropy_scale * entropy
             meta_loss = -(weight[:-2, None] * meta_objective).mean()
-            executor_loss = -(weight[:-2, None] * target[1:]).mean()
-
             metrics = self.actor_opt.step(meta_loss, skip)
-            executor = executor_opt.step(executor_loss) if skip is None else executor_opt.step(executor_loss, skip)
-            metrics.update({f"meta/executor/{k.split('/')[-1]}": v for k, v in executor.items()})
+            if executor_opt is not None:
+                executor_loss = -(weight[:-2, None] * target[1:]).mean()
+                executor = executor_opt.step(executor_loss) if skip is None else executor_opt.step(executor_loss, skip)
+                metrics.update({f"meta/executor/{k.split('/')[-1]}": v for k, v in executor.items()})
             for flag in ("meta/actor/nonfinite", "meta/executor/nonfinite"):
                 if flag in metrics:
                     skip = either(skip, metrics[flag])

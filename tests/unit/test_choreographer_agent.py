@@ -135,6 +135,18 @@ def test_finetune_mode_resets_reward_head_and_keeps_pretrained_skills():
     assert agent.mode == "finetune" and not bool(agent.gate_open)
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_skills_trains_only_the_meta_controller(freeze):
+    agent = make(cfg=tiny(f"agent.finetune.freeze_skills={str(freeze).lower()}"))
+    agent.finetune_mode()
+    skill_actor, meta_actor = params(agent.skill_ac.actor), params(agent.meta.actor)
+    metrics = agent.update(batch(reward=1.0))  # the gate opens: meta-controller (and executor) train
+    assert metrics["meta/gate_open"] == 1.0
+    assert changed(meta_actor, agent.meta.actor)
+    assert changed(skill_actor, agent.skill_ac.actor) is not freeze
+    assert ("meta/executor/loss" in metrics) is not freeze
+
+
 class _FakeSkillActor:
     """Code `good` moves to +0.9, every other code to -0.9 (a fixed executor)."""
 
