@@ -251,20 +251,24 @@ class EnvRunner:
             out.extend(self.step())
         return out
 
-    def evaluate(self, episodes: int) -> list[float]:
-        """Returns of `episodes` fresh episodes acted by the policy (in this runner's mode), for
-        evaluation: nothing is written to chunks and the training streams are not touched (an
-        evaluation runner does nothing else). Environment i plays episodes i, i + N, ...; each
-        episode starts with a reset that continues the environment's own random stream."""
+    def evaluate(self, episodes: int) -> dict[str, list[float]]:
+        """`episodes` fresh episodes acted by the policy (in this runner's mode), for evaluation:
+        {"returns": each episode's return, "max_rewards": its largest step reward (a sparse reward
+        was found when it reaches the threshold)}, in episode order. Nothing is written to chunks
+        and the training streams are not touched (an evaluation runner does nothing else).
+        Environment i plays episodes i, i + N, ...; each episode starts with a reset that continues
+        the environment's own random stream."""
         if episodes < 1:
             raise ValueError(f"episodes must be at least 1, got {episodes}")
         n = len(self.envs)
         quota = [len(range(i, episodes, n)) for i in range(n)]  # episodes each env plays
         returns: list[list[float]] = [[] for _ in range(n)]
+        peaks: list[list[float]] = [[] for _ in range(n)]
         obs = np.stack([env.reset()[0] for env in self.envs]).astype(self.obs_dtype)
         first = np.ones(n, bool)
         running = np.array([q > 0 for q in quota])
         total = np.zeros(n)
+        peak = np.full(n, -np.inf)
         state = self.policy.initial_state(n)
         while running.any():
             actions, state, _ = self.policy.act(obs, first, state, self.mode)
@@ -273,15 +277,18 @@ class EnvRunner:
             for i in np.flatnonzero(running):
                 obs[i], reward, terminated, truncated, _ = self.envs[i].step(actions[i])
                 total[i] += float(reward)
+                peak[i] = max(peak[i], float(reward))
                 if terminated or truncated:
                     returns[i].append(float(total[i]))
-                    total[i] = 0.0
+                    peaks[i].append(float(peak[i]))
+                    total[i], peak[i] = 0.0, -np.inf
                     if len(returns[i]) == quota[i]:
                         running[i] = False
                     else:
                         obs[i] = self.envs[i].reset()[0]
                         first[i] = True
-        return [returns[i][k] for k in range(max(quota)) for i in range(n) if k < quota[i]]  # episode order
+        order = [(i, k) for k in range(max(quota)) for i in range(n) if k < quota[i]]  # episode order
+        return {"returns": [returns[i][k] for i, k in order], "max_rewards": [peaks[i][k] for i, k in order]}
 
     def skip_random_steps(self) -> None:
         """End the random seed phase now (e.g. when a run resumes after it)."""

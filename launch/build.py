@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from choreo.actors.random_policy import UniformRandomPolicy
 from choreo.actors.runner import EnvRunner, env_seed
 from choreo.buffer.client import ReplayClient
 from choreo.buffer.limiter import RateLimiter
@@ -35,8 +36,8 @@ def random_steps_per_env(config: Config, num_runners: int | None = None) -> int:
 
 def worker_behaviour(config: Config) -> str:
     """The policy the environment workers run: exploration when pretraining, the meta-controller
-    (random skills until the reward gate opens) when fine-tuning."""
-    return "meta" if config.mode == "finetune" else "explore"
+    (random skills until the reward gate opens) when fine-tuning and in zero-shot evaluation."""
+    return "explore" if config.mode == "pretrain" else "meta"
 
 
 def make_runner(config: Config, runner_id: int, seed: int | None = None, behaviour: str | None = None,
@@ -47,8 +48,8 @@ def make_runner(config: Config, runner_id: int, seed: int | None = None, behavio
     chunks of `config.replay.chunk_length` rows and `random_steps_per_env(config, num_runners)`
     random seed steps. `seed` is the run's root seed (default `config.seed`). `num_runners` is how
     many runners share the seed phase (default `config.num_actors`; 1 for a single-process run).
-    behaviour: the policy's (default: the run's, see `worker_behaviour`); num_envs and random_steps
-    override `config.envs_per_actor` and the seed phase.
+    behaviour: the policy's (default: the run's, see `worker_behaviour`; "random": uniform random
+    actions); num_envs and random_steps override `config.envs_per_actor` and the seed phase.
 
     freeze_gc: call `gc.freeze()` once everything is built, so that the cyclic garbage collector
     no longer rescans the long-lived objects of torch, dm_control and the networks. Acting
@@ -63,9 +64,12 @@ def make_runner(config: Config, runner_id: int, seed: int | None = None, behavio
     envs = [make_env_from_config(config.env, seed=env_seed(seed, runner_id, i)) for i in range(num_envs)]
     obs_shape = tuple(envs[0].observation_space.shape)
     action_dim = int(np.prod(envs[0].action_space.shape))
-    policy = make_policy(config.algo, obs_shape, action_dim, config.agent,
-                         behaviour=behaviour or worker_behaviour(config),
-                         seed=derive_seed(seed, "runner", runner_id, "policy"))
+    policy_seed = derive_seed(seed, "runner", runner_id, "policy")
+    if behaviour == "random":
+        policy = UniformRandomPolicy(action_dim, policy_seed)
+    else:
+        policy = make_policy(config.algo, obs_shape, action_dim, config.agent,
+                             behaviour=behaviour or worker_behaviour(config), seed=policy_seed)
     if random_steps is None:
         random_steps = random_steps_per_env(config, num_runners)
     runner = EnvRunner(envs, policy, config.replay.chunk_length, runner_id, seed, random_steps=random_steps, mode=mode)
@@ -86,25 +90,25 @@ def make_eval_runner(config: Config) -> EnvRunner:
 def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, start: bool = True) -> Any:
     """The learner-side agent of `config.algo` on `config.learner.device`. start: put it at the
     mode's starting point (fine-tuning: the snapshot's weights, or random ones with
-    `finetune.from_scratch`, then the switch to fine-tuning); False when a checkpoint is loaded next."""
+    `from_scratch`, then the switch to fine-tuning); False when a checkpoint is loaded next."""
     from choreo.agents.registry import make_agent as registered_agent
 
     agent = registered_agent(config.algo, obs_shape, action_dim, config.agent,
                              seed=derive_seed(config.seed, "learner"), device=config.learner.device)
     if start and config.mode == "finetune":
-        pretrained = None if config.finetune.from_scratch else load_pretrained(config, agent)["agent"]
+        pretrained = None if config.from_scratch else load_pretrained(config, agent)["agent"]
         agent.start_finetuning(pretrained)
     return agent
 
 
 def load_pretrained(config: Config, agent: Any) -> dict[str, Any]:
-    """`config.finetune.snapshot`, checked against `agent` (a fresh one of this run): a snapshot of
+    """`config.snapshot`, checked against `agent` (a fresh one of this run): a snapshot of
     another domain, observation type, action size or network size raises SnapshotError naming
     the file and what differs."""
     from choreo.launch.config import snapshot_shape_keys
     from choreo.learner.snapshot import load_snapshot
 
-    return load_snapshot(config.finetune.snapshot, expected=agent.state_dict(), config=config,
+    return load_snapshot(config.snapshot, expected=agent.state_dict(), config=config,
                          shape_keys=snapshot_shape_keys(config))
 
 

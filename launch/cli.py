@@ -54,6 +54,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return finetune(args)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from choreo.launch.evaluate import evaluate_command
+
+    return evaluate_command(args)
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
@@ -99,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", default=None, metavar="FILE", help="pretraining snapshot to start from")
     p.add_argument("--from-scratch", action="store_true", help="the same protocol from random weights")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="zero-shot: how often the pretrained skills (or random actions) find a "
+                                        "sparse reward (task=TASK)")
+    _config_args(p)
+    p.add_argument("--snapshot", default=None, metavar="FILE", help="pretraining snapshot whose skills to evaluate")
+    p.add_argument("--policy", choices=["skills", "random"], default="skills",
+                   help="the snapshot's skills (a random one per episode) or uniform random actions")
+    p.add_argument("--episodes", type=int, default=100, help="episodes (per goal on Meta-World; default 100)")
+    p.add_argument("--skill-every", type=int, default=0, metavar="N",
+                   help="draw a new random skill every N steps (default: one per episode)")
+    p.add_argument("--goals", default=None, help="Meta-World goal indices to evaluate, e.g. 0,1,2 (default: all 50)")
+    p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
+    p.add_argument("--local", action="store_true", help="run the episodes in this process, without Ray")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="URL benchmark report of fine-tuning runs: tables, intervals, curves")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

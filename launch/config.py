@@ -54,14 +54,6 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    snapshot: str = ""
-    """Pretraining snapshot that fine-tuning starts from (set by `choreo finetune --snapshot`)."""
-    from_scratch: bool = False
-    """Fine-tune from random weights instead of a snapshot, with the same protocol."""
-
-
-@dataclass(frozen=True)
 class Config:
     algo: Literal["choreographer", "dads"] = "choreographer"
     """Algorithm; selects configs/algo/<algo>.yaml."""
@@ -69,8 +61,12 @@ class Config:
     """Observation suite; selects configs/suite/<suite>.yaml."""
     size: Literal["paper", "tiny"] = "paper"
     """Model and run size; selects configs/size/<size>.yaml."""
-    mode: Literal["pretrain", "finetune"] = "pretrain"
+    mode: Literal["pretrain", "finetune", "evaluate"] = "pretrain"
     """What the run does (set by the command); selects configs/mode/<mode>.yaml."""
+    snapshot: str = ""
+    """Pretraining snapshot the run starts from (`choreo finetune` / `choreo evaluate --snapshot`)."""
+    from_scratch: bool = False
+    """Fine-tune from random weights instead of a snapshot, with the same protocol (--from-scratch)."""
     seed: int = 0
     """Root seed; every actor, environment and shard seed is derived from it."""
     logdir: str = "runs"
@@ -93,8 +89,6 @@ class Config:
     """The learner process."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluations during the run."""
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    """Where fine-tuning starts from."""
 
 
 # ----------------------------------------------------------------------------- field docs
@@ -425,11 +419,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'eval.every_frames' must be >= 0 (0: no evaluations), got {config.eval.every_frames}")
     if config.eval.episodes < 1:
         raise ConfigError(f"config key 'eval.episodes' must be at least 1, got {config.eval.episodes}")
-    if config.mode == "finetune" and not (config.finetune.snapshot or config.finetune.from_scratch):
-        raise ConfigError("mode 'finetune' starts from config key 'finetune.snapshot' (choreo finetune --snapshot "
-                          "FILE) or from random weights with 'finetune.from_scratch=true' (--from-scratch)")
-    if config.finetune.snapshot and config.finetune.from_scratch:
-        raise ConfigError("config keys 'finetune.snapshot' and 'finetune.from_scratch' exclude each other")
+    if config.mode == "finetune" and not (config.snapshot or config.from_scratch):
+        raise ConfigError("mode 'finetune' starts from config key 'snapshot' (choreo finetune --snapshot FILE) "
+                          "or from random weights with 'from_scratch=true' (--from-scratch)")
+    if config.snapshot and config.from_scratch:
+        raise ConfigError("config keys 'snapshot' and 'from_scratch' exclude each other")
+    if config.from_scratch and config.mode != "finetune":
+        raise ConfigError(f"config key 'from_scratch' is for fine-tuning (mode 'finetune'), not mode {config.mode!r}")
     if not 0 < config.agent.choreographer.ema_decay < 1:
         raise ConfigError("config key 'agent.choreographer.ema_decay' must be in (0, 1)")
 

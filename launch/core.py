@@ -192,7 +192,7 @@ class RunCore:
         se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
         self.monitor.scalars({"eval/return": mean, "eval/return_se": se, "eval/episodes": len(values)}, frame)
         c = self.config
-        mode = c.mode if c.mode != "finetune" else ("scratch" if c.finetune.from_scratch else "finetune")
+        mode = c.mode if c.mode != "finetune" else ("scratch" if c.from_scratch else "finetune")
         record = {"task": c.env.task, "seed": c.seed, "frame": int(frame), "mean_return": mean,
                   "returns": [float(r) for r in values], "mode": mode}
         with open(self.run_dir / EVAL_FILE, "a") as f:

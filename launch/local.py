@@ -56,7 +56,7 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
     try:
         while not core.finished:
             if core.eval_due():
-                core.evaluated(core.start_eval(), evaluator.evaluate(config.eval.episodes))
+                core.evaluated(core.start_eval(), evaluator.evaluate(config.eval.episodes)["returns"])
             if core.may_collect(0, steps_per_call):
                 for stream, chunk in runner.step():
                     shard.add(chunk, stream)

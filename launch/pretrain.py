@@ -137,11 +137,11 @@ def mode_overrides(args: argparse.Namespace, mode: str) -> list[str]:
         raise ConfigError("choreo finetune needs exactly one of --snapshot FILE (a pretraining snapshot, "
                           "runs/<run>/snapshots/snapshot_<frames>.pt) and --from-scratch")
     if args.from_scratch:
-        return ["mode=finetune", "finetune.from_scratch=true"]
+        return ["mode=finetune", "from_scratch=true"]
     snapshot = Path(args.snapshot).expanduser()
     if not snapshot.is_file():
         raise ConfigError(f"--snapshot {snapshot}: no such file")
-    return ["mode=finetune", f"finetune.snapshot={snapshot.resolve()}"]
+    return ["mode=finetune", f"snapshot={snapshot.resolve()}"]
 
 
 def check_snapshot(config: Config) -> None:
@@ -189,7 +189,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
             raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {config.mode}")
         if args.logdir:
             config = dataclasses.replace(config, logdir=args.logdir)
-        if mode == "finetune" and not config.finetune.from_scratch:
+        if mode == "finetune" and not config.from_scratch:
             check_snapshot(config)
         run_dir = new_run_dir(config, args.logdir)
         save_config(config, run_dir, exclusive=True)

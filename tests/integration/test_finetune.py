@@ -1,6 +1,7 @@
-"""`choreo finetune` end to end with tiny models: a pretraining snapshot, then fine-tuning on a local
-Ray with evaluations at frame 0 and every `eval.every_frames`; the same from scratch and with frozen
-skills; snapshots that do not fit are refused before anything starts."""
+"""`choreo finetune` and `choreo evaluate` end to end with tiny models: a pretraining snapshot, then
+fine-tuning on a local Ray with evaluations at frame 0 and every `eval.every_frames`; the same from
+scratch and with frozen skills; snapshots that do not fit are refused before anything starts;
+zero-shot evaluation of the skills and of random actions on Ray workers."""
 
 from __future__ import annotations
 
@@ -116,3 +117,20 @@ def test_finetune_needs_a_starting_point(tmp_path, capsys):
     assert "--snapshot FILE" in capsys.readouterr().err
     assert cli.main(["finetune", "--snapshot", str(tmp_path / "missing.pt"), "--logdir", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_zero_shot_evaluation_of_skills_and_random_actions_on_ray(tmp_path, snapshot, capsys):
+    code = cli.main(["evaluate", "--snapshot", str(snapshot), "--preset", "tiny", "--logdir", str(tmp_path),
+                     "run_name=skills", "task=walker_walk", "--episodes", "3"])
+    assert code == 0
+    summary = json.loads((tmp_path / "skills" / "zero_shot.json").read_text())
+    assert summary["episodes"] == 3 and summary["policy"] == "skills" and summary["snapshot_frames"] == 1000
+    lines = [json.loads(x) for x in (tmp_path / "skills" / "zero_shot.jsonl").read_text().splitlines()]
+    assert sum(len(x["returns"]) for x in lines) == 3
+
+    code = cli.main(["evaluate", "--policy", "random", "--preset", "tiny", "--logdir", str(tmp_path),
+                     "run_name=random", "env.task=mw_reach", "env.obs=states", "--goals", "0,5", "--episodes", "2"])
+    assert code == 0
+    summary = json.loads((tmp_path / "random" / "zero_shot.json").read_text())
+    assert summary["goals"] == 2 and summary["episodes"] == 4 and summary["policy"] == "random"
+    assert f"{summary['goals_found']} of 2 goals found" in capsys.readouterr().out

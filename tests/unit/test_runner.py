@@ -353,3 +353,21 @@ def test_real_env_with_choreographer_policy():
         assert runner.stats()["agent_steps"] == 120
     finally:
         runner.close()
+
+
+def test_evaluate_plays_fresh_episodes_in_order_without_chunks():
+    """Three envs, seven episodes: env i plays episodes i, i + 3, ...; episodes of unequal lengths
+    (tags make them distinguishable) come back in episode order with their largest step reward."""
+    envs = [CounterEnv(length=2 + i, tag=float(i)) for i in range(3)]
+    policy = FakePolicy()
+    runner = EnvRunner(envs, policy, chunk_length=4, runner_id=0, seed=1, mode="mode")
+    out = runner.evaluate(7)
+    lengths = [2, 3, 4, 2, 3, 4, 2]  # env of episode e is e % 3, its length 2 + env
+    assert out["returns"] == [float(sum(range(1, n + 1))) for n in lengths]  # reward t after step t
+    assert out["max_rewards"] == [float(n) for n in lengths]
+    assert {call["mode"] for call in policy.calls} == {"mode"}
+    assert policy.calls[0]["is_first"].all()
+    stats = runner.stats()  # evaluation steps and episodes are not the training stream's
+    assert stats["num_episodes"] == 0 and stats["agent_steps"] == 0
+    with pytest.raises(ValueError, match="episodes"):
+        runner.evaluate(0)
