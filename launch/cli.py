@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--snapshot", default=None, metavar="FILE", help="pretraining snapshot to start from")
     p.add_argument("--from-scratch", action="store_true", help="the same protocol from random weights")
+    p.add_argument("--tasks", default=None, help="many runs: comma-separated tasks, e.g. walker_stand,walker_walk")
+    p.add_argument("--seeds", default=None, help="many runs: comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at once on the embedded Ray (on a cluster: as many as its CPUs and GPUs allow)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="zero-shot: how often the pretrained skills (or random actions) find a "

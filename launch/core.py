@@ -79,6 +79,7 @@ class RunCore:
         self.checkpoint_frames: int | None = int(counters["frames"]) if counters else None
         self.next_eval = int(counters.get("next_eval", 0))  # the frame the next evaluation is due at
         self.evaluating = False
+        self.last_eval: tuple[int, float] | None = None  # (frame, mean return) of the latest evaluation
         self._insert_held_since: dict[int, float] = {}
         self._sample_held_since: float | None = None
         self._lags: list[float] = []
@@ -189,6 +190,7 @@ class RunCore:
         self.next_eval = (frame // every + 1) * every
         values = np.asarray(returns, np.float64)
         mean = float(values.mean())
+        self.last_eval = (int(frame), mean)
         se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
         self.monitor.scalars({"eval/return": mean, "eval/return_se": se, "eval/episodes": len(values)}, frame)
         c = self.config

@@ -242,11 +242,13 @@ class Driver:
         self.exit_code = -1
         self.replay_dir = str(run_dir / REPLAY_DIR)
         # Workers spread over the cluster's nodes, shards go round-robin over them; the learner
-        # takes a GPU when there is one.
+        # takes a GPU when there is one. A run of several side by side (launch/sweep.py) runs in a
+        # placement group that reserved all of it: every actor goes into the group's bundle.
+        self.group = ray.util.get_current_placement_group()
         shard_cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=-1)(ShardActor)
-        self.shards = [shard_cls.options(scheduling_strategy=self._shard_placement(i)).remote(
+        self.shards = [shard_cls.options(scheduling_strategy=self._placed(self._shard_placement(i))).remote(
                            *shard_args(config, i), self.replay_dir) for i in range(config.num_shards)]
-        runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy="SPREAD")
+        runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy=self._placed("SPREAD"))
         self.runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
         self.evaluator = runner_cls.remote(config, 0, config.seed, evaluation=True) if config.eval.every_frames else None
         runner_info = self._wait_for([r.info.remote() for r in self.runners], "environment workers", 1.0)
@@ -309,7 +311,7 @@ class Driver:
         core = self.core
         last_stats = time.monotonic()
         try:
-            while not core.finished and not self.nonfinite_stop:
+            while not core.finished and not self.nonfinite_stop and not core.stopping:
                 for ref in self._ready():
                     if ref == self.train_ref:
                         self._trained(ref)
@@ -343,11 +345,18 @@ class Driver:
             return core.finish("stopped", self._final_checkpoint, str(e))
         if self.nonfinite_stop:
             return core.finish("nonfinite", None, self.nonfinite_stop)
+        if core.stopping:  # asked from another thread (`request_stop`), as a signal would
+            return core.finish("interrupted", self._final_checkpoint)
         core.stop("done")
         code = core.finish("done", self._final_checkpoint, notes=self._fault_note().strip())
         with contextlib.suppress(self.ray.exceptions.RayActorError):  # its checkpoint, if any, is written
             self.ray.get(self.learner.close.remote())
         return code
+
+    def request_stop(self) -> None:
+        """Stop like a signal does (final checkpoint), from another thread: the loop sees it within
+        a turn. For a driver that does not own the main thread (a run of several side by side)."""
+        self.core.stop("interrupted")
 
     def _ready(self) -> list:
         """The calls that finished: waits up to a second for one, then takes all that are done."""
@@ -578,6 +587,14 @@ class Driver:
 
     # ------------------------------------------------------------------ actors and placement
 
+    def _placed(self, strategy: Any) -> Any:
+        """`strategy`, or the run's placement group when it has one."""
+        if self.group is None:
+            return strategy
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0)
+
     def _shard_placement(self, i: int) -> Any:
         """Shard i's node: round-robin over the nodes with CPUs, GPU nodes last (the learner's
         memory is there). Ray's SPREAD strategy does not reliably spread actors that ask for almost
@@ -604,8 +621,8 @@ class Driver:
                   f"{total.get('GPU', 0):g} GPUs)", flush=True)
 
     def _start_learner(self, resume: bool | None) -> tuple[Any, dict[str, Any]]:
-        learner = self.learner_cls.remote(self.config, str(self.run_dir), self.shards, self.obs_shape,
-                                          self.action_dim, resume)
+        learner = self.learner_cls.options(scheduling_strategy=self._placed("DEFAULT")).remote(
+            self.config, str(self.run_dir), self.shards, self.obs_shape, self.action_dim, resume)
         info = self._wait_for([learner.info.remote()], "learner", 1.0)[0]
         self.learner_where = {"node_id": info["node_id"], "pid": info["pid"]}
         self.learner_digest = info["restored_digest"]

@@ -167,6 +167,8 @@ def check_snapshot(config: Config) -> None:
 
 def run_mode(args: argparse.Namespace, mode: str) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
+    if getattr(args, "tasks", None) or getattr(args, "seeds", None):
+        return run_many(args, mode)
     if args.resume:
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
@@ -204,6 +206,52 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     from choreo.launch.distributed import run_distributed
 
     return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
+
+
+def _split(text: str | None, what: str, kind: type) -> list:
+    if not text:
+        return []
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} takes a comma-separated list, got {text!r}") from None
+    if len(set(items)) != len(items):
+        raise ConfigError(f"--{what} names an item twice: {text!r}")
+    return items
+
+
+def run_many(args: argparse.Namespace, mode: str) -> int:
+    """`--tasks a,b --seeds 0,1,2`: one run per (task, seed), each in `<logdir>/<run_name>/<task>-seed<seed>`,
+    side by side on Ray (launch/sweep.py)."""
+    if args.local or args.resume:
+        raise ConfigError("--tasks/--seeds start many runs side by side on Ray: drop --local and --resume "
+                          "(continue one run of them with --resume <its run directory>)")
+    overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
+    base = load_config(args.preset, mode_overrides(args, mode) + overrides)
+    if args.logdir:
+        base = dataclasses.replace(base, logdir=args.logdir)
+    tasks = _split(args.tasks, "tasks", str) or [base.env.task]
+    seeds = _split(args.seeds, "seeds", int) or [base.seed]
+    parent = new_run_dir(dataclasses.replace(base, run_name=base.run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"),
+                         args.logdir)
+    runs, checked = [], set()
+    for task in tasks:
+        for seed in seeds:
+            config = load_config(args.preset, mode_overrides(args, mode) + overrides
+                                 + [f"env.task={task}", f"seed={seed}", f"run_name={task}-seed{seed}",
+                                    f"logdir={parent}"])
+            if mode == "finetune" and not config.from_scratch and task not in checked:
+                check_snapshot(config)
+                checked.add(task)
+            run_dir = new_run_dir(config, str(parent))
+            save_config(config, run_dir, exclusive=True)
+            runs.append((config, run_dir))
+    print(f"{len(runs)} runs ({len(tasks)} tasks x {len(seeds)} seeds) in {parent}\n"
+          f"TensorBoard:   tensorboard --logdir {parent} --host 127.0.0.1\n"
+          f"results:       choreo report {parent}")
+    from choreo.launch.sweep import run_sweep
+
+    return run_sweep(runs, address=args.address, parallel=args.parallel)
 
 
 _stopping = False

@@ -134,3 +134,22 @@ def test_zero_shot_evaluation_of_skills_and_random_actions_on_ray(tmp_path, snap
     summary = json.loads((tmp_path / "random" / "zero_shot.json").read_text())
     assert summary["goals"] == 2 and summary["episodes"] == 4 and summary["policy"] == "random"
     assert f"{summary['goals_found']} of 2 goals found" in capsys.readouterr().out
+
+
+def test_two_finetunings_side_by_side_have_separate_results(tmp_path, snapshot, capsys):
+    """One command, two seeds: each run its own directory, learner and workers, in a placement group
+    of its own on the local Ray; both finish with their own evaluations."""
+    code = cli.main(["finetune", "--snapshot", str(snapshot), "--preset", "tiny", "--logdir", str(tmp_path),
+                     "--tasks", "walker_run", "--seeds", "0,1", "--parallel", "2", "run_name=sweep",
+                     "learner.total_frames=300", "eval.every_frames=300", "eval.episodes=2"])
+    assert code == 0, capsys.readouterr()
+    runs = {p.name: p for p in (tmp_path / "sweep").iterdir() if p.is_dir()}
+    assert set(runs) == {"walker_run-seed0", "walker_run-seed1"}
+    results = {name: evaluations(run_dir) for name, run_dir in runs.items()}
+    for name, evals in results.items():
+        assert [e["frame"] for e in evals][0] == 0 and len(evals) == 2, (name, evals)
+        assert {e["seed"] for e in evals} == {int(name[-1])}
+        assert (runs[name] / CHECKPOINT).exists() and (runs[name] / "driver.log").exists()
+    # Different seeds: different evaluation episodes.
+    assert results["walker_run-seed0"][0]["returns"] != results["walker_run-seed1"][0]["returns"]
+    assert "done" in capsys.readouterr().err
