@@ -149,3 +149,14 @@ def test_cli_prints_resolved_yaml_and_fails_with_exit_2():
 def test_config_default_instance_matches_paper_preset():
     # The paper preset restates the dataclass defaults; they must not drift apart.
     assert load_config(["paper"]).agent == Config().agent
+
+
+def test_overrides_may_follow_options_on_the_command_line(capsys):
+    from choreo.launch import cli
+
+    assert cli.main(["config", "--preset", "tiny", "seed=3", "--explain", "learner.total_frames=5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed = 3" in out and "learner.total_frames = 5" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["config", "seed=3", "--bogus"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
