@@ -87,6 +87,17 @@ def make_eval_runner(config: Config) -> EnvRunner:
                        num_envs=config.eval.episodes, random_steps=0)
 
 
+def env_shapes(config: Config) -> tuple[tuple[int, ...], int]:
+    """The observation shape and action size of the run's environment (one is built to read them)."""
+    from choreo.actors.envs import make_env_from_config
+
+    env = make_env_from_config(config.env, seed=0)
+    try:
+        return tuple(env.observation_space.shape), int(np.prod(env.action_space.shape))
+    finally:
+        env.close()
+
+
 def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, start: bool = True) -> Any:
     """The learner-side agent of `config.algo` on `config.learner.device`. start: put it at the
     mode's starting point (fine-tuning: the snapshot's weights, or random ones with

@@ -89,26 +89,25 @@ def summarise(task: str, jobs: list[dict[str, Any]], threshold: float) -> dict[s
 
 def snapshot_weights(config: Config) -> tuple[dict, int]:
     """The acting weights of `config.snapshot` (checked against this run's agent) and its frames."""
-    from choreo.actors.envs import make_env_from_config
     from choreo.agents.registry import make_agent
-    from choreo.launch.build import load_pretrained
+    from choreo.launch.build import env_shapes, load_pretrained
 
-    env = make_env_from_config(config.env, seed=0)
-    try:
-        obs_shape, action_dim = tuple(env.observation_space.shape), int(np.prod(env.action_space.shape))
-    finally:
-        env.close()
-    agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device="cpu")
+    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device="cpu")
     snapshot = load_pretrained(config, agent)
     agent.load_state_dict(snapshot["agent"])
     return agent.policy_weights(), int(snapshot["frames"])
 
 
 def evaluate(config: Config, run_dir: Path, episodes: int, behaviour: str, goals: list[int] | None = None,
-             local: bool = False, address: str | None = None, stream=None) -> dict[str, Any]:
-    """Runs the jobs (on Ray unless `local`), writes the results into `run_dir`, returns the summary."""
+             local: bool = False, address: str | None = None, stream=None,
+             snapshot: tuple[dict, int] | None = None) -> dict[str, Any]:
+    """Runs the jobs (on Ray unless `local`), writes the results into `run_dir`, returns the summary.
+    snapshot: `snapshot_weights(config)` when the caller has it already."""
     stream = stream or sys.stderr
-    weights, frames = snapshot_weights(config) if behaviour != "random" else (None, 0)
+    if behaviour == "random":
+        weights, frames = None, 0
+    else:
+        weights, frames = snapshot or snapshot_weights(config)
     jobs = plan_jobs(config, episodes, goals)
     start = time.monotonic()
     results: list[dict[str, Any] | None] = [None] * len(jobs)
@@ -210,17 +209,19 @@ def evaluate_command(args: Any) -> int:
     if args.logdir:
         config = dataclasses.replace(config, logdir=args.logdir)
     behaviour = "random" if args.policy == "random" else "meta"
+    snapshot = None
     if behaviour != "random":
         from choreo.learner.snapshot import SnapshotError
 
         try:
-            snapshot_weights(config)  # a snapshot that does not fit is refused before anything starts
+            snapshot = snapshot_weights(config)  # a snapshot that does not fit is refused before anything starts
         except SnapshotError as e:
             raise ConfigError(str(e)) from None
     run_dir = new_run_dir(config, args.logdir)
     save_config(config, run_dir, exclusive=True)
     print(f"run directory: {run_dir}")
-    summary = evaluate(config, run_dir, args.episodes, behaviour, goals, local=args.local, address=args.address)
+    summary = evaluate(config, run_dir, args.episodes, behaviour, goals, local=args.local, address=args.address,
+                       snapshot=snapshot)
     what = "random actions" if behaviour == "random" else f"the skills of {config.snapshot}"
     line = (f"{config.env.task}, {what}: {summary['episodes_found']:,} of {summary['episodes']:,} episodes found "
             f"the sparse reward ({summary['episode_success']:.3f})")

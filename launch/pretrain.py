@@ -13,8 +13,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 from choreo.launch.config import (RESUME_OVERRIDES, Config, ConfigError, check_run_name, from_yaml_file, load_config,
                            save_config, with_overrides)
 from choreo.learner.learner import CHECKPOINT
@@ -147,18 +145,11 @@ def mode_overrides(args: argparse.Namespace, mode: str) -> list[str]:
 def check_snapshot(config: Config) -> None:
     """Refuse, before anything starts, a snapshot that does not fit the run (another domain,
     observation type, action size or network size): the message names the file and what differs."""
-    from choreo.actors.envs import make_env_from_config
-    from choreo.launch.build import load_pretrained
+    from choreo.agents.registry import make_agent
+    from choreo.launch.build import env_shapes, load_pretrained
     from choreo.learner.snapshot import SnapshotError
 
-    env = make_env_from_config(config.env, seed=0)
-    try:
-        obs_shape, action_dim = tuple(env.observation_space.shape), int(np.prod(env.action_space.shape))
-    finally:
-        env.close()
-    from choreo.agents.registry import make_agent
-
-    agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device="cpu")
+    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device="cpu")
     try:
         load_pretrained(config, agent)
     except SnapshotError as e:
@@ -232,20 +223,23 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
         base = dataclasses.replace(base, logdir=args.logdir)
     tasks = _split(args.tasks, "tasks", str) or [base.env.task]
     seeds = _split(args.seeds, "seeds", int) or [base.seed]
-    parent = new_run_dir(dataclasses.replace(base, run_name=base.run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"),
-                         args.logdir)
-    runs, checked = [], set()
+    configs, checked = [], set()
     for task in tasks:
         for seed in seeds:
             config = load_config(args.preset, mode_overrides(args, mode) + overrides
-                                 + [f"env.task={task}", f"seed={seed}", f"run_name={task}-seed{seed}",
-                                    f"logdir={parent}"])
+                                 + [f"env.task={task}", f"seed={seed}", f"run_name={task}-seed{seed}"])
             if mode == "finetune" and not config.from_scratch and task not in checked:
-                check_snapshot(config)
+                check_snapshot(config)  # before any directory is made
                 checked.add(task)
-            run_dir = new_run_dir(config, str(parent))
-            save_config(config, run_dir, exclusive=True)
-            runs.append((config, run_dir))
+            configs.append(config)
+    parent = new_run_dir(dataclasses.replace(base, run_name=base.run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"),
+                         args.logdir)
+    runs = []
+    for config in configs:
+        config = dataclasses.replace(config, logdir=str(parent))
+        run_dir = new_run_dir(config, str(parent))
+        save_config(config, run_dir, exclusive=True)
+        runs.append((config, run_dir))
     print(f"{len(runs)} runs ({len(tasks)} tasks x {len(seeds)} seeds) in {parent}\n"
           f"TensorBoard:   tensorboard --logdir {parent} --host 127.0.0.1\n"
           f"results:       choreo report {parent}")
