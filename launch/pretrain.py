@@ -227,7 +227,8 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
     for task in tasks:
         for seed in seeds:
             config = load_config(args.preset, mode_overrides(args, mode) + overrides
-                                 + [f"env.task={task}", f"seed={seed}", f"run_name={task}-seed{seed}"])
+                                 + [f"env.task={task}", f"seed={seed}",
+                                    f"run_name={re.sub(r'[^A-Za-z0-9._-]+', '_', task)}-seed{seed}"])
             if mode == "finetune" and not config.from_scratch and task not in checked:
                 check_snapshot(config)  # before any directory is made
                 checked.add(task)

@@ -153,3 +153,17 @@ def test_two_finetunings_side_by_side_have_separate_results(tmp_path, snapshot, 
     # Different seeds: different evaluation episodes.
     assert results["walker_run-seed0"][0]["returns"] != results["walker_run-seed1"][0]["returns"]
     assert "done" in capsys.readouterr().err
+
+
+def test_a_failed_run_of_a_sweep_is_reported_and_the_others_finish(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent)  # Ray's workers import faulty_envs from here
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    code = cli.main(["finetune", "--from-scratch", "--preset", "tiny", "--logdir", str(tmp_path),
+                     "--tasks", "walker_run,gym:faulty_envs:CrashAlways-v0", "--parallel", "2", "run_name=mixed",
+                     "learner.total_frames=300", "eval.every_frames=300", "eval.episodes=2"])
+    assert code == 1
+    err = capsys.readouterr().err
+    crashed = tmp_path / "mixed" / "gym_faulty_envs_CrashAlways-v0-seed0"
+    assert f"failed: {crashed}" in err and "driver.log" in err
+    assert "simulated environment failure" in (crashed / "driver.log").read_text()
+    assert len(evaluations(tmp_path / "mixed" / "walker_run-seed0")) == 2  # the other run finished
