@@ -167,3 +167,12 @@ def test_a_failed_run_of_a_sweep_is_reported_and_the_others_finish(tmp_path, cap
     assert f"failed: {crashed}" in err and "driver.log" in err
     assert "simulated environment failure" in (crashed / "driver.log").read_text()
     assert len(evaluations(tmp_path / "mixed" / "walker_run-seed0")) == 2  # the other run finished
+
+
+def test_a_finetuning_resumes_with_its_evaluation_schedule(tmp_path, snapshot, capsys):
+    code, run_dir = finetune(tmp_path, snapshot, "learner.total_frames=200", "--local", name="resume")
+    assert code == 0 and [e["frame"] for e in evaluations(run_dir)] == [0, 200]
+    assert cli.main(["pretrain", "--resume", str(run_dir)]) == 2
+    assert f"continue it with choreo finetune --resume {run_dir}" in capsys.readouterr().err
+    assert cli.main(["finetune", "--local", "--resume", str(run_dir), "learner.total_frames=400"]) == 0
+    assert [e["frame"] for e in evaluations(run_dir)] == [0, 200, 400]  # not frame 0 again
