@@ -37,11 +37,6 @@ EVAL_FILE = "eval.jsonl"
 """One JSON line per evaluation in the run directory (read by `choreo report`)."""
 
 
-def resume_command(config: Config, run_dir: Path, local: bool) -> str:
-    """How the user continues a run that stopped: the command of its mode, with --resume."""
-    return f"choreo {config.mode}{' --local' if local else ''} --resume {run_dir}"
-
-
 class RunStopped(RuntimeError):
     """A fault the run cannot recover from; the message says which and why."""
 
@@ -51,11 +46,11 @@ class RunCore:
 
     counters: what the last checkpoint saved (`{"frames", "limiter"}`), or None for a new run.
     updates: the learner's update count (its weight version) when the loop starts.
-    resume_command: how the user continues this run, for the exit messages.
+    local: the run is the single-process loop (`--local`), which the resume command repeats.
     """
 
     def __init__(self, config: Config, run_dir: Path, num_workers: int, action_repeat: int,
-                 counters: Mapping[str, Any] | None, updates: int, resume_command: str,
+                 counters: Mapping[str, Any] | None, updates: int, local: bool,
                  monitor: Monitor | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.run_dir, self.clock = config, Path(run_dir), clock
         rc, lc = config.replay, config.learner
@@ -70,7 +65,8 @@ class RunCore:
         self.outstanding = 0  # batches granted to the learner and not trained on
         self.metrics: dict[str, float] = {}  # the learner's latest
         self.stopping: str | None = None  # why the run stops, once a stop was asked for
-        self.resume_command = resume_command
+        # how the user continues this run once it stopped: the command of its mode, with --resume
+        self.resume_command = f"choreo {config.mode}{' --local' if local else ''} --resume {self.run_dir}"
         self.monitor = monitor or Monitor(self.run_dir, lc.total_frames)
         frames_per_update = (self.batch_steps / rc.samples_per_insert * action_repeat
                              if rc.samples_per_insert else 0.0)

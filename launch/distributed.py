@@ -46,7 +46,7 @@ import numpy as np
 from choreo.buffer.client import route
 from choreo.launch.build import make_agent, make_learner, make_sampler, shard_args
 from choreo.launch.config import Config
-from choreo.launch.core import RunCore, RunStopped, resume_command
+from choreo.launch.core import RunCore, RunStopped
 from choreo.launch.local import REPLAY_DIR
 from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
@@ -269,7 +269,7 @@ class Driver:
         self.core = RunCore(config, run_dir, num_workers=len(self.runners),
                             action_repeat=runner_info[0]["action_repeat"],
                             counters=learner_info["counters"] if resume else None, updates=learner_info["updates"],
-                            resume_command=resume_command(config, run_dir, local=False))
+                            local=False)
         self.steps_per_call = config.replay.chunk_length * config.envs_per_actor
 
         self.collecting: dict[Any, tuple[int, Any]] = {}  # summary ref -> (worker, chunks ref)

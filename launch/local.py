@@ -13,7 +13,7 @@ from pathlib import Path
 
 from choreo.launch.build import make_agent, make_eval_runner, make_learner, make_runner, make_sampler, make_shard
 from choreo.launch.config import Config
-from choreo.launch.core import RunCore, resume_command
+from choreo.launch.core import RunCore
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 REPLAY_DIR = "replay"
@@ -43,7 +43,7 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
         print(f"resumed {run_dir} at {int(counters['frames']):,} frames, {learner.updates:,} updates, "
               f"{shard.stats()['steps']:,} steps in replay")
     core = RunCore(config, run_dir, num_workers=1, action_repeat=config.env.action_repeat, counters=counters,
-                   updates=learner.updates, resume_command=resume_command(config, run_dir, local=True))
+                   updates=learner.updates, local=True)
     learner.publish()
     steps_per_call = len(runner.envs)
 

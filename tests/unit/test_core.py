@@ -29,7 +29,7 @@ def make_core(tmp_path: Path, clock: Clock, total_frames: int = 10**9, **replay)
     config = load_config(["tiny"], [f"learner.total_frames={total_frames}", *overrides])
     monitor = Monitor(tmp_path, config.learner.total_frames, stream=io.StringIO())
     return RunCore(config, tmp_path, num_workers=2, action_repeat=1, counters=None, updates=0,
-                   resume_command=f"choreo pretrain --resume {tmp_path}", monitor=monitor, clock=clock)
+                   local=False, monitor=monitor, clock=clock)
 
 
 def simulate(core: RunCore, clock: Clock, update_seconds: float, call_seconds: float, seconds: float,
