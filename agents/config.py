@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from choreo.agents.dads.config import DadsConfig
+
 
 @dataclass(frozen=True)
 class WorldModelConfig:
@@ -134,3 +136,5 @@ class AgentConfig:
     """Mixed precision and compilation."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """What fine-tuning trains."""
+    dads: DadsConfig = field(default_factory=DadsConfig)
+    """DADS (algo=dads): skill dynamics, the DADS reward, SAC and the skill-space planner."""

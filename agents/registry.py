@@ -28,10 +28,11 @@ def register(name: str, agent: Callable[..., Any], policy: Callable[..., Any],
 def _load_builtin() -> None:
     # Imported on first use so that `import agents.registry` stays cheap.
     import choreo.agents.choreographer  # noqa: F401  (registers "choreographer")
+    import choreo.agents.dads  # noqa: F401  (registers "dads")
 
 
 def _lookup(table: dict[str, Any], name: str) -> Any:
-    if not table:
+    if name not in table:  # e.g. only one built-in package was imported so far
         _load_builtin()
     if name not in table:
         raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(table))}")
@@ -55,6 +56,5 @@ def shape_keys(name: str) -> tuple[str, ...]:
 
 
 def registered() -> list[str]:
-    if not _AGENTS:
-        _load_builtin()
+    _load_builtin()
     return sorted(_AGENTS)

@@ -15,6 +15,12 @@ Layout of a training batch (numpy in replay, torch in the learner), B sequences 
     skill           [B, T] int32; the skill index held when choosing the action (-1 when none)
     policy_version  [B, T] int64; version of the weights that chose action[t] (-1: random seed actions)
 
+Optional keys, written only by the workers of algorithms whose policies report them (not in KEYS):
+    skill_vector    [B, T, D] float32; the skill vector held when choosing action[t] (DADS: a
+                    continuous skill in [-1, 1]^D or a one-hot of a discrete one)
+    behaviour_logp  [B, T] float32; log-probability of action[t] under the policy that chose it
+                    (off-DADS importance weights)
+
 Seeds: every actor, environment and shard seed comes from the run's root seed and a role path
 (`derive_seed`), so runs reproduce and no two components share a random stream.
 """
@@ -32,6 +38,9 @@ IS_LAST = "is_last"
 IS_TERMINAL = "is_terminal"
 SKILL = "skill"
 POLICY_VERSION = "policy_version"
+
+SKILL_VECTOR = "skill_vector"
+BEHAVIOUR_LOGP = "behaviour_logp"
 
 KEYS = (OBSERVATION, ACTION, REWARD, DISCOUNT, IS_FIRST, IS_LAST, IS_TERMINAL, SKILL, POLICY_VERSION)
 

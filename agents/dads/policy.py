@@ -1,0 +1,129 @@
+"""The DADS acting policy: what an environment worker runs.
+
+It holds only the SAC actor. Every environment holds one skill for a whole episode: a skill drawn
+from the prior (U(-1, 1)^D, or a uniform one-hot for discrete skills) at every episode start
+(`is_first`), unless a skill was given to `initial_state`, which is then held across episodes.
+Planning in skill space (planner.py) executes its skill the same way: a new
+`initial_state(n, skill=z)` each time it replans (the state holds nothing but the skills).
+
+Behaviours: DADS has one acting policy, the skill-conditioned actor; "explore", "skill" and "meta"
+(the names the launcher asks for when pretraining, looking at a skill, fine-tuning or
+evaluating) all run it. Modes: "sample" (training) draws the action from the squashed Gaussian,
+"mode" (evaluation) takes tanh(mean).
+
+`act`'s extras: "skill" [N] int32 (the discrete skill's index, -1 for continuous skills),
+"skill_vector" [N, D] float32 (the skill that conditioned the action) and "behaviour_logp" [N]
+float32 (log pi(action | observation, skill) of the returned action, what off-DADS's importance
+weights divide by; `SquashedNormal.log_prob`, as the learner recomputes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from choreo.agents.config import AgentConfig
+from choreo.agents.dads.agent import check_config, policy_input
+from choreo.agents.dads.rewards import sample_prior
+from choreo.agents.dads.sac import SquashedNormal, build_actor
+
+BEHAVIOURS = ("explore", "skill", "meta")
+
+
+@dataclass
+class DadsPolicyState:
+    """Per-environment state `[N, ...]`."""
+
+    skill_vector: Tensor  # [N, D] float32, the skill held in the current episode
+    fixed: Tensor  # [N] bool, a given skill: kept at episode starts
+
+
+class DadsPolicy(nn.Module):
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig,
+                 behaviour: str = "explore", seed: int = 0) -> None:
+        super().__init__()
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"unknown behaviour {behaviour!r}; valid: {', '.join(BEHAVIOURS)}")
+        d = cfg.dads
+        check_config(tuple(obs_shape), d)
+        self.cfg = cfg
+        self.behaviour = behaviour
+        self.obs_shape = tuple(obs_shape)
+        self.action_dim = action_dim
+        self.skill_dim = d.skill_dim
+        self.discrete = d.skill_type == "discrete"
+        self.version = -1
+        self.generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.actor = build_actor(self.obs_shape[0] - d.omit_coordinates + d.skill_dim, action_dim, d)
+        self.requires_grad_(False)
+
+    # ------------------------------------------------------------------ weights
+
+    def expected_weights(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes that `load_weights` requires, exactly."""
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    def load_weights(self, arrays: dict[str, np.ndarray], version: int) -> None:
+        """Load the learner's acting weights strictly: every name present, none extra, same shapes."""
+        expected = self.expected_weights()
+        missing = sorted(set(expected) - set(arrays))
+        extra = sorted(set(arrays) - set(expected))
+        if missing or extra:
+            raise ValueError(f"policy weights do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, shape in expected.items():
+            if tuple(np.shape(arrays[name])) != shape:
+                raise ValueError(f"policy weight '{name}' has shape {np.shape(arrays[name])}, expected {shape}")
+        state = {name: torch.from_numpy(np.array(arrays[name], dtype=np.float32)) for name in expected}
+        self.load_state_dict(state, strict=True)
+        self.version = int(version)
+
+    # ------------------------------------------------------------------ acting
+
+    def initial_state(self, n: int,
+                      skill: int | Sequence[float] | np.ndarray | Tensor | None = None) -> DadsPolicyState:
+        """State of n environments. skill: None draws a skill per environment from the prior (and
+        again at every episode start); otherwise the skill every environment holds throughout: a
+        vector `[D]` or one per environment `[n, D]`, or for discrete skills an index."""
+        if skill is None:
+            vector = sample_prior((n,), self.skill_dim, self.cfg.dads.skill_type, self.generator)
+            return DadsPolicyState(vector, torch.zeros(n, dtype=torch.bool))
+        if self.discrete and np.ndim(skill) == 0:
+            index = int(skill)
+            if not 0 <= index < self.skill_dim:
+                raise ValueError(f"skill {index} is out of range 0..{self.skill_dim - 1}")
+            vector = torch.zeros(self.skill_dim)
+            vector[index] = 1.0
+        else:
+            vector = torch.as_tensor(np.asarray(skill, dtype=np.float32))
+        if vector.shape not in ((self.skill_dim,), (n, self.skill_dim)):
+            raise ValueError(f"skill of shape {tuple(vector.shape)}; expected ({self.skill_dim},) or "
+                             f"({n}, {self.skill_dim})")
+        return DadsPolicyState(vector.expand(n, self.skill_dim).clone(), torch.ones(n, dtype=torch.bool))
+
+    @torch.inference_mode()
+    def act(self, observation: np.ndarray, is_first: np.ndarray, state: DadsPolicyState,
+            mode: Literal["sample", "mode"] = "sample") -> tuple[np.ndarray, DadsPolicyState, dict[str, np.ndarray]]:
+        """`observation [N, O]`, `is_first [N]` -> (action [N, A] float32 in (-1, 1), new state,
+        extras {"skill" [N] int32, "skill_vector" [N, D] float32, "behaviour_logp" [N] float32})."""
+        obs = torch.as_tensor(np.asarray(observation), dtype=torch.float32)
+        first = torch.as_tensor(np.asarray(is_first), dtype=torch.bool)
+        skill = state.skill_vector
+        redraw = first & ~state.fixed
+        if bool(redraw.any()):
+            fresh = sample_prior((len(obs),), self.skill_dim, self.cfg.dads.skill_type, self.generator)
+            skill = torch.where(redraw.unsqueeze(-1), fresh, skill)
+        d = self.cfg.dads
+        dist = SquashedNormal.from_output(self.actor(policy_input(obs, skill, d)), d.log_std_min, d.log_std_max)
+        action = dist.sample(self.generator) if mode == "sample" else dist.mode
+        logp = dist.log_prob(action)
+        index = skill.argmax(-1).to(torch.int32) if self.discrete else torch.full((len(obs),), -1, dtype=torch.int32)
+        extras = {"skill": index.numpy(), "skill_vector": skill.numpy().astype(np.float32),
+                  "behaviour_logp": logp.numpy().astype(np.float32)}
+        return action.numpy().astype(np.float32), DadsPolicyState(skill, state.fixed), extras
