@@ -1,17 +1,18 @@
-"""What a person watching a run sees: TensorBoard event files under the run directory and a
-progress line (frames, frames/s, updates/s, time left and which side sets the pace) on the
-terminal."""
+"""What a person watching a run sees: TensorBoard event files under the run directory (scalars,
+histograms, images and GIF videos) and a progress line (frames, frames/s, updates/s, time left and
+which side sets the pace) on the terminal."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections.abc import Mapping
-from pathlib import Path
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TextIO
+
+import numpy as np
 
 PACE_WINDOW = 600.0
 """Seconds of recent progress the rates of the time estimate are measured over."""
@@ -73,12 +74,13 @@ class Pace:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, total_frames: int, stream: TextIO | None = None,
+    def __init__(self, run_dir: Path, total_frames: int, stream: TextIO | None = None, unit: str = "frames",
                  interval: float = 1.0) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: it costs a second
 
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.total_frames = total_frames
+        self.unit = unit  # what the progress count is: frames, or updates (an offline-only run)
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
         self.interval = interval if self.interactive else max(interval, 10.0)
@@ -93,8 +95,52 @@ class Monitor:
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
 
-    def histogram(self, key: str, values, step: int) -> None:
-        self.writer.add_histogram(key, values, step)
+    def histogram(self, tag: str, values, step: int, bins: str | Sequence[float] | None = None) -> None:
+        """A histogram of `values` (any array-like of numbers). bins: as torch's `add_histogram`
+        takes them; None: one bin per integer for integer values (e.g. code indices, so that each
+        code has its bar), TensorBoard's default buckets otherwise."""
+        values = np.asarray(values).ravel()
+        if bins is None:
+            if values.dtype.kind in "iub" and values.size and int(values.max()) - int(values.min()) <= 4096:
+                bins = np.arange(int(values.min()), int(values.max()) + 2) - 0.5
+            else:
+                bins = "tensorflow"
+        self.writer.add_histogram(tag, values, step, bins=bins)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An image `[H, W, 3]` uint8 (a PNG in the event file)."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image '{tag}': expected [H, W, 3] uint8, got {image.shape} {image.dtype}")
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def video(self, tag: str, frames: np.ndarray, step: int, fps: float = 20.0) -> None:
+        """Frames `[T, H, W, 3]` uint8 as an animated GIF inside an image summary, which
+        TensorBoard's image dashboard plays (torch's `add_video` needs moviepy; this needs Pillow)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from choreo.launch.visualize import encode_gif
+
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"video '{tag}': expected [T, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
+        picture = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
+                                encoded_image_string=encode_gif(frames, fps))
+        summary = Summary(value=[Summary.Value(tag=tag, image=picture)])
+        self.writer._get_file_writer().add_summary(summary, step)  # what torch's add_* do underneath
+
+    def media(self, items: Mapping[str, np.ndarray], step: int, fps: float = 20.0) -> None:
+        """Writes each of `items` by its form: `[H, W, 3]` uint8 as an image, `[T, H, W, 3]`
+        uint8 as a video, anything else as a histogram of its values (e.g. the dict that
+        `launch.visualize.learner_media` returns)."""
+        for tag, value in items.items():
+            value = np.asarray(value)
+            if value.dtype == np.uint8 and value.ndim == 3 and value.shape[-1] == 3:
+                self.image(tag, value, step)
+            elif value.dtype == np.uint8 and value.ndim == 4 and value.shape[-1] == 3:
+                self.video(tag, value, step, fps)
+            elif value.size:
+                self.histogram(tag, value, step)
 
     def rates(self, frames: int, updates: int) -> tuple[float, float]:
         """Frames/s and updates/s since the previous call."""
@@ -125,7 +171,8 @@ class Monitor:
         share = min(frames / self.total_frames, 1.0) if self.total_frames else 1.0
         bar = "#" * int(share * 20)
         pace_note = f" ({bound}-bound)" if bound else ""
-        line = (f"[{bar:<20}] {frames:,}/{self.total_frames:,} frames  {fps:,.0f} fps  {ups:.3g} upd/s  "
+        rate = f"{fps:,.0f} fps  " if self.unit == "frames" else ""
+        line = (f"[{bar:<20}] {frames:,}/{self.total_frames:,} {self.unit}  {rate}{ups:.3g} upd/s  "
                 f"left {_duration(left)}{pace_note}  {extra}")
         if self.interactive:
             self.stream.write("\r" + line[:160].ljust(160))
