@@ -23,3 +23,16 @@ class ReplayConfig:
     """Steps the replay must hold before the learner starts sampling."""
     size_refresh_every: int = 10
     """Batches between two refreshes of the shard sizes that the replay client caches for sampling."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    dir: str = ""
+    """Offline dataset loaded into replay before training: a folder of per-episode .npz files in
+    ExORL's layout (`choreo pretrain --offline DIR`); empty: none."""
+    collect: bool = False
+    """With a dataset: keep collecting with the exploration policy once it is loaded (offline and
+    online data in one replay); false: offline only, no environment workers, the learner trains
+    for learner.total_updates updates."""
+    verify: bool = True
+    """Check every file against the folder's manifest.json (SHA-256) when it has one."""

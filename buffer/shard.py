@@ -37,7 +37,7 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,21 @@ class ReplayShard:
         with self._lock:
             return {"steps": self._size, "capacity": self.capacity, "chunks": len(self._chunks),
                     "episodes": int(np.count_nonzero(self._held[:len(self._runs)])), **self._counters}
+
+    def episodes(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every run of held steps (an episode, or the part of it still held) as `{key: [T, ...]}`,
+        oldest first, one at a time (fresh arrays; the stored data is unchanged): what `choreo
+        export` writes. Meant for a shard nobody adds to meanwhile (a loaded checkpoint)."""
+        with self._lock:
+            tail = (self._head - self._size) % self.capacity
+            live = [rid for rid, run in enumerate(self._runs) if run is not None and run.hi > run.lo]
+            live.sort(key=lambda rid: (int(self._runs[rid].slots[self._runs[rid].lo]) - tail) % self.capacity)
+        for rid in live:
+            with self._lock:
+                run = self._runs[rid]
+                slots = run.slots[run.lo:run.hi]
+                episode = {key: ring[slots] for key, ring in self._data.items()}
+            yield episode
 
     # ------------------------------------------------------------------------- checkpoints
 

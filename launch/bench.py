@@ -12,6 +12,7 @@ BENCHMARKS = {
     "actors": "choreo.launch.bench_actors",
     "pretrain": "choreo.launch.bench_pretrain",
     "soak": "choreo.launch.bench_soak",
+    "dataset": "choreo.launch.bench_dataset",
 }
 
 

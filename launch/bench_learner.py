@@ -2,7 +2,8 @@
 
 Builds the agent from the resolved config (suite and size presets), feeds it random batches of
 the configured shape (50 x 50 at paper size), and prints the mean time per pretraining update and
-per fine-tuning update, broken down by part, and the peak memory. A figure, not a test.
+per fine-tuning update (with --offline also per offline-only pretraining update), broken down by
+part, and the peak memory. A figure, not a test.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def run(rest: list[str], as_json: bool = False) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-finetune", action="store_true")
+    p.add_argument("--offline", action="store_true",
+                   help="also time the update of an offline-only pretraining (no exploration actor-critic)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(rest)
     if args.threads:
@@ -94,6 +97,10 @@ def run(rest: list[str], as_json: bool = False) -> int:
                "batch": [rb.batch_size, rb.batch_length], "parameters": params}
     pre = [random_batch(rng, obs_shape, rb.batch_size, rb.batch_length) for _ in range(min(n, 2))]
     results["pretrain"] = _measure(agent, [pre[i % len(pre)] for i in range(n)], args.warmup, "pretrain")
+    if args.offline:
+        agent.start_offline()
+        results["offline"] = _measure(agent, [pre[i % len(pre)] for i in range(n)], args.warmup, "offline")
+        agent.exploration = True
     if not args.skip_finetune:
         agent.finetune_mode()
         ft = [random_batch(rng, obs_shape, rb.batch_size, rb.batch_length, reward_scale=1.0) for _ in range(min(n, 2))]
@@ -105,7 +112,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(results, indent=2))
         return 0
-    for kind in ("pretrain", "finetune"):
+    for kind in ("pretrain", "offline", "finetune"):
         if kind not in results:
             continue
         r = results[kind]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,20 @@ import numpy as np
 from choreo.actors.random_policy import UniformRandomPolicy
 from choreo.actors.runner import EnvRunner, env_seed
 from choreo.buffer.client import ReplayClient
+from choreo.buffer.dataset import (MANIFEST, STREAM_BASE, DatasetError, EpisodeSpec, LoadSummary, episode_files,
+                                   load_into, missing_from_manifest, read_manifest, split_files)
 from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.config import Config
+from choreo.launch.config import Config, offline_only
 from choreo.vocabulary import derive_seed
 
 
 def random_steps_per_env(config: Config, num_runners: int | None = None) -> int:
     """Random seed steps per environment: `ceil(seed_frames / (action_repeat x runners x envs_per_actor))`,
     so that all environments of the run together take at least `learner.seed_frames` frames of
-    random actions. `num_runners` defaults to `config.num_actors`."""
+    random actions (none after a dataset was loaded). `num_runners` defaults to `config.num_actors`."""
+    if config.dataset.dir:
+        return 0  # the dataset is the warm-up
     runners = config.num_actors if num_runners is None else num_runners
     per_step = config.env.action_repeat * runners * config.envs_per_actor
     return math.ceil(config.learner.seed_frames / per_step)
@@ -109,6 +114,8 @@ def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, star
     if start and config.mode == "finetune":
         pretrained = None if config.from_scratch else load_pretrained(config, agent)["agent"]
         agent.start_finetuning(pretrained)
+    if offline_only(config):  # a phase, not state: set again when a checkpoint is loaded next
+        agent.start_offline()
     return agent
 
 
@@ -134,9 +141,108 @@ def make_shard(config: Config, index: int) -> ReplayShard:
     return ReplayShard(*shard_args(config, index))
 
 
-def make_limiter(config: Config) -> RateLimiter:
+def make_limiter(config: Config, dataset_steps: int = 0) -> RateLimiter:
+    """The samples-per-insert limiter. With a dataset loaded (`dataset_steps`), its steps are the
+    warm-up: the ratio counts only what the workers collect after it, and an offline-only run has
+    no ratio (nothing is inserted while it trains)."""
     rc = config.replay
-    return RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
+    if not config.dataset.dir:
+        return RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
+    return RateLimiter(0.0 if offline_only(config) else rc.samples_per_insert, rc.tolerance, dataset_steps)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def check_dataset(config: Config) -> tuple[int, list[str]]:
+    """Before anything starts: the dataset folder exists and holds episodes, and its manifest (if
+    any) can be read. Returns (files, warnings: manifest entries whose files are missing); raises
+    DatasetError naming the folder or file."""
+    directory = config.dataset.dir
+    files = episode_files(directory)
+    manifest = read_manifest(directory) if config.dataset.verify else None
+    missing = missing_from_manifest(directory, manifest, files) if manifest else []
+    warnings = [f"{Path(directory) / name}: listed in the dataset's {MANIFEST} but missing" for name in missing]
+    return len(files), warnings
+
+
+def dataset_renderer(config: Config) -> Callable[[np.ndarray], np.ndarray] | None:
+    """For a pixel run, the function that renders frames from stored physics states (one
+    environment, built on first use: a dataset of pixels never needs it)."""
+    if config.env.obs != "pixels":
+        return None
+    made: list[Callable[[np.ndarray], np.ndarray]] = []
+
+    def render(states: np.ndarray) -> np.ndarray:
+        if not made:
+            from choreo.actors.envs import physics_renderer
+
+            made.append(physics_renderer(config.env))
+        return made[0](states)
+
+    return render
+
+
+def replay_saved(config: Config, replay_dir: Path) -> bool:
+    """Whether every replay shard of the run has a checkpoint in `replay_dir`."""
+    return all((Path(replay_dir) / f"{shard_args(config, i)[2]}.msgpack").is_file() for i in range(config.num_shards))
+
+
+def loads_dataset(config: Config, resume: bool, replay_dir: Path) -> bool:
+    """Whether the run reads its dataset into replay now: a new run does; a resumed one finds it in
+    its replay checkpoint. An offline-only run's replay never changes, so it saves it once, at its
+    first checkpoint (rendering pixels from a dataset's physics states may take hours, and is not
+    redone on resume); resumed before then, it reads the dataset again."""
+    if not config.dataset.dir:
+        return False
+    return not resume or (offline_only(config) and not replay_saved(config, replay_dir))
+
+
+def load_dataset(config: Config, shards: list[ReplayShard], obs_shape: tuple[int, ...], action_dim: int) -> int:
+    """Loads the run's dataset into in-process shards (part i into shard i), showing progress, and
+    reports it (`report_dataset`); returns the steps loaded."""
+    _, warnings = check_dataset(config)
+    total = LoadSummary(warnings=warnings)
+    last = [time.monotonic()]
+
+    def progress(part: LoadSummary) -> None:
+        if time.monotonic() - last[0] > 5.0:
+            last[0] = time.monotonic()
+            print(f"loading dataset {config.dataset.dir}: {total.episodes + part.episodes:,} episodes, "
+                  f"{total.steps + part.steps:,} steps", flush=True)
+
+    for i, shard in enumerate(shards):
+        total.merge(load_dataset_part(config, shard, i, obs_shape, action_dim, progress))
+    return report_dataset(config, total)
+
+
+def report_dataset(config: Config, summary: LoadSummary, shown: int = 20) -> int:
+    """Prints the dataset's summary line, then each skipped file with why and each warning (the
+    first `shown` of each); raises DatasetError when nothing could be loaded. Returns the steps."""
+    directory = config.dataset.dir
+    for what, lines in (("skipped", [f"skipped {Path(directory) / name}: {why}" for name, why in summary.skipped]),
+                        ("warnings", [f"warning: {w}" for w in summary.warnings])):
+        for line in lines[:shown]:
+            print(line, flush=True)
+        if len(lines) > shown:
+            print(f"... and {len(lines) - shown} more {what}", flush=True)
+    print(summary.line(directory), flush=True)
+    if not summary.steps:
+        raise DatasetError(f"dataset {directory}: no episode could be loaded ({len(summary.skipped)} files skipped, "
+                           f"reasons above)")
+    return summary.steps
+
+
+def load_dataset_part(config: Config, shard: ReplayShard, index: int, obs_shape: tuple[int, ...], action_dim: int,
+                      progress: Callable[[LoadSummary], None] | None = None) -> LoadSummary:
+    """Loads shard `index`'s part of the run's dataset (every num_shards-th file) into `shard`,
+    checked against the folder's manifest when it has one and `dataset.verify` is on."""
+    directory = config.dataset.dir
+    files = split_files(episode_files(directory), config.num_shards)[index]
+    manifest = read_manifest(directory) if config.dataset.verify else None
+    spec = EpisodeSpec(tuple(obs_shape), int(action_dim), config.env.task)
+    return load_into(shard, directory, files, spec, dataset_renderer(config), manifest,
+                     first_stream=STREAM_BASE + index * (1 << 32), progress=progress)
 
 
 def make_sampler(config: Config, shards: list, call: Callable[..., Any] | None = None,
@@ -153,4 +259,5 @@ def make_learner(config: Config, agent: Any, sample: Callable[[], Any], publish:
     receives acting weights and their version."""
     from choreo.learner.learner import Learner
 
-    return Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=prefetch, run_config=config)
+    return Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=prefetch, run_config=config,
+                   snapshots_by_updates=offline_only(config))

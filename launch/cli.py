@@ -60,6 +60,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from choreo.launch.export import main as export
+
+    return export(args)
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from choreo.launch.visualize import main as visualize
+
+    return visualize(args)
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
@@ -89,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("bench", help="measure speed and memory (figures, not tests)")
-    p.add_argument("what", choices=["envs", "learner", "actors", "replay", "pretrain", "soak"])
+    p.add_argument("what", choices=["envs", "learner", "actors", "replay", "pretrain", "soak", "dataset"])
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=cmd_bench)
@@ -97,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain skills without rewards")
     _config_args(p)
     _run_args(p)
+    p.add_argument("--offline", default=None, metavar="DIR",
+                   help="pretrain from a dataset: a folder of per-episode .npz files (ExORL layout), no "
+                        "environment workers, learner.total_updates updates")
+    p.add_argument("--collect", action="store_true",
+                   help="with --offline: load the dataset, then keep collecting with the exploration policy")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt pretrained skills to a task (task=TASK), with evaluations")
@@ -124,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
     p.add_argument("--local", action="store_true", help="run the episodes in this process, without Ray")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a run's replay as a dataset of per-episode .npz files with checksums")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory whose replay checkpoint to export")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the dataset")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("visualize", help="videos of every skill of a snapshot in the real environment, its decoded "
+                                         "codes and a codebook plot")
+    p.add_argument("--snapshot", required=True, metavar="FILE", help="snapshot whose skills to show")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: visualize/ next to the snapshot)")
+    p.add_argument("--steps", type=int, default=200, help="agent steps per skill video (default 200)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the snapshot's config, e.g. env.task=walker_run")
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("report", help="URL benchmark report of fine-tuning runs: tables, intervals, curves")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

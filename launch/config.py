@@ -32,7 +32,7 @@ import yaml
 from choreo.actors.config import EnvConfig
 from choreo.agents import registry
 from choreo.agents.config import AgentConfig
-from choreo.buffer.config import ReplayConfig
+from choreo.buffer.config import DatasetConfig, ReplayConfig
 from choreo.learner.config import LearnerConfig
 
 CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
@@ -48,9 +48,19 @@ class ConfigError(ValueError):
 class EvalConfig:
     every_frames: int = 0
     """Frames between evaluations, the first at frame 0 (0: no evaluations)."""
+    every_updates: int = 0
+    """Offline-only runs (no environment workers, so no frames): updates between evaluations,
+    the first at update 0 (0: no evaluations)."""
     episodes: int = 10
     """Episodes of one evaluation, on environments seeded apart from the training ones, acting
     with the policy's mean action."""
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    media_every: int = 10000
+    """Learner updates between TensorBoard pictures (decoded skill codes, codebook plot, code
+    usage histogram; see launch/visualize.py `learner_media`); 0: none."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,10 @@ class Config:
     """The learner process."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluations during the run."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Offline data loaded into replay (offline or mixed pretraining)."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """What the run writes to TensorBoard besides scalars."""
 
 
 # ----------------------------------------------------------------------------- field docs
@@ -417,6 +431,8 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'replay.capacity' is smaller than one batch (batch_size x batch_length)")
     if config.eval.every_frames < 0:
         raise ConfigError(f"config key 'eval.every_frames' must be >= 0 (0: no evaluations), got {config.eval.every_frames}")
+    if config.monitor.media_every < 0:
+        raise ConfigError(f"config key 'monitor.media_every' must be >= 0 (0: no pictures), got {config.monitor.media_every}")
     if config.eval.episodes < 1:
         raise ConfigError(f"config key 'eval.episodes' must be at least 1, got {config.eval.episodes}")
     if config.mode == "finetune" and not (config.snapshot or config.from_scratch):
@@ -428,6 +444,31 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'from_scratch' is for fine-tuning (mode 'finetune'), not mode {config.mode!r}")
     if not 0 < config.agent.choreographer.ema_decay < 1:
         raise ConfigError("config key 'agent.choreographer.ema_decay' must be in (0, 1)")
+    if config.eval.every_updates < 0:
+        raise ConfigError(f"config key 'eval.every_updates' must be >= 0 (0: no evaluations), got {config.eval.every_updates}")
+    if config.learner.total_updates < 1:
+        raise ConfigError(f"config key 'learner.total_updates' must be at least 1, got {config.learner.total_updates}")
+    if config.dataset.collect and not config.dataset.dir:
+        raise ConfigError("config key 'dataset.collect' keeps collecting after a dataset is loaded; "
+                          "name the dataset with 'dataset.dir' (choreo pretrain --offline DIR)")
+    if config.dataset.dir and config.algo != "choreographer":
+        raise ConfigError(f"config key 'dataset.dir': offline datasets carry no skills; pretraining from them is "
+                          f"for algo=choreographer, not {config.algo!r}")
+    if config.dataset.dir and config.mode != "pretrain":
+        raise ConfigError(f"config key 'dataset.dir': datasets are for pretraining (choreo pretrain --offline DIR), "
+                          f"not mode {config.mode!r}")
+
+
+def eval_every(config: Config) -> int:
+    """Evaluations are due every this many frames (`eval.every_frames`), or updates in an
+    offline-only run (`eval.every_updates`); 0: none."""
+    return config.eval.every_updates if offline_only(config) else config.eval.every_frames
+
+
+def offline_only(config: Config) -> bool:
+    """A pretraining from a dataset alone: no environment workers; it ends after
+    learner.total_updates updates and counts its progress in updates."""
+    return bool(config.dataset.dir) and not config.dataset.collect
 
 
 # ----------------------------------------------------------------------------- output
@@ -469,8 +510,10 @@ def snapshot_shape_keys(config: Config) -> tuple[str, ...]:
     return tuple(f"agent.{key}" for key in registry.shape_keys(config.algo))
 
 
-RESUME_OVERRIDES = ("learner.total_frames", "learner.checkpoint_minutes", "learner.snapshot_frames",
-                    "learner.log_every", "learner.max_nonfinite_updates", "learner.threads", "learner.device")
+RESUME_OVERRIDES = ("learner.total_frames", "learner.total_updates", "learner.checkpoint_minutes",
+                    "learner.snapshot_frames", "learner.snapshot_updates",
+                    "learner.log_every", "learner.max_nonfinite_updates", "learner.threads", "learner.device",
+                    "monitor.media_every")
 """Keys a resumed run may change: how long it runs and how it is watched, never what it learns."""
 
 

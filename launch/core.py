@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from choreo.launch.build import make_limiter
-from choreo.launch.config import Config
+from choreo.launch.config import Config, eval_every, offline_only
 from choreo.launch.monitor import Monitor, Pace, loss_note
 
 MAX_OUTSTANDING_BATCHES = 4
@@ -51,13 +51,20 @@ class RunCore:
 
     def __init__(self, config: Config, run_dir: Path, num_workers: int, action_repeat: int,
                  counters: Mapping[str, Any] | None, updates: int, local: bool,
-                 monitor: Monitor | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 monitor: Monitor | None = None, clock: Callable[[], float] = time.monotonic,
+                 dataset_steps: int = 0) -> None:
+        """dataset_steps: the steps of the offline dataset loaded into replay for a new run (a
+        resumed one reads them from its counters)."""
         self.config, self.run_dir, self.clock = config, Path(run_dir), clock
         rc, lc = config.replay, config.learner
-        self.limiter = make_limiter(config)
         counters = dict(counters or {})
+        self.offline_only = offline_only(config)
+        self.dataset_steps = int(counters.get("dataset_steps", dataset_steps))
+        self.limiter = make_limiter(config, self.dataset_steps)
         if "limiter" in counters:
             self.limiter.load_state_dict(counters["limiter"])
+        elif self.dataset_steps:
+            self.limiter.on_insert(self.dataset_steps)  # the warm-up, not counted in the ratio
         self.frames = int(counters.get("frames", 0))
         self.updates = int(updates)
         self.action_repeat = action_repeat
@@ -67,10 +74,14 @@ class RunCore:
         self.stopping: str | None = None  # why the run stops, once a stop was asked for
         # how the user continues this run once it stopped: the command of its mode, with --resume
         self.resume_command = f"choreo {config.mode}{' --local' if local else ''} --resume {self.run_dir}"
-        self.monitor = monitor or Monitor(self.run_dir, lc.total_frames)
+        self.monitor = monitor or Monitor(self.run_dir, lc.total_updates if self.offline_only else lc.total_frames,
+                                          unit="updates" if self.offline_only else "frames")
         frames_per_update = (self.batch_steps / rc.samples_per_insert * action_repeat
                              if rc.samples_per_insert else 0.0)
-        self.pace = Pace(lc.total_frames, frames_per_update, num_workers, clock=clock)
+        if self.offline_only:  # the pace of updates alone
+            self.pace = Pace(lc.total_updates, 0.0, 1, clock=clock)
+        else:
+            self.pace = Pace(lc.total_frames, frames_per_update, num_workers, clock=clock)
         self.last_checkpoint = clock()
         self.checkpoint_frames: int | None = int(counters["frames"]) if counters else None
         self.next_eval = int(counters.get("next_eval", 0))  # the frame the next evaluation is due at
@@ -79,6 +90,12 @@ class RunCore:
         self._insert_held_since: dict[int, float] = {}
         self._sample_held_since: float | None = None
         self._lags: list[float] = []
+
+    @property
+    def log_step(self) -> int:
+        """TensorBoard's x axis and the progress count: frames, or updates in an offline-only run
+        (which collects none)."""
+        return self.updates if self.offline_only else self.frames
 
     @property
     def version(self) -> int:
@@ -119,7 +136,10 @@ class RunCore:
         if self.stopping:
             return 0
         n = 0
-        while self.outstanding + n < MAX_OUTSTANDING_BATCHES and self.limiter.reserve_sample(self.batch_steps):
+        most = MAX_OUTSTANDING_BATCHES
+        if self.offline_only:  # no more batches than the updates left
+            most = min(most, self.config.learner.total_updates - self.updates)
+        while self.outstanding + n < most and self.limiter.reserve_sample(self.batch_steps):
             n += 1
         self.outstanding += n
         now = self.clock()
@@ -138,7 +158,7 @@ class RunCore:
         self.updates = updates
         if metrics:
             self.metrics = dict(metrics)
-            self.monitor.scalars(self.metrics, self.frames)
+            self.monitor.scalars(self.metrics, self.log_step)
 
     def release(self, batches: int) -> None:
         """Gives back `batches` granted batches that will not be trained on (the replay held no
@@ -159,7 +179,9 @@ class RunCore:
 
     @property
     def done(self) -> bool:
-        """The run has its frames (workers get no more calls)."""
+        """The run has its frames (workers get no more calls), or an offline-only run its updates."""
+        if self.offline_only:
+            return self.updates >= self.config.learner.total_updates
         return self.frames >= self.config.learner.total_frames
 
     @property
@@ -169,19 +191,24 @@ class RunCore:
 
     # ------------------------------------------------------------------ evaluations
 
+    @property
+    def eval_every(self) -> int:
+        return eval_every(self.config)
+
     def eval_due(self) -> bool:
-        """An evaluation is due (at frame 0, then every `eval.every_frames`) and none is running."""
-        return self.config.eval.every_frames > 0 and not self.evaluating and self.frames >= self.next_eval
+        """An evaluation is due (at 0, then every `eval_every`) and none is running."""
+        return self.eval_every > 0 and not self.evaluating and self.log_step >= self.next_eval
 
     def start_eval(self) -> int:
-        """The loop starts the due evaluation with the current weights; returns the frame it is of."""
+        """The loop starts the due evaluation with the current weights; returns the frame (offline
+        only: the update) it is of."""
         self.evaluating = True
-        return self.frames
+        return self.log_step
 
     def evaluated(self, frame: int, returns: list[float]) -> None:
         """An evaluation's episode returns: to TensorBoard (`eval/*` at `frame`), one line of
         `eval.jsonl` (task, seed, frame, mean return, every return, mode) and the terminal."""
-        every = self.config.eval.every_frames
+        every = self.eval_every
         self.evaluating = False
         self.next_eval = (frame // every + 1) * every
         values = np.asarray(returns, np.float64)
@@ -191,13 +218,13 @@ class RunCore:
         self.monitor.scalars({"eval/return": mean, "eval/return_se": se, "eval/episodes": len(values)}, frame)
         c = self.config
         mode = c.mode if c.mode != "finetune" else ("scratch" if c.from_scratch else "finetune")
-        record = {"task": c.env.task, "seed": c.seed, "frame": int(frame), "mean_return": mean,
-                  "returns": [float(r) for r in values], "mode": mode}
+        record = {"task": c.env.task, "seed": c.seed, "frame": self.frames if self.offline_only else int(frame),
+                  "updates": self.updates, "mean_return": mean, "returns": [float(r) for r in values], "mode": mode}
         with open(self.run_dir / EVAL_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"\nevaluation at {frame:,} frames: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
+        print(f"\nevaluation at {frame:,} {'updates' if self.offline_only else 'frames'}: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
               flush=True)
 
     def eval_lost(self) -> None:
@@ -209,7 +236,8 @@ class RunCore:
 
     def counters(self) -> dict[str, Any]:
         """What a checkpoint stores beside the learner's state."""
-        return {"frames": self.frames, "limiter": self.limiter.state_dict(), "next_eval": self.next_eval}
+        return {"frames": self.frames, "limiter": self.limiter.state_dict(), "next_eval": self.next_eval,
+                "dataset_steps": self.dataset_steps}
 
     def checkpointed(self) -> None:
         """The loop wrote a checkpoint with `counters()` (periodic or final)."""
@@ -237,7 +265,7 @@ class RunCore:
             extra: Mapping[str, float] | None = None) -> None:
         """Writes the periodic scalars: workers' rates and episodes, policy lag, shards, the ratio,
         throughput. Every loop logs through here, so the names mean one thing everywhere."""
-        monitor, frames = self.monitor, self.frames
+        monitor, frames = self.monitor, self.log_step
         scalars: dict[str, float] = {}
         worker_stats = list(worker_stats)
         for st in worker_stats:
@@ -264,17 +292,17 @@ class RunCore:
         scalars["learner/weight_version"] = self.version
         scalars["learner/updates"] = self.updates
         scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
-            monitor.rates(frames, self.updates)
+            monitor.rates(self.frames, self.updates)
         scalars.update(extra or {})
         monitor.scalars(scalars, frames)
 
     def progress(self, note: str = "", force: bool = False) -> None:
         """The progress line: frames, rates and the time left at the pace the limiter allows (during
         the warm-up: its rates since the start, and no estimate)."""
-        warm = self.limiter.stats()["inserted"] >= self.config.replay.min_size
+        warm = self.limiter.stats()["inserted"] >= self.limiter.min_size
         if warm:
-            self.pace.update(self.frames, self.updates, *self.held_seconds())
-        self.monitor.progress(self.frames, self.updates,
+            self.pace.update(self.log_step, self.updates, *self.held_seconds())
+        self.monitor.progress(self.log_step, self.updates,
                               " ".join(filter(None, [loss_note(self.metrics), note if warm else "warm-up " + note])),
                               force=force, pace=self.pace if warm else None, eta=warm)
 

@@ -44,10 +44,13 @@ from typing import Any
 import numpy as np
 
 from choreo.buffer.client import route
-from choreo.launch.build import make_agent, make_learner, make_sampler, shard_args
-from choreo.launch.config import Config
+from choreo.buffer.dataset import LoadSummary
+from choreo.launch.build import (check_dataset, env_shapes, loads_dataset, make_agent, make_learner, make_sampler, report_dataset,
+                                 shard_args)
+from choreo.launch.config import Config, eval_every, offline_only
 from choreo.launch.core import RunCore, RunStopped
 from choreo.launch.local import REPLAY_DIR
+from choreo.launch.visualize import MediaSchedule, training_media
 from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
@@ -126,6 +129,8 @@ class LearnerActor:
             self.restored_digest = state_digest(agent.state_dict())
         self.learner.publish()
         self.train_seconds = 0.0
+        self.config = config
+        self.media = MediaSchedule(config.monitor.media_every, self.learner.updates)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -152,9 +157,13 @@ class LearnerActor:
             self._held -= 1
         snapshot = self.learner.maybe_snapshot(frames)
         self.train_seconds += time.monotonic() - start
+        media = None
+        if self.media.due(self.learner.updates) and self.learner.last_batch is not None:
+            media = training_media(self.config, self.learner.agent, self.learner.last_batch)
         return {"metrics": metrics, "batches": batches, "updates": self.learner.updates,
                 "weights": self._published, "wait_seconds": self.learner.wait_seconds,
-                "train_seconds": self.train_seconds, "snapshot": str(snapshot) if snapshot else None}
+                "train_seconds": self.train_seconds, "snapshot": str(snapshot) if snapshot else None,
+                "media": media}
 
     def weights(self) -> tuple[Any, int] | None:
         """The newest published acting weights (object reference, version)."""
@@ -245,18 +254,33 @@ class Driver:
         # takes a GPU when there is one. A run of several side by side (launch/sweep.py) runs in a
         # placement group that reserved all of it: every actor goes into the group's bundle.
         self.group = ray.util.get_current_placement_group()
+        offline = offline_only(config)
+        # An offline dataset is read by the shards, which need the task's shapes before any worker exists.
+        shapes = env_shapes(config) if config.dataset.dir else None
         shard_cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=-1)(ShardActor)
         self.shards = [shard_cls.options(scheduling_strategy=self._placed(self._shard_placement(i))).remote(
-                           *shard_args(config, i), self.replay_dir) for i in range(config.num_shards)]
+                           *shard_args(config, i), self.replay_dir, (config, i, *shapes) if shapes else None)
+                       for i in range(config.num_shards)]
         runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy=self._placed("SPREAD"))
-        self.runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
-        self.evaluator = runner_cls.remote(config, 0, config.seed, evaluation=True) if config.eval.every_frames else None
+        self.runners = [] if offline else [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
+        self.evaluator = runner_cls.remote(config, 0, config.seed, evaluation=True) if eval_every(config) else None
         runner_info = self._wait_for([r.info.remote() for r in self.runners], "environment workers", 1.0)
-        if resume:
+        dataset_steps = 0
+        reload = loads_dataset(config, resume, run_dir / REPLAY_DIR)
+        self.save_replay = not offline or reload  # an offline-only replay never changes: saved once
+        if reload:
+            print(f"loading dataset {config.dataset.dir} into {len(self.shards)} replay shard(s)", flush=True)
+            summary = LoadSummary(warnings=check_dataset(config)[1])
+            for part in ray.get([s.load_dataset.remote() for s in self.shards]):
+                summary.merge(part)
+            dataset_steps = report_dataset(config, summary)
+        elif resume:
             ray.get([s.resume.remote() for s in self.shards])
+        if resume:
             ray.get([r.skip_random_steps.remote() for r in self.runners])
         shard_info = self._wait_for([s.info.remote() for s in self.shards], "replay shards", SHARD_CPUS)
-        self.obs_shape, self.action_dim = runner_info[0]["obs_shape"], runner_info[0]["action_dim"]
+        self.obs_shape, self.action_dim = (runner_info[0]["obs_shape"], runner_info[0]["action_dim"]) if runner_info \
+            else shapes
         self.runner_where = [{k: info[k] for k in ("incarnation", "node_id", "pid")} for info in runner_info]
         self.shard_where = [{k: info[k] for k in ("incarnation", "node_id", "pid")} for info in shard_info]
         self.shard_acked = [info["steps_inserted"] for info in shard_info]
@@ -267,9 +291,9 @@ class Driver:
         self.learner_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(learner_actor)
         self.learner, learner_info = self._start_learner(resume)
         self.core = RunCore(config, run_dir, num_workers=len(self.runners),
-                            action_repeat=runner_info[0]["action_repeat"],
+                            action_repeat=runner_info[0]["action_repeat"] if runner_info else config.env.action_repeat,
                             counters=learner_info["counters"] if resume else None, updates=learner_info["updates"],
-                            local=False)
+                            local=False, dataset_steps=dataset_steps)
         self.steps_per_call = config.replay.chunk_length * config.envs_per_actor
 
         self.collecting: dict[Any, tuple[int, Any]] = {}  # summary ref -> (worker, chunks ref)
@@ -292,7 +316,9 @@ class Driver:
         self.nonfinite_stop: str | None = None
         self.learner_wait_seconds = self.learner_train_seconds = 0.0
         self._write_placement()
-        print(f"Ray: {len(self.runners)} environment workers x {config.envs_per_actor} envs, "
+        workers = "offline (no environment workers)" if offline else \
+            f"{len(self.runners)} environment workers x {config.envs_per_actor} envs"
+        print(f"Ray: {workers}, "
               f"{len(self.shards)} replay shards, learner on {learner_info['device']}"
               + (f"; resumed at {self.core.frames:,} frames" if resume else "") + f"; {self._placement_line()}",
               flush=True)
@@ -431,7 +457,7 @@ class Driver:
         if self.weights is not None:
             self.runners[i].set_weights.remote(*self.weights)  # before its next call: calls keep their order
         self.core.monitor.scalars({f"actors/{i}/restarts": self.runner_restarts[i],
-                                   "actors/restarts": sum(self.runner_restarts)}, self.frames)
+                                   "actors/restarts": sum(self.runner_restarts)}, self.core.log_step)
         self._write_placement()
 
     # ------------------------------------------------------------------ shards
@@ -467,7 +493,7 @@ class Driver:
               f"by then), {lost:,} steps lost{note}", flush=True)
         self.core.monitor.scalars({f"replay/shard{s}/restarts": self.shard_restarts[s],
                                    "replay/restarts": sum(self.shard_restarts), "replay/steps_lost": self.steps_lost},
-                                  self.frames)
+                                  self.core.log_step)
         self._write_placement()
 
     # ------------------------------------------------------------------ learner
@@ -486,6 +512,8 @@ class Driver:
             return
         self.learner_restarts_in_a_row = 0
         self.core.trained(result["batches"], result["updates"], result["metrics"])
+        if result.get("media"):
+            self.core.monitor.media(result["media"], self.core.log_step)
         self._broadcast(result["weights"])
         self.learner_wait_seconds, self.learner_train_seconds = result["wait_seconds"], result["train_seconds"]
         if result["snapshot"]:
@@ -537,7 +565,7 @@ class Driver:
         self._broadcast(self.ray.get(self.learner.weights.remote()))  # the restored weights
         self.restart_log.append({"role": "learner", "frames": self.frames, "updates": info["updates"],
                                  "digest": self.learner_digest, **self.learner_where})
-        self.core.monitor.scalars({"learner/restarts": self.learner_restarts}, self.frames)
+        self.core.monitor.scalars({"learner/restarts": self.learner_restarts}, self.core.log_step)
         self._write_placement()
 
     # ------------------------------------------------------------------ checkpoints and metrics
@@ -545,7 +573,9 @@ class Driver:
     def checkpoint(self) -> None:
         """Replay shards and learner state, with the core's counters (frames, limiter)."""
         self._log_stats()
-        self.ray.get([s.save_checkpoint.remote() for s in self.shards])
+        if self.save_replay:
+            self.ray.get([s.save_checkpoint.remote() for s in self.shards])
+            self.save_replay = not self.core.offline_only
         try:
             self.ray.get(self.learner.checkpoint.remote(self.core.counters()))
         except self.ray.exceptions.RayActorError as exc:
@@ -610,7 +640,7 @@ class Driver:
     def _wait_for(self, refs: list, what: str, cpus_each: float) -> list:
         """ray.get that says, every half minute, what it is waiting for (an autoscaling cluster
         may still be adding nodes; a fixed one may simply be too small)."""
-        while True:
+        while refs:
             ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=30)
             if not pending:
                 return self.ray.get(refs)
@@ -619,6 +649,7 @@ class Driver:
             print(f"waiting for {len(pending)} of {len(refs)} {what} to start (each needs {cpus_each:g} CPU; "
                   f"the cluster has {total.get('CPU', 0):g} CPUs, {free.get('CPU', 0):g} free, "
                   f"{total.get('GPU', 0):g} GPUs)", flush=True)
+        return []
 
     def _start_learner(self, resume: bool | None) -> tuple[Any, dict[str, Any]]:
         learner = self.learner_cls.options(scheduling_strategy=self._placed("DEFAULT")).remote(

@@ -1,4 +1,5 @@
-"""`--local`: every role in this one process, no Ray, for every mode (pretraining, fine-tuning).
+"""`--local`: every role in this one process, no Ray, for every mode (pretraining online, offline
+or both, fine-tuning).
 The roles come from the builder and the decisions from the run core, as on Ray; the loop only
 moves the data. Useful for debugging and for machines where Ray is not wanted.
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from choreo.launch.build import make_agent, make_eval_runner, make_learner, make_runner, make_sampler, make_shard
-from choreo.launch.config import Config
-from choreo.launch.core import RunCore
+from choreo.launch.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner, make_runner,
+                                 make_sampler, make_shard)
+from choreo.launch.config import Config, eval_every, offline_only
+from choreo.launch.core import MAX_OUTSTANDING_BATCHES, RunCore
+from choreo.launch.visualize import MediaSchedule, training_media
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 REPLAY_DIR = "replay"
@@ -23,11 +26,18 @@ STATS_SECONDS = 5.0
 
 def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
     rc = config.replay
-    runner = make_runner(config, runner_id=0, num_runners=1)
-    evaluator = make_eval_runner(config) if config.eval.every_frames else None
-    agent = make_agent(config, runner.obs_shape, runner.action_dim, start=not resume)
+    offline = offline_only(config)
+    runner = None if offline else make_runner(config, runner_id=0, num_runners=1)
+    obs_shape, action_dim = env_shapes(config) if runner is None else (runner.obs_shape, runner.action_dim)
+    evaluator = make_eval_runner(config) if eval_every(config) else None
+    agent = make_agent(config, obs_shape, action_dim, start=not resume)
     shard = make_shard(config, 0)
     sampler = make_sampler(config, [shard])
+    dataset_steps = 0
+    reload = loads_dataset(config, resume, run_dir / REPLAY_DIR)
+    if reload:
+        dataset_steps = load_dataset(config, [shard], obs_shape, action_dim)
+    save_replay = not offline or reload  # an offline-only replay never changes: saved once
 
     def publish(weights: dict, version: int) -> None:
         for r in filter(None, (runner, evaluator)):
@@ -38,18 +48,24 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
     counters = None
     if resume:
         counters = learner.load_checkpoint()
-        shard.load(run_dir / REPLAY_DIR)
-        runner.skip_random_steps()  # the seed phase happened before the interruption
+        if not reload:
+            shard.load(run_dir / REPLAY_DIR)
+        if runner is not None:
+            runner.skip_random_steps()  # the seed phase happened before the interruption
         print(f"resumed {run_dir} at {int(counters['frames']):,} frames, {learner.updates:,} updates, "
               f"{shard.stats()['steps']:,} steps in replay")
     core = RunCore(config, run_dir, num_workers=1, action_repeat=config.env.action_repeat, counters=counters,
-                   updates=learner.updates, local=True)
+                   updates=learner.updates, local=True, dataset_steps=dataset_steps)
     learner.publish()
-    steps_per_call = len(runner.envs)
+    media = MediaSchedule(config.monitor.media_every, learner.updates)
+    steps_per_call = len(runner.envs) if runner is not None else 0
 
     def checkpoint() -> None:
+        nonlocal save_replay
         learner.save_checkpoint(core.counters())
-        shard.save(run_dir / REPLAY_DIR)
+        if save_replay:
+            shard.save(run_dir / REPLAY_DIR)
+            save_replay = not offline
         core.checkpointed()
 
     last_stats = time.monotonic()
@@ -57,20 +73,24 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
         while not core.finished:
             if core.eval_due():
                 core.evaluated(core.start_eval(), evaluator.evaluate(config.eval.episodes)["returns"])
-            if core.may_collect(0, steps_per_call):
+            if runner is not None and core.may_collect(0, steps_per_call):
                 for stream, chunk in runner.step():
                     shard.add(chunk, stream)
                 core.collected(steps_per_call, runner.version)
-            while core.grant():
+            for _ in range(MAX_OUTSTANDING_BATCHES):  # then back to the worker, the logs and the checkpoints
+                if not (core.grant() or core.outstanding):
+                    break
                 metrics = learner.step()
                 if metrics is None:  # the replay holds no full window yet
-                    core.release(1)
+                    core.release(core.outstanding)
                     break
                 core.trained(1, learner.updates, metrics if learner.updates % config.learner.log_every == 0 else None)
-            stats = runner.stats()
-            if stats["episodes"] or time.monotonic() - last_stats > STATS_SECONDS:
+            if media.due(learner.updates) and learner.last_batch is not None:
+                core.monitor.media(training_media(config, agent, learner.last_batch), core.log_step)
+            stats = runner.stats() if runner is not None else None
+            if (stats and stats["episodes"]) or time.monotonic() - last_stats > STATS_SECONDS:
                 last_stats = time.monotonic()
-                core.log([stats], [shard.stats()])
+                core.log([stats] if stats else [], [shard.stats()])
             if learner.maybe_snapshot(core.frames) is not None or core.checkpoint_due():
                 checkpoint()
             core.progress()

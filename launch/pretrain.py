@@ -130,6 +130,12 @@ def mode_overrides(args: argparse.Namespace, mode: str) -> list[str]:
     """The command's own keys, before the user's overrides: the mode and, for fine-tuning, where it
     starts from (the snapshot as an absolute path, so that the saved config works from anywhere)."""
     if mode != "finetune":
+        if getattr(args, "collect", False) and not getattr(args, "offline", None):
+            raise ConfigError("--collect keeps collecting after a dataset is loaded: give it with --offline DIR")
+        if getattr(args, "offline", None):
+            directory = Path(args.offline).expanduser()
+            return [f"mode={mode}", f"dataset.dir={directory.resolve()}"] + (["dataset.collect=true"] if args.collect
+                                                                            else [])
         return [f"mode={mode}"]
     if bool(args.snapshot) == bool(args.from_scratch):
         raise ConfigError("choreo finetune needs exactly one of --snapshot FILE (a pretraining snapshot, "
@@ -153,6 +159,18 @@ def check_snapshot(config: Config) -> None:
     try:
         load_pretrained(config, agent)
     except SnapshotError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_dataset_before_start(config: Config) -> None:
+    """A dataset folder that is missing, empty or has a broken manifest is refused before the run
+    directory is made."""
+    from choreo.buffer.dataset import DatasetError
+    from choreo.launch.build import check_dataset
+
+    try:
+        check_dataset(config)
+    except DatasetError as e:
         raise ConfigError(str(e)) from None
 
 
@@ -184,6 +202,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
             config = dataclasses.replace(config, logdir=args.logdir)
         if mode == "finetune" and not config.from_scratch:
             check_snapshot(config)
+        if config.dataset.dir:
+            check_dataset_before_start(config)
         run_dir = new_run_dir(config, args.logdir)
         save_config(config, run_dir, exclusive=True)
     print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1")

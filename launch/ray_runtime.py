@@ -334,9 +334,14 @@ class ShardActor(ReplayShard):
     beyond the checkpoint's `steps_inserted` counter (`info()["restored_inserted"]`) are lost.
     """
 
-    def __init__(self, capacity: int, seed: int, name: str, replay_dir: str) -> None:
+    def __init__(self, capacity: int, seed: int, name: str, replay_dir: str,
+                 dataset: tuple[Any, int, tuple[int, ...], int] | None = None) -> None:
+        """dataset: (run config, shard index, observation shape, action size) when the run loads an
+        offline dataset: `load_dataset` loads this shard's part, and a restarted shard without a
+        replay checkpoint (an offline-only run saves none) loads it again."""
         super().__init__(capacity, seed, name)
         self.replay_dir = replay_dir
+        self.dataset = dataset
         self.incarnation = uuid.uuid4().hex[:12]
         self.restored_inserted = 0
         self.restore_error: str | None = None
@@ -345,9 +350,19 @@ class ShardActor(ReplayShard):
                 self.load(replay_dir)
                 self.restored_inserted = int(self.stats()["steps_inserted"])
             except FileNotFoundError:
-                pass  # died before its first checkpoint: everything it held is lost
+                if dataset is not None:  # its dataset part is what it held before its first checkpoint
+                    self.load_dataset()
+                    self.restored_inserted = int(self.stats()["steps_inserted"])
+                # otherwise it died before its first checkpoint: everything it held is lost
             except (CodecError, CheckpointMismatchError) as exc:
                 self.restore_error = str(exc)
+
+    def load_dataset(self) -> dict[str, Any]:
+        """Loads this shard's part of the run's dataset; returns the load's summary as a dict."""
+        from choreo.launch.build import load_dataset_part
+
+        config, index, obs_shape, action_dim = self.dataset
+        return load_dataset_part(config, self, index, obs_shape, action_dim).to_dict()
 
     def add_chunks(self, chunks: list) -> tuple[int, str]:
         return self.add_many(chunks), self.incarnation

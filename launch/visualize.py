@@ -318,6 +318,41 @@ def learner_media(agent: Any, batch: Mapping[str, Any], max_sequences: int = 16)
     return media
 
 
+MEDIA_VIDEO_STEPS = 50
+"""Agent steps of the skill videos that a pretraining writes to TensorBoard (all skills at once,
+tiled): long enough to tell skills apart, short enough to cost seconds every monitor.media_every
+updates."""
+
+
+class MediaSchedule:
+    """When a run writes its pictures: once every `every` updates (0: never), the first after
+    `every` updates, and at most once per call however many updates a call trained."""
+
+    def __init__(self, every: int, updates: int) -> None:
+        self.every = every
+        self.mark = updates // every if every else 0
+
+    def due(self, updates: int) -> bool:
+        if not self.every or updates // self.every <= self.mark:
+            return False
+        self.mark = updates // self.every
+        return True
+
+
+def training_media(config: Config, agent: Any, batch: Mapping[str, Any],
+                   video_steps: int = MEDIA_VIDEO_STEPS) -> dict[str, np.ndarray]:
+    """The pictures a pretraining writes to TensorBoard: `learner_media` of a batch and
+    `skills/videos`, every skill played for `video_steps` steps in the real environment, tiled in
+    one video `[T, H, W, 3]` (the decoded code beside each frame for pixel agents). Empty for
+    agents without a skill codebook."""
+    media = learner_media(agent, batch)
+    if not media:
+        return media
+    videos = np.stack(compose_videos(agent, rollout_skills(config, agent, video_steps)))  # [K, T, h, w, 3]
+    media["skills/videos"] = np.stack([tile(videos[:, t]) for t in range(videos.shape[1])])
+    return media
+
+
 # ----------------------------------------------------------------------------- skill rollouts
 
 
@@ -504,19 +539,6 @@ def run_visualize(snapshot: Path, out: Path | None = None, overrides: Sequence[s
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds `visualize` to the `choreo` subcommands (`subparsers` from `add_subparsers`)."""
-    p = subparsers.add_parser("visualize", help="GIFs of every skill of a snapshot, its decoded codes and a "
-                                                "codebook plot")
-    p.add_argument("--snapshot", required=True, metavar="FILE", help="snapshot whose skills to show")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: visualize/ next to the snapshot)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"agent steps per skill (default {DEFAULT_STEPS})")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of the snapshot's config, e.g. env.task=walker_run")
-    p.set_defaults(func=main)
-    return p
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,6 +20,11 @@ class LearnerConfig:
     """Minutes between checkpoints of the learner state and the replay."""
     snapshot_frames: tuple[int, ...] = field(default=(100_000, 500_000, 1_000_000, 2_000_000))
     """Frame counts at which a snapshot for fine-tuning is written."""
+    total_updates: int = 200_000
+    """Updates of an offline-only pretraining (a dataset and no environment workers), the
+    reference's; online runs end by total_frames instead."""
+    snapshot_updates: tuple[int, ...] = field(default=(10_000, 50_000, 100_000, 200_000))
+    """Update counts at which an offline-only pretraining writes a snapshot (and at its last update)."""
     threads: int = 0
     """Torch CPU threads of the learner process (0: all cores of its machine)."""
     log_every: int = 100

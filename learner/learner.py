@@ -95,7 +95,8 @@ class Learner:
     """
 
     def __init__(self, agent: Any, sample: Callable[[], Batch | None], publish: Callable[[dict, int], None],
-                 cfg: LearnerConfig, run_dir: Path, prefetch: int = 2, run_config: Any = None) -> None:
+                 cfg: LearnerConfig, run_dir: Path, prefetch: int = 2, run_config: Any = None,
+                 snapshots_by_updates: bool = False) -> None:
         self.agent = agent
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -106,8 +107,11 @@ class Learner:
         self.sample = sample
         self.prefetcher = BatchPrefetcher(sample, depth=prefetch) if prefetch > 0 else None
         self.snapshots_written: set[int] = set()
+        # An offline-only run collects no frames: its snapshots are due at update counts.
+        self.snapshots_by_updates = snapshots_by_updates
         self.run_config = run_config  # the run's resolved config, stored in snapshots for fine-tuning
         self.skipped_updates = 0
+        self.last_batch: Batch | None = None
         self.nonfinite_in_a_row = 0
         self._nonfinite_names: set[str] = set()  # non-finite metrics of the current streak
 
@@ -124,6 +128,7 @@ class Learner:
         if batch is None:
             return None
         metrics = self.agent.update(batch)
+        self.last_batch = batch  # what the run's pictures are drawn from
         if _nonfinite(metrics):
             self.skipped_updates += 1
             self.nonfinite_in_a_row += 1
@@ -169,12 +174,17 @@ class Learner:
         return dict(state["counters"])
 
     def maybe_snapshot(self, frames: int) -> Path | None:
-        """At each configured frame count reached, the agent's state for fine-tuning."""
-        due = [f for f in self.cfg.snapshot_frames if frames >= f and f not in self.snapshots_written]
+        """At each configured frame count reached (`snapshot_frames`; `snapshot_<frames>.pt`), or in
+        an offline-only run at each update count (`snapshot_updates` and the last update,
+        `snapshot_<updates>updates.pt`), the agent's state for fine-tuning."""
+        if self.snapshots_by_updates:
+            schedule, reached, suffix = (*self.cfg.snapshot_updates, self.cfg.total_updates), self.updates, "updates"
+        else:
+            schedule, reached, suffix = self.cfg.snapshot_frames, frames, ""
+        due = [f for f in schedule if reached >= f and f not in self.snapshots_written]
         if not due:
             return None
-        frame = max(due)
-        path = save_snapshot(self.run_dir / "snapshots" / f"snapshot_{frame}.pt", self.agent.state_dict(),
+        path = save_snapshot(self.run_dir / "snapshots" / f"snapshot_{max(due)}{suffix}.pt", self.agent.state_dict(),
                              self.run_config or {}, frames, self.updates)
         self.snapshots_written.update(due)
         return path

@@ -204,6 +204,20 @@ def make_env_from_config(cfg: EnvConfig, seed: int) -> gymnasium.Env:
     )
 
 
+def physics_renderer(cfg: EnvConfig):
+    """A function from simulator states [T, P] to the task's pixel observations [T, 3, S, S]
+    uint8, rendered by one environment of `cfg` built for pixels (kept for every call): how pixel
+    runs load a state dataset whose episodes carry ExORL's `physics`."""
+    import dataclasses
+
+    env = make_env_from_config(dataclasses.replace(cfg, obs="pixels"), seed=0)
+    if getattr(env.unwrapped, "physics", None) is None:
+        env.close()
+        raise ValueError(f"env.task {cfg.task!r} cannot render stored physics states (only the dm_control "
+                         f"tasks can): use a dataset with pixel observations")
+    return env.unwrapped.render_states
+
+
 def metaworld_goals(goal_set: int) -> np.ndarray:
     """The 50 Meta-World reach goals [50, 3] of goal set `goal_set` (its integer seed)."""
     from choreo.actors.envs.metaworld_reach import metaworld_goals as goals

@@ -187,3 +187,22 @@ class ChoreoEnv(gymnasium.Env):
     def render(self) -> np.ndarray:
         """The current frame [S, S, 3] uint8 (the pixel observation before transposition)."""
         return self._render_frame()
+
+    def render_states(self, states: np.ndarray) -> np.ndarray:
+        """Pixel observations [T, 3, S, S] uint8 of simulator states [T, P] (`physics.get_state()`
+        rows, as ExORL stores them): how a state dataset becomes a pixel one. Leaves the
+        environment in the last state; reset it before stepping again."""
+        physics = getattr(self, "physics", None)
+        if physics is None:
+            raise ValueError(f"{self.task_id} has no MuJoCo physics to render stored states with")
+        states = np.asarray(states, np.float64)
+        size = physics.get_state().shape[0]
+        if states.ndim != 2 or states.shape[1] != size:
+            raise ValueError(f"physics states of shape {list(states.shape)}, but {self.task_id}'s state has size {size}")
+        frames = np.empty((len(states), 3, self.image_size, self.image_size), np.uint8)
+        for t, state in enumerate(states):
+            with physics.reset_context():  # sets the state and recomputes positions for rendering
+                physics.set_state(state)
+            frames[t] = channels_first(self._render_frame())
+        self._needs_reset = True
+        return frames

@@ -129,6 +129,7 @@ class ChoreographerAgent(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=self.device))
         self.register_buffer("gate_open", torch.zeros((), dtype=torch.bool, device=self.device))
         self.register_buffer("finetuning", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.exploration = True  # the LBS predictor and exploration actor-critic train (see start_offline)
         self.to(self.device)
         self._autocast = _autocast_dtype(cfg.precision.autocast, self.device)
         if cfg.precision.compile and self.device.type == "cuda":
@@ -179,6 +180,12 @@ class ChoreographerAgent(nn.Module):
             self.load_state_dict(state)
         self.generator.manual_seed(self.seed)
         self.finetune_mode()
+
+    def start_offline(self) -> None:
+        """Pretraining from a dataset alone (the reference's offline training): the world model,
+        the skill auto-encoder and the skill actor-critic train; the LBS predictor and the
+        exploration actor-critic do not, since nothing acts with them."""
+        self.exploration = False
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -267,24 +274,8 @@ class ChoreographerAgent(nn.Module):
         start = out.post.detach()
         feat = out.feat.detach()
 
-        with self.timer("exploration"):
-            lbs_loss = 0.5 * (self.lbs(feat).squeeze(-1) - out.kl).square().mean()
-            metrics.update(self.lbs_opt.step(lbs_loss, skip))
-            skip = either(skip, metrics["lbs/nonfinite"])
-
-            def exploration_reward(traj):
-                # Gradients flow through the predictor into the imagined features (dynamics
-                # backpropagation), its parameters stay fixed.
-                return self.explore_norm(self.lbs(traj.feat).squeeze(-1))
-
-            mag_before = self.explore_norm.mag.clone()
-            with frozen(self.lbs):
-                _, m = self.explore_ac.update(self.wm, start, exploration_reward, generator=self.generator, skip=skip)
-            metrics.update(m)
-            skip = either(either(skip, m["explore/actor/nonfinite"]), m["explore/critic/nonfinite"])
-            with torch.no_grad():  # the magnitude follows the actor-critic: restored if it did not step
-                self.explore_norm.mag.copy_(torch.where(skip > 0, mag_before, self.explore_norm.mag))
-            metrics["explore/reward_magnitude"] = self.explore_norm.mag.detach()
+        if self.exploration:
+            skip = self._exploration_step(out, feat, metrics, skip)
 
         with self.timer("skill_autoencoder"):
             deter = start.deter.flatten(0, -2)  # [B * T, deter]
@@ -313,6 +304,29 @@ class ChoreographerAgent(nn.Module):
                                             skip=skip)
             metrics.update(m)
         return metrics
+
+    def _exploration_step(self, out: Any, feat: Tensor, metrics: dict[str, Tensor], skip: Tensor) -> Tensor:
+        """LBS predictor and exploration actor-critic; returns the running skip flag."""
+        start = out.post.detach()
+        with self.timer("exploration"):
+            lbs_loss = 0.5 * (self.lbs(feat).squeeze(-1) - out.kl).square().mean()
+            metrics.update(self.lbs_opt.step(lbs_loss, skip))
+            skip = either(skip, metrics["lbs/nonfinite"])
+
+            def exploration_reward(traj):
+                # Gradients flow through the predictor into the imagined features (dynamics
+                # backpropagation), its parameters stay fixed.
+                return self.explore_norm(self.lbs(traj.feat).squeeze(-1))
+
+            mag_before = self.explore_norm.mag.clone()
+            with frozen(self.lbs):
+                _, m = self.explore_ac.update(self.wm, start, exploration_reward, generator=self.generator, skip=skip)
+            metrics.update(m)
+            skip = either(either(skip, m["explore/actor/nonfinite"]), m["explore/critic/nonfinite"])
+            with torch.no_grad():  # the magnitude follows the actor-critic: restored if it did not step
+                self.explore_norm.mag.copy_(torch.where(skip > 0, mag_before, self.explore_norm.mag))
+            metrics["explore/reward_magnitude"] = self.explore_norm.mag.detach()
+        return skip
 
     def _finetune_update(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
         metrics, out = self._world_model_step(data)

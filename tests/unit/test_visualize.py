@@ -4,7 +4,6 @@ pixel agents), decoded codes, the codebook plot, GIF and PNG files, TensorBoard 
 
 from __future__ import annotations
 
-import argparse
 import io
 
 import numpy as np
@@ -15,8 +14,9 @@ from PIL import Image
 from choreo import vocabulary as B
 from choreo.launch.build import env_shapes
 from choreo.launch.config import ConfigError, load_config
+from choreo.launch.cli import main as cli_main
 from choreo.launch.monitor import Monitor
-from choreo.launch.visualize import (add_parser, code_grid, code_images, codebook_plot, encode_gif, learner_media,
+from choreo.launch.visualize import (code_grid, code_images, codebook_plot, encode_gif, learner_media,
                                      rollout_skills, run_visualize, skill_videos, write_gif, write_png)
 
 CODES = 3
@@ -178,11 +178,8 @@ def test_visualize_command_from_a_snapshot(tmp_path, presets, capsys):
     agent = make_agent(config)
     snapshot = save_snapshot(tmp_path / "run" / "snapshot_1000.pt", agent.state_dict(), config, 1000, 10)
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["visualize", "--snapshot", str(snapshot), "--steps", "2",
-                              "agent.choreographer.random_skill_every=5"])
-    assert args.func(args) == 0
+    assert cli_main(["visualize", "--snapshot", str(snapshot), "--steps", "2",
+                     "agent.choreographer.random_skill_every=5"]) == 0
     out = tmp_path / "run" / "visualize"
     assert capsys.readouterr().out.strip().endswith(f"visualizations in {out}")
     expected = {f"skill_{k:02d}.gif" for k in range(CODES)} | {"codebook.png"}

@@ -1,0 +1,77 @@
+"""`choreo export RUN_DIR --out DIR`: a run's replay as an ExORL-style dataset, so that data
+collected once can be shared and pretrained from again (`choreo pretrain --offline DIR`).
+
+The replay checkpoint of every shard is read (`<run>/replay/shard<i>.msgpack`, written at each
+checkpoint) and each run of held steps (an episode, or the part of it the replay still holds) is
+written as one `.npz` with the batch layout's keys, flags and stamps included, so that loading the
+export gives back the same steps bit for bit; `manifest.json` holds every file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from choreo.buffer.codec import CodecError
+from choreo.buffer.dataset import MANIFEST, DatasetError, export_episodes
+from choreo.buffer.shard import CheckpointMismatchError
+from choreo.launch.build import make_shard
+from choreo.launch.config import ConfigError, from_yaml_file, offline_only
+from choreo.launch.local import REPLAY_DIR
+
+
+def replay_episodes(run_dir: Path) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+    """(shards, the episodes of every shard of the run's last replay checkpoint, shard by shard,
+    oldest first). Raises ConfigError naming the run and what is missing."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (it holds no config.yaml)")
+    config = from_yaml_file(run_dir / "config.yaml")
+    if offline_only(config):
+        raise ConfigError(f"{run_dir} trained on the dataset {config.dataset.dir} alone: its replay is that dataset, "
+                          f"and it saved none")
+    shards = []
+    for i in range(config.num_shards):
+        shard = make_shard(config, i)
+        try:
+            shard.load(run_dir / REPLAY_DIR)
+        except FileNotFoundError:
+            raise ConfigError(f"{run_dir} holds no replay checkpoint {shard.checkpoint_path(run_dir / REPLAY_DIR)}: "
+                              f"a run saves its replay at each checkpoint (learner.checkpoint_minutes) and when it "
+                              f"stops") from None
+        except (CodecError, CheckpointMismatchError) as e:
+            raise ConfigError(str(e)) from None
+        shards.append(shard)
+    return len(shards), itertools.chain.from_iterable(shard.episodes() for shard in shards)
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> dict[str, int]:
+    """Writes the run's replay into `out` as per-episode `.npz` files and a manifest; prints
+    progress and a summary line; returns {"episodes", "steps"}."""
+    run_dir, out = Path(run_dir).expanduser().resolve(), Path(out).expanduser()
+    num_shards, episodes = replay_episodes(run_dir)
+    start = last = time.monotonic()
+
+    def progress(count: int, steps: int) -> None:
+        nonlocal last
+        if time.monotonic() - last > 5.0:
+            last = time.monotonic()
+            print(f"exporting: {count:,} episodes, {steps:,} steps", flush=True)
+
+    try:
+        result = export_episodes(episodes, out, source=str(run_dir), progress=progress)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+    print(f"exported {result['episodes']:,} episodes, {result['steps']:,} steps from {num_shards} replay "
+          f"shard{'s' if num_shards != 1 else ''} of {run_dir} to {out} in {time.monotonic() - start:.1f} s "
+          f"({MANIFEST} holds the SHA-256 of every file)", flush=True)
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    export_run(args.run_dir, args.out)
+    return 0
