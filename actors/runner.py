@@ -49,8 +49,10 @@ class EnvRunner:
     """Steps `envs` with `policy`; see the module docstring for the row layout, streams and seeding.
 
     policy: `initial_state(n)`, `act(observation [N, ...], is_first [N], state, mode) -> (action
-        [N, A], state, {"skill": [N]})`, `load_weights(arrays, version)`, `.version`. The arrays
-        passed to `act` are the runner's own buffers, valid only during the call.
+        [N, A], state, {"skill": [N], ...})`, `load_weights(arrays, version)`, `.version`, and
+        optionally `step_keys` ({key: (trailing shape, dtype)}: extras of `act` stored with each
+        row, e.g. DADS's skill vector and behaviour log-probability). The arrays passed to `act`
+        are the runner's own buffers, valid only during the call.
     chunk_length: rows per chunk.
     random_steps: `step()` calls (= agent steps per environment) of uniform random actions
         before the policy acts.
@@ -96,6 +98,11 @@ class EnvRunner:
         self._term_buf = np.zeros((n, length), bool)
         self._skill_buf = np.full((n, length), -1, np.int32)
         self._ver_buf = np.full((n, length), -1, np.int64)
+        # Keys some algorithms store with each step (DADS: the skill vector and the behaviour
+        # log-probability), declared by the policy as {key: (trailing shape, dtype)}; zeros on
+        # reset rows and random seed steps, which no skill chose.
+        self._extra_bufs = {key: np.zeros((n, length, *shape), dtype)
+                            for key, (shape, dtype) in getattr(policy, "step_keys", {}).items()}
         self._pos = np.zeros(n, np.int64)
         self._aligned = True  # all environments at the same row position
         self._env_index = np.arange(n)
@@ -139,13 +146,16 @@ class EnvRunner:
         self._term_buf[i, t] = terminal
         self._skill_buf[i, t] = skill
         self._ver_buf[i, t] = version
+        for buf in self._extra_bufs.values():
+            buf[i, t] = 0
         t += 1
         if t == self.chunk_length:
             self._pending.append((self.stream_ids[i], self._chunk(i)))
             t = 0
         self._pos[i] = t
 
-    def _write_step_rows(self, actions: np.ndarray, skills: np.ndarray | int, version: int) -> None:
+    def _write_step_rows(self, actions: np.ndarray, skills: np.ndarray | int, version: int,
+                         extras: dict[str, np.ndarray] | None = None) -> None:
         """The agent-step rows of all environments: observations from `self._obs`, rewards and
         flags from the step arrays. While every environment is at the same row position (always,
         when episodes have equal lengths) this is one slice assignment per key."""
@@ -164,6 +174,8 @@ class EnvRunner:
         self._term_buf[rows] = self._step_terminal
         self._skill_buf[rows] = skills
         self._ver_buf[rows] = version
+        for key, buf in self._extra_bufs.items():
+            buf[rows] = extras[key] if extras is not None else 0
         self._pos += 1
         if self._aligned:
             if t + 1 == self.chunk_length:
@@ -186,6 +198,7 @@ class EnvRunner:
             B.IS_TERMINAL: self._term_buf[i].copy(),
             B.SKILL: self._skill_buf[i].copy(),
             B.POLICY_VERSION: self._ver_buf[i].copy(),
+            **{key: buf[i].copy() for key, buf in self._extra_bufs.items()},
         }
 
     def _begin_episode(self, i: int, obs: np.ndarray) -> None:
@@ -205,6 +218,7 @@ class EnvRunner:
             actions = self._rng.uniform(-1.0, 1.0, (n, self.action_dim)).astype(np.float32)
             skills: np.ndarray | int = -1
             version = -1
+            extras = None
             self._random_left -= 1
             if self._random_left == 0:
                 self._fresh_policy_state = True
@@ -231,7 +245,7 @@ class EnvRunner:
             self._ep_length[i] += 1
             if terminated or truncated:
                 done.append(i)
-        self._write_step_rows(actions, skills, version)
+        self._write_step_rows(actions, skills, version, extras)
         self._is_first[:] = False
         for i in done:
             self._finished.append((self._ep_return[i], self._ep_length[i]))

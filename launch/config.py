@@ -1,8 +1,11 @@
 """The run configuration: typed, composed from YAML presets, validated before anything starts.
 
 Composition order (later wins):
-    configs/base.yaml -> configs/algo/<algo>.yaml -> configs/suite/<suite>.yaml
-    -> configs/size/<size>.yaml -> configs/mode/<mode>.yaml -> key=value overrides from the command line.
+    configs/base.yaml -> configs/suite/<suite>.yaml -> configs/size/<size>.yaml
+    -> configs/algo/<algo>.yaml -> configs/mode/<mode>.yaml -> key=value overrides from the command line.
+The suite and size presets state Choreographer's protocol (the reference's sizes, one update every
+10 frames on 50x50 batches); an algorithm with a protocol of its own (DADS: 256 pairs per batch, a
+small replay, its own ratio) states it in its preset, which comes after them.
 
 `--preset NAME` picks the preset NAME from whichever group has it, so `--preset pixels --preset
 tiny` and `--preset tiny --preset pixels` mean the same. The group choices are themselves keys
@@ -36,7 +39,7 @@ from choreo.buffer.config import DatasetConfig, ReplayConfig
 from choreo.learner.config import LearnerConfig
 
 CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
-GROUPS = ("algo", "suite", "size", "mode")
+GROUPS = ("suite", "size", "algo", "mode")
 """Preset groups, in composition order after base."""
 
 

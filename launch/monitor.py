@@ -199,6 +199,6 @@ def _duration(seconds: float) -> str:
 
 
 def loss_note(metrics: Mapping[str, float]) -> str:
-    """The world model's loss for the progress line ("" before the first update)."""
-    loss = metrics.get("world_model/loss")
+    """The world model's loss (DADS: skill dynamics') for the progress line ("" before the first update)."""
+    loss = metrics.get("world_model/loss", metrics.get("dynamics/loss"))
     return "" if loss is None else f"loss {loss:.2f}"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from choreo import vocabulary as B
 from choreo.agents.config import AgentConfig
 from choreo.agents.dads.agent import check_config, policy_input
 from choreo.agents.dads.rewards import sample_prior
@@ -63,6 +64,12 @@ class DadsPolicy(nn.Module):
             torch.manual_seed(seed)
             self.actor = build_actor(self.obs_shape[0] - d.omit_coordinates + d.skill_dim, action_dim, d)
         self.requires_grad_(False)
+
+    @property
+    def step_keys(self) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Extras of `act` that the environment workers store with every step: the skill held and
+        the behaviour log-probability of the action (off-DADS importance weights)."""
+        return {B.SKILL_VECTOR: ((self.skill_dim,), np.float32), B.BEHAVIOUR_LOGP: ((), np.float32)}
 
     # ------------------------------------------------------------------ weights
 

@@ -371,3 +371,37 @@ def test_evaluate_plays_fresh_episodes_in_order_without_chunks():
     assert stats["num_episodes"] == 0 and stats["agent_steps"] == 0
     with pytest.raises(ValueError, match="episodes"):
         runner.evaluate(0)
+
+
+class StepKeysPolicy(FakePolicy):
+    """Declares extras stored with every row: a skill vector [2] and a log-probability."""
+
+    step_keys = {B.SKILL_VECTOR: ((2,), np.float32), B.BEHAVIOUR_LOGP: ((), np.float32)}
+
+    def act(self, observation, is_first, state, mode="sample"):
+        action, state, extras = super().act(observation, is_first, state, mode)
+        n = len(observation)
+        t = np.asarray(observation)[:, 0]  # the step the observation is at
+        extras[B.SKILL_VECTOR] = np.stack([t + 0.5, -t], 1).astype(np.float32)
+        extras[B.BEHAVIOUR_LOGP] = -(t + 1).astype(np.float32) - np.arange(n)
+        return action, state, extras
+
+
+@pytest.mark.parametrize("lengths", [[3, 3], [2, 3]], ids=["aligned", "unaligned"])
+def test_extras_a_policy_declares_are_stored_with_each_row(lengths):
+    envs = [CounterEnv(lengths[i], tag=i) for i in range(2)]
+    runner = EnvRunner(envs, StepKeysPolicy(), 4, 0, 7, random_steps=2)
+    by_stream: dict[int, list] = {}
+    for stream, chunk in runner.run(12):
+        assert chunk[B.SKILL_VECTOR].shape == (4, 2) and chunk[B.BEHAVIOUR_LOGP].shape == (4,)
+        by_stream.setdefault(stream, []).append(chunk)
+    for i, chunks in by_stream.items():
+        rows = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        t = rows[B.OBSERVATION][:, 0]
+        chosen = t > 0  # not a reset row
+        chosen[:3] = False  # the first reset row and the two random seed steps: no skill chose them
+        # Row t stores what the policy returned when it acted on observation t - 1.
+        np.testing.assert_array_equal(rows[B.SKILL_VECTOR][chosen], np.stack([t[chosen] - 0.5, 1 - t[chosen]], 1))
+        np.testing.assert_array_equal(rows[B.BEHAVIOUR_LOGP][chosen], -t[chosen] - i)
+        np.testing.assert_array_equal(rows[B.SKILL_VECTOR][~chosen], 0.0)
+        np.testing.assert_array_equal(rows[B.BEHAVIOUR_LOGP][~chosen], 0.0)
