@@ -1,4 +1,5 @@
-"""Environments: the URL benchmark on dm_control, Meta-World sparse reach, any gymnasium env.
+"""Environments: the URL benchmark on dm_control, Meta-World sparse reach, navigation to goals
+(`point_mass_nav`, `ant_nav`), any gymnasium env.
 
 Every environment is a gymnasium.Env with a Box action space in [-1, 1], float32 flat state
 observations or uint8 [3, S, S] pixel observations, rewards summed over the action repeat and an
@@ -7,6 +8,10 @@ terminate). Build one with `make_env` / `make_env_from_config`, or through gymna
 package registers every id as `choreo/<id>`, and gymnasium imports it for an id that names it,
 `gymnasium.make("choreo.actors.envs:choreo/walker_flip", obs="pixels")` (gymnasium 1.x loads no
 plugins from entry points, so the plain `choreo/walker_flip` needs `import choreo.actors.envs` first).
+
+The navigation tasks share an interface on `env.unwrapped` for planners and evaluation (`xy_indices`,
+`goal`, `set_goal`, `goal_reward`, `info["xy"]`) and the normalised distance metric: see
+`navigation.py`; `point_mass.py` and `ant_nav.py` document their dynamics, lengths and ranges.
 
 Importing this package is cheap: dm_control, Meta-World and MuJoCo load on the first `make_env`.
 """
@@ -19,13 +24,15 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # pixels render on the CPU; before mu
 
 import difflib
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 
 from choreo.actors.envs.base import OBS_KINDS
+from choreo.actors.envs.navigation import GOAL_REWARDS, normalised_distance
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,7 +45,8 @@ URLB_IDS = (
     "jaco_reach_top_left", "jaco_reach_top_right", "jaco_reach_bottom_left", "jaco_reach_bottom_right",
 )  # fmt: skip
 METAWORLD_IDS = ("mw_reach",)
-ENV_IDS = URLB_IDS + METAWORLD_IDS
+NAV_IDS = ("point_mass_nav", "ant_nav")
+ENV_IDS = URLB_IDS + METAWORLD_IDS + NAV_IDS
 GYM_PREFIX = "gym:"
 REGISTRY_PREFIX = "choreo/"
 
@@ -53,7 +61,7 @@ class EnvSpec:
 
     id: str
     domain: str
-    """walker, quadruped, jaco, metaworld or gym."""
+    """walker, quadruped, jaco, metaworld, point_mass, ant or gym."""
     episode_frames: int | None
     """Simulator frames (control steps) per episode; None: no time limit."""
     episode_length_ar1: int | None
@@ -83,12 +91,17 @@ _BUILTIN = {
     "quadruped": (1000, 78, 12, False, 1, 2),
     "jaco": (250, 55, 9, True, 1, 2),
     "metaworld": (500, 39, 4, True, 2, 2),
+    "point_mass": (200, 4, 2, True, 1, 2),
+    "ant": (200, 29, 8, True, 1, 2),
 }
+_NAV_DOMAINS = {"point_mass_nav": "point_mass", "ant_nav": "ant"}
 
 
 def _domain(task: str) -> str:
     if task in METAWORLD_IDS:
         return "metaworld"
+    if task in _NAV_DOMAINS:
+        return _NAV_DOMAINS[task]
     return task.split("_", 1)[0]
 
 
@@ -153,6 +166,9 @@ def make_env(
     image_size: int = 64,
     goal_set: int = 1,
     goal_index: int = 0,
+    goal_reward: str = "dense",
+    goal_radius: float = 0.0,
+    gym_kwargs: Iterable[str] | Mapping[str, Any] = (),
 ) -> gymnasium.Env:
     """Build environment `task`.
 
@@ -161,6 +177,11 @@ def make_env(
     action_repeat: frames per agent step, rewards summed; None: 1 for states, 2 for pixels
         (mw_reach: 2 for both).
     goal_set, goal_index: the Meta-World reach goal (ignored by other tasks).
+    goal_reward, goal_radius: the navigation tasks' reward, "dense" (-distance to the goal) or
+        "sparse" (1 within goal_radius of it); goal_radius 0: the task's default (point_mass_nav
+        1 unit, ant_nav 1.5 m). Ignored by other tasks.
+    gym_kwargs: keyword arguments for `gymnasium.make` of a `gym:<id>` task, `name=value` entries
+        (values read as YAML) or a mapping; refused for the other tasks.
     """
     if obs not in OBS_KINDS:
         raise ValueError(f"obs must be one of {OBS_KINDS}, got {obs!r}")
@@ -172,12 +193,27 @@ def make_env(
         raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if goal_reward not in GOAL_REWARDS:
+        raise ValueError(f"goal_reward must be one of {GOAL_REWARDS}, got {goal_reward!r}")
+    if isinstance(goal_radius, bool) or not isinstance(goal_radius, (int, float)) or not 0 <= goal_radius < math.inf:
+        raise ValueError(f"goal_radius must be a number >= 0 (0: the task's default), got {goal_radius!r}")
+    if gym_kwargs and not is_gym_id(task):
+        raise ValueError(f"gym_kwargs apply to gym:<id> tasks only, not {task!r}")
 
     if is_gym_id(task):
         from choreo.actors.envs.gym_adapter import GymEnv
 
-        return GymEnv(task, obs, action_repeat, image_size, seed)
+        return GymEnv(task, obs, action_repeat, image_size, seed, gym_kwargs=gym_kwargs)
     domain = _domain(task)
+    radius = float(goal_radius) if goal_radius > 0 else None
+    if domain == "point_mass":
+        from choreo.actors.envs.point_mass import PointMassNav
+
+        return PointMassNav(task, obs, action_repeat, image_size, seed, goal_reward=goal_reward, goal_radius=radius)
+    if domain == "ant":
+        from choreo.actors.envs.ant_nav import AntNav
+
+        return AntNav(task, obs, action_repeat, image_size, seed, goal_reward=goal_reward, goal_radius=radius)
     if domain in ("walker", "quadruped"):
         from choreo.actors.envs.dmc import DMCEnv
 
@@ -201,6 +237,9 @@ def make_env_from_config(cfg: EnvConfig, seed: int) -> gymnasium.Env:
         image_size=cfg.image_size,
         goal_set=cfg.goal_set,
         goal_index=cfg.goal_index,
+        goal_reward=cfg.goal_reward,
+        goal_radius=cfg.goal_radius,
+        gym_kwargs=cfg.gym_kwargs,
     )
 
 
@@ -246,6 +285,7 @@ def register_envs() -> None:
 register_envs()
 
 __all__ = [
-    "ENV_IDS", "EnvSpec", "GYM_PREFIX", "METAWORLD_IDS", "OBS_KINDS", "URLB_IDS", "env_spec", "is_gym_id",
-    "make_env", "make_env_from_config", "metaworld_goals", "register_envs",
+    "ENV_IDS", "EnvSpec", "GOAL_REWARDS", "GYM_PREFIX", "METAWORLD_IDS", "NAV_IDS", "OBS_KINDS", "URLB_IDS",
+    "env_spec", "is_gym_id", "make_env", "make_env_from_config", "metaworld_goals", "normalised_distance",
+    "register_envs",
 ]  # fmt: skip

@@ -1,7 +1,13 @@
 """`gym:<id>`: any installed gymnasium environment with a Box action space (`gym:<module>:<id>` imports
 `<module>` first, for environments a user module registers), behind the same
 interface as the built-in tasks (actions in [-1, 1], action repeat, flat float32 states or
-uint8 [3, S, S] pixels from `render()`)."""
+uint8 [3, S, S] pixels from `render()`).
+
+Keyword arguments for `gymnasium.make` come from `EnvConfig.gym_kwargs`, entries `name=value` with
+the value read as YAML (`true`, `3`, `0.5`, `[1, 2]`, text), e.g. DADS's x-y prior on Ant:
+`env.task=gym:Ant-v5 env.gym_kwargs=[exclude_current_positions_from_observation=false]` puts the
+torso's x, y first in the observation. `render_mode`, `width` and `height` are set from `obs` and
+`image_size` and cannot be given."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # gymnasium's MuJoCo envs import mujoco
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import gymnasium
@@ -42,7 +49,51 @@ def import_gym_module(gym_id: str) -> str:
     return env_id
 
 
-def _make_inner(gym_id: str, pixels: bool, image_size: int) -> gymnasium.Env:
+RESERVED_KWARGS = ("render_mode", "width", "height")
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_gym_kwargs(entries: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """`name=value` entries (values read as YAML) -> keyword arguments for `gymnasium.make`; a
+    mapping passes as it is. Raises ValueError naming a malformed, repeated or reserved entry."""
+    if not entries:
+        return {}
+    if isinstance(entries, Mapping):
+        out = dict(entries)
+    else:
+        if isinstance(entries, str):
+            entries = [entries]
+        out = {}
+        for entry in entries:
+            name, sep, text = str(entry).partition("=")
+            name = name.strip()
+            if not sep or not name.isidentifier():
+                raise ValueError(f"gym_kwargs entry {entry!r} is not name=value")
+            if name in out:
+                raise ValueError(f"gym_kwargs: {name!r} is given twice")
+            out[name] = _yaml_value(text.strip())
+    reserved = [name for name in out if name in RESERVED_KWARGS]
+    if reserved:
+        raise ValueError(f"gym_kwargs: {', '.join(reserved)} set by obs and image_size; do not give them")
+    return out
+
+
+def _make_inner(gym_id: str, pixels: bool, image_size: int, kwargs: Mapping[str, Any] | None = None) -> gymnasium.Env:
+    kwargs = dict(kwargs or {})
     gym_id = import_gym_module(gym_id)
     if gym_id not in gymnasium.registry:
         import difflib
@@ -50,18 +101,35 @@ def _make_inner(gym_id: str, pixels: bool, image_size: int) -> gymnasium.Env:
         close = difflib.get_close_matches(gym_id, list(gymnasium.registry), n=3)
         hint = f"; did you mean {', '.join('gym:' + c for c in close)}?" if close else ""
         raise ValueError(f"unknown gymnasium environment 'gym:{gym_id}'{hint}")
-    if not pixels:
-        return gymnasium.make(gym_id)
-    try:  # MuJoCo-based envs take the image size directly: no large render to shrink
-        return gymnasium.make(gym_id, render_mode="rgb_array", width=image_size, height=image_size)
-    except TypeError:
-        return gymnasium.make(gym_id, render_mode="rgb_array")
+    try:
+        if not pixels:
+            return gymnasium.make(gym_id, **kwargs)
+        try:  # MuJoCo-based envs take the image size directly: no large render to shrink
+            return gymnasium.make(gym_id, render_mode="rgb_array", width=image_size, height=image_size, **kwargs)
+        except TypeError:
+            return gymnasium.make(gym_id, render_mode="rgb_array", **kwargs)
+    except TypeError as exc:
+        if not kwargs:
+            raise
+        raise ValueError(f"gym:{gym_id} does not take keyword arguments {kwargs}: {exc}") from None
 
 
 class GymEnv(ChoreoEnv):
-    def __init__(self, task: str, obs: str, action_repeat: int, image_size: int, seed: int | None) -> None:
-        gym_id = task[len("gym:"):]
-        inner = _make_inner(gym_id, obs == "pixels", image_size)
+    def __init__(
+        self,
+        task: str,
+        obs: str,
+        action_repeat: int,
+        image_size: int,
+        seed: int | None,
+        gym_kwargs: Iterable[str] | Mapping[str, Any] | None = None,
+        gym_id: str | None = None,
+    ) -> None:
+        """gym_kwargs: for `gymnasium.make` (see `parse_gym_kwargs`); gym_id: the gymnasium id
+        (default: `task` without its `gym:` prefix; built-in tasks wrapping one name it)."""
+        if gym_id is None:
+            gym_id = task[len("gym:"):]
+        inner = _make_inner(gym_id, obs == "pixels", image_size, parse_gym_kwargs(gym_kwargs))
         if not isinstance(inner.action_space, spaces.Box):
             space = inner.action_space
             inner.close()
