@@ -121,6 +121,9 @@ class EnvRunner:
         self._ep_return = [0.0] * n
         self._ep_length = [0] * n
         self._finished: list[tuple[float, int]] = []
+        # Navigation tasks report the x-y position (`info["xy"]`): how far each episode moved.
+        self._start_xy: list[np.ndarray | None] = [None] * n
+        self._displacements: list[np.ndarray] = []
         self._agent_steps = 0
         self._episodes = 0
         self._stats_steps = 0
@@ -128,7 +131,8 @@ class EnvRunner:
 
         self._pending: list[tuple[int, Chunk]] = []
         for i, env in enumerate(self.envs):
-            obs, _ = env.reset(seed=env_seed(self.seed, self.runner_id, i))
+            obs, info = env.reset(seed=env_seed(self.seed, self.runner_id, i))
+            self._start_xy[i] = info.get("xy")
             self._begin_episode(i, obs)  # with chunk_length 1 these rows come out of the first step()
 
     # ------------------------------------------------------------------ rows and chunks
@@ -235,7 +239,7 @@ class EnvRunner:
         done: list[int] = []
         reward_out, last_out, term_out = self._step_reward, self._step_last, self._step_terminal
         for i, env in enumerate(self.envs):
-            obs, reward, terminated, truncated, _ = env.step(actions[i])
+            obs, reward, terminated, truncated, info = env.step(actions[i])
             self._obs[i] = obs
             reward = float(reward)
             reward_out[i] = reward
@@ -245,12 +249,15 @@ class EnvRunner:
             self._ep_length[i] += 1
             if terminated or truncated:
                 done.append(i)
+                if self._start_xy[i] is not None and "xy" in info:
+                    self._displacements.append(np.asarray(info["xy"], np.float64) - self._start_xy[i])
         self._write_step_rows(actions, skills, version, extras)
         self._is_first[:] = False
         for i in done:
             self._finished.append((self._ep_return[i], self._ep_length[i]))
             self._episodes += 1
-            obs, _ = self.envs[i].reset()
+            obs, info = self.envs[i].reset()
+            self._start_xy[i] = info.get("xy")
             self._begin_episode(i, obs)
         if done and len(done) < n:
             self._aligned = bool(np.all(self._pos == self._pos[0]))
@@ -328,13 +335,16 @@ class EnvRunner:
         """Counters since construction and rates since the last call; drains finished episodes.
 
         agent_steps and frames count all environments (frames = agent steps x action repeat);
-        episodes is the list of `(return, length)` of episodes finished since the last call.
+        episodes is the list of `(return, length)` of episodes finished since the last call, and
+        xy_displacements their x-y displacements from start to end (navigation tasks, which
+        report `info["xy"]`; empty otherwise).
         """
         now = time.perf_counter()
         elapsed = max(now - self._stats_time, 1e-9)
         steps = self._agent_steps - self._stats_steps
         self._stats_time, self._stats_steps = now, self._agent_steps
         episodes, self._finished = self._finished, []
+        displacements, self._displacements = self._displacements, []
         return {
             "runner_id": self.runner_id,
             "agent_steps": self._agent_steps,
@@ -343,6 +353,7 @@ class EnvRunner:
             "steps_per_second": steps / elapsed,
             "frames_per_second": steps * self.action_repeat / elapsed,
             "episodes": episodes,
+            "xy_displacements": [d.tolist() for d in displacements],
             "version": self.version,
             "random_steps_left": self._random_left,
         }

@@ -454,6 +454,18 @@ def validate(config: Config) -> None:
     if config.dataset.collect and not config.dataset.dir:
         raise ConfigError("config key 'dataset.collect' keeps collecting after a dataset is loaded; "
                           "name the dataset with 'dataset.dir' (choreo pretrain --offline DIR)")
+    if config.env.goal_radius < 0:
+        raise ConfigError(f"config key 'env.goal_radius' must be >= 0 (0: the task's default), got {config.env.goal_radius}")
+    if config.env.gym_kwargs:
+        if not task.startswith("gym:"):
+            raise ConfigError(f"config key 'env.gym_kwargs' passes arguments to gymnasium.make for gym:<id> tasks, "
+                              f"not {task!r}")
+        from choreo.actors.envs.gym_adapter import parse_gym_kwargs
+
+        try:
+            parse_gym_kwargs(config.env.gym_kwargs)
+        except ValueError as e:
+            raise ConfigError(f"config key 'env.gym_kwargs': {e}") from None
     if config.dataset.dir and config.algo != "choreographer":
         raise ConfigError(f"config key 'dataset.dir': offline datasets carry no skills; pretraining from them is "
                           f"for algo=choreographer, not {config.algo!r}")

@@ -275,6 +275,11 @@ class RunCore:
                 monitor.scalars({"episode/return": episode_return, "episode/length": length}, frames)
         if worker_stats:
             scalars["actors/steps_per_second"] = sum(st["steps_per_second"] for st in worker_stats)
+        moves = np.array([d for st in worker_stats for d in st.get("xy_displacements", ())], np.float64)
+        if len(moves):  # navigation tasks: how far the episodes went, and how differently (the skills' spread)
+            scalars["episode/xy_distance"] = float(np.linalg.norm(moves, axis=1).mean())
+            if len(moves) > 1:
+                scalars["skills/xy_spread"] = float(np.sqrt(moves.var(axis=0).sum()))
         if self._lags:
             # how many updates behind the learner the weights were that acted in the calls since the last log
             scalars["actors/policy_lag"] = float(np.mean(self._lags))
