@@ -272,10 +272,12 @@ class EnvRunner:
             out.extend(self.step())
         return out
 
-    def evaluate(self, episodes: int) -> dict[str, list[float]]:
+    def evaluate(self, episodes: int, positions: bool = False) -> dict[str, list]:
         """`episodes` fresh episodes acted by the policy (in this runner's mode), for evaluation:
         {"returns": each episode's return, "max_rewards": its largest step reward (a sparse reward
-        was found when it reaches the threshold)}, in episode order. Nothing is written to chunks
+        was found when it reaches the threshold)}, in episode order; with `positions` (navigation
+        tasks) also "xy": each episode's x-y positions [T + 1, 2] from its reset on, and "goals":
+        its goal, from the environments' `info["xy"]` and `info["goal"]`. Nothing is written to chunks
         and the training streams are not touched (an evaluation runner does nothing else).
         Environment i plays episodes i, i + N, ...; each episode starts with a reset that continues
         the environment's own random stream."""
@@ -285,7 +287,12 @@ class EnvRunner:
         quota = [len(range(i, episodes, n)) for i in range(n)]  # episodes each env plays
         returns: list[list[float]] = [[] for _ in range(n)]
         peaks: list[list[float]] = [[] for _ in range(n)]
-        obs = np.stack([env.reset()[0] for env in self.envs]).astype(self.obs_dtype)
+        paths: list[list[list]] = [[] for _ in range(n)]  # finished episodes' positions, per env
+        goals: list[list] = [[] for _ in range(n)]
+        resets = [env.reset() for env in self.envs]
+        obs = np.stack([o for o, _ in resets]).astype(self.obs_dtype)
+        path = [[info.get("xy")] for _, info in resets]  # the running episode's positions
+        goal = [info.get("goal") for _, info in resets]
         first = np.ones(n, bool)
         running = np.array([q > 0 for q in quota])
         total = np.zeros(n)
@@ -296,20 +303,33 @@ class EnvRunner:
             actions = np.asarray(actions, np.float32).reshape(n, self.action_dim)
             first[:] = False
             for i in np.flatnonzero(running):
-                obs[i], reward, terminated, truncated, _ = self.envs[i].step(actions[i])
+                obs[i], reward, terminated, truncated, info = self.envs[i].step(actions[i])
                 total[i] += float(reward)
                 peak[i] = max(peak[i], float(reward))
+                if positions:
+                    path[i].append(info.get("xy"))
                 if terminated or truncated:
                     returns[i].append(float(total[i]))
                     peaks[i].append(float(peak[i]))
+                    paths[i].append(path[i])
+                    goals[i].append(goal[i])
                     total[i], peak[i] = 0.0, -np.inf
                     if len(returns[i]) == quota[i]:
                         running[i] = False
                     else:
-                        obs[i] = self.envs[i].reset()[0]
+                        obs[i], info = self.envs[i].reset()
+                        path[i], goal[i] = [info.get("xy")], info.get("goal")
                         first[i] = True
         order = [(i, k) for k in range(max(quota)) for i in range(n) if k < quota[i]]  # episode order
-        return {"returns": [returns[i][k] for i, k in order], "max_rewards": [peaks[i][k] for i, k in order]}
+        out: dict[str, list] = {"returns": [returns[i][k] for i, k in order],
+                                "max_rewards": [peaks[i][k] for i, k in order]}
+        if positions:
+            if any(p is None for i, k in order for p in paths[i][k]):
+                task = getattr(self.envs[0].unwrapped, "task_id", "the task")
+                raise ValueError(f"{task} reports no x-y position (info['xy']): positions are for navigation tasks")
+            out["xy"] = [np.asarray(paths[i][k], np.float64).tolist() for i, k in order]
+            out["goals"] = [np.asarray(goals[i][k], np.float64).tolist() for i, k in order]
+        return out
 
     def skip_random_steps(self) -> None:
         """End the random seed phase now (e.g. when a run resumes after it)."""

@@ -60,6 +60,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from choreo.launch.plan import plan_command
+
+    return plan_command(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from choreo.launch.export import main as export
 
@@ -141,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
     p.add_argument("--local", action="store_true", help="run the episodes in this process, without Ray")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plan", help="zero-shot: plan over sequences of a snapshot's skills toward navigation goals "
+                                     "(task=point_mass_nav or ant_nav)")
+    p.add_argument("--snapshot", required=True, metavar="FILE", help="pretraining snapshot (DADS or Choreographer)")
+    p.add_argument("--episodes", type=int, default=50, help="episodes, each with a goal of its own (default 50)")
+    p.add_argument("--policy", choices=["plan", "random"], default="plan",
+                   help="the planner, or random skills held as long (the baseline)")
+    p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
+    p.add_argument("--local", action="store_true", help="run the episodes in this process, without Ray")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. task=point_mass_nav agent.dads.planner.candidates=200 env.goal_reward=sparse")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's replay as a dataset of per-episode .npz files with checksums")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory whose replay checkpoint to export")

@@ -17,6 +17,7 @@ that protocol's defaults (for fine-tuning: 100k frames, no random warm-up, evalu
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -308,6 +309,17 @@ def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[s
         tree = _merge(tree, load_yaml(CONFIG_DIR / group / f"{name}.yaml"))
         tree[group] = name
     for key, value in parsed:
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def from_dict(data: typing.Mapping[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """A resolved config saved as a plain dict (a snapshot's, `to_dict`), with `key=value`
+    overrides of any key applied, validated."""
+    tree = copy.deepcopy(dict(data))  # the overrides write into the nested dicts
+    for key, value in (parse_override(o) for o in overrides):
         _set_dotted(tree, key, value)
     config = _build(Config, tree)
     validate(config)

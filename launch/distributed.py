@@ -170,6 +170,9 @@ class LearnerActor:
         return self._published
 
     def checkpoint(self, counters: dict[str, Any]) -> str:
+        """The learner state with the driver's counters; first any snapshot due at the counters'
+        frames (the last training call may have come before the run's final frames)."""
+        self.learner.maybe_snapshot(int(counters["frames"]))
         return str(self.learner.save_checkpoint(counters))
 
     def close(self) -> None:

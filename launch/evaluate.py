@@ -130,7 +130,8 @@ def evaluate(config: Config, run_dir: Path, episodes: int, behaviour: str, goals
             results[i] = run_job(job_config, weights, n, i, behaviour)
             progress(i + 1)
     else:
-        results = _run_on_ray(jobs, weights, behaviour, address, results, progress)
+        calls = [(c, weights, n, i, behaviour) for i, (c, n) in enumerate(jobs)]
+        results = run_tasks(run_job, calls, address, results, progress, "choreo evaluate")
     if interactive:
         stream.write("\n")
     seconds = time.monotonic() - start
@@ -149,7 +150,11 @@ def evaluate(config: Config, run_dir: Path, episodes: int, behaviour: str, goals
     return summary
 
 
-def _run_on_ray(jobs, weights, behaviour, address, results, progress) -> list[dict[str, Any]]:
+def run_tasks(fn: Any, calls: list[tuple], address: str | None, results: list, progress: Any,
+              command: str) -> list[dict[str, Any]]:
+    """`fn(*call)` for every call as Ray tasks of one CPU each (Ray queues what does not fit and
+    retries a task whose process died), on the cluster at `address` or an embedded Ray; results in
+    call order. A task that raised ends the command with its error."""
     from choreo.launch.ray_runtime import connect_ray, shutdown_ray, start_local_ray
 
     if address:
@@ -159,10 +164,14 @@ def _run_on_ray(jobs, weights, behaviour, address, results, progress) -> list[di
     import ray
 
     try:
-        # One CPU per job; Ray queues what does not fit and retries a job whose process died.
-        task = ray.remote(num_cpus=1, max_retries=3)(run_job)
-        weights_ref = ray.put(weights)
-        pending = {task.remote(c, weights_ref, n, i, behaviour): i for i, (c, n) in enumerate(jobs)}
+        task = ray.remote(num_cpus=1, max_retries=3)(fn)
+        # Large arguments (acting weights) go to the object store once, not once per task.
+        shared: dict[int, Any] = {}
+        refs = []
+        for i, call in enumerate(calls):
+            pending_args = [shared.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in call]
+            refs.append((task.remote(*pending_args), i))
+        pending = dict(refs)
         done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -171,7 +180,7 @@ def _run_on_ray(jobs, weights, behaviour, address, results, progress) -> list[di
                 done += 1
             progress(done)
     except ray.exceptions.RayTaskError as exc:  # a job's environment or policy raised, after its retries
-        raise SystemExit(f"choreo evaluate: a job failed: {str(exc).strip().splitlines()[-1]}") from None
+        raise SystemExit(f"{command}: a job failed: {str(exc).strip().splitlines()[-1]}") from None
     finally:
         shutdown_ray()
     return results

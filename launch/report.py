@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 EVAL_FILE = "eval.jsonl"
-MODES = ("finetune", "scratch", "zero_shot")
+MODES = ("finetune", "scratch", "zero_shot", "plan", "plan_random")
 DEFAULT_MODE = "finetune"
 MATPLOTLIB_PIN = "matplotlib==3.11.2"  # the version pyproject.toml pins
 

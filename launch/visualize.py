@@ -42,7 +42,6 @@ a motionless scene may hold fewer frames than given (its playing time is the sam
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import io
 import math
@@ -465,21 +464,13 @@ def skill_videos(config: Config, snapshot_or_agent: Any, steps: int, skills: Seq
 
 def snapshot_config(saved: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
     """The run config a snapshot holds, with `key=value` overrides (any key) applied, validated."""
-    from choreo.launch.config import ConfigError, _build, _set_dotted, parse_override, validate
+    from choreo.launch.config import ConfigError, from_dict
 
     try:
-        config = _build(Config, dict(saved))
-        validate(config)
+        from_dict(saved)
     except ConfigError as e:
         raise ConfigError(f"the snapshot's config: {e}") from None
-    if not overrides:
-        return config
-    tree = copy.deepcopy(dict(saved))  # _set_dotted writes into the nested dicts
-    for key, value in (parse_override(o) for o in overrides):
-        _set_dotted(tree, key, value)
-    config = _build(Config, tree)
-    validate(config)
-    return config
+    return from_dict(saved, overrides)
 
 
 def load_agent(config: Config, snapshot: Path, device: str = "cpu", data: Mapping[str, Any] | None = None) -> Any:
