@@ -13,6 +13,7 @@ BENCHMARKS = {
     "pretrain": "choreo.launch.bench_pretrain",
     "soak": "choreo.launch.bench_soak",
     "dataset": "choreo.launch.bench_dataset",
+    "plan": "choreo.launch.bench_plan",
 }
 
 

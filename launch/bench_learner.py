@@ -1,7 +1,8 @@
 """`choreo bench learner`: milliseconds per learner update at the paper's sizes, by part.
 
-Builds the agent from the resolved config (suite and size presets), feeds it random batches of
-the configured shape (50 x 50 at paper size), and prints the mean time per pretraining update and
+Builds the agent of the resolved config (suite and size presets; `algo=dads` for DADS at its
+reference sizes, on Ant's shapes), feeds it random batches of the configured shape (50 x 50 at
+paper size, 256 pairs for DADS), and prints the mean time per pretraining update and
 per fine-tuning update (with --offline also per offline-only pretraining update), broken down by
 part, and the peak memory. A figure, not a test.
 """
@@ -24,19 +25,25 @@ STATE_DIM, ACTION_DIM = 24, 6
 
 
 def random_batch(rng: np.random.Generator, obs_shape: tuple[int, ...], batch: int, length: int,
-                 reward_scale: float = 0.0) -> dict[str, np.ndarray]:
+                 reward_scale: float = 0.0, action_dim: int = ACTION_DIM, skill_dim: int = 0) -> dict[str, np.ndarray]:
     if len(obs_shape) == 3:
         obs = rng.integers(0, 256, (batch, length, *obs_shape), dtype=np.uint8)
     else:
         obs = rng.standard_normal((batch, length, *obs_shape), dtype=np.float32)
     is_first = np.zeros((batch, length), bool)
     is_first[:, 0] = True
-    return {
+    out = {
         B.OBSERVATION: obs,
-        B.ACTION: rng.uniform(-1, 1, (batch, length, ACTION_DIM)).astype(np.float32),
+        B.ACTION: rng.uniform(-1, 1, (batch, length, action_dim)).astype(np.float32),
         B.REWARD: (reward_scale * rng.random((batch, length))).astype(np.float32),
         B.IS_FIRST: is_first,
     }
+    if skill_dim:  # DADS: the skill held and the behaviour log-probability of every step
+        out[B.DISCOUNT] = np.ones((batch, length), np.float32)
+        out[B.POLICY_VERSION] = np.zeros((batch, length), np.int64)
+        out[B.SKILL_VECTOR] = rng.uniform(-1, 1, (batch, length, skill_dim)).astype(np.float32)
+        out[B.BEHAVIOUR_LOGP] = rng.normal(size=(batch, length)).astype(np.float32)
+    return out
 
 
 def _peak_rss_mb() -> float:
@@ -63,7 +70,7 @@ def _measure(agent, batches: list[dict], warmup: int, label: str) -> dict[str, f
 
 
 def run(rest: list[str], as_json: bool = False) -> int:
-    from choreo.agents.choreographer.agent import ChoreographerAgent
+    from choreo.agents.registry import make_agent
     from choreo.launch.config import load_config
 
     p = argparse.ArgumentParser(prog="choreo bench learner")
@@ -82,11 +89,15 @@ def run(rest: list[str], as_json: bool = False) -> int:
         torch.set_num_threads(args.threads)
 
     config = load_config([args.obs, args.preset], args.overrides)
-    obs_shape = (3, 64, 64) if args.obs == "pixels" else (STATE_DIM,)
-    agent = ChoreographerAgent(obs_shape, ACTION_DIM, config.agent, seed=0, device=args.device, profile=True)
+    dads = config.algo == "dads"
+    if dads:  # Ant with its x-y position: 29-dim states, 8-dim actions
+        obs_shape, action_dim, skill_dim = (29,), 8, config.agent.dads.skill_dim
+    else:
+        obs_shape, action_dim, skill_dim = ((3, 64, 64) if args.obs == "pixels" else (STATE_DIM,)), ACTION_DIM, 0
+    agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device=args.device, profile=True)
     params = sum(p.numel() for p in agent.parameters())
     rb = config.replay
-    print(f"learner benchmark: {args.obs}, {args.preset} sizes, batch {rb.batch_size}x{rb.batch_length}, "
+    print(f"learner benchmark: {config.algo}, {args.obs}, {args.preset} sizes, batch {rb.batch_size}x{rb.batch_length}, "
           f"{params / 1e6:.1f}M parameters, device {agent.device}, {torch.get_num_threads()} CPU threads", flush=True)
     if agent.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -95,15 +106,20 @@ def run(rest: list[str], as_json: bool = False) -> int:
     n = max(args.updates, 1)
     results = {"obs": args.obs, "preset": args.preset, "device": str(agent.device),
                "batch": [rb.batch_size, rb.batch_length], "parameters": params}
-    pre = [random_batch(rng, obs_shape, rb.batch_size, rb.batch_length) for _ in range(min(n, 2))]
+    def batch(reward_scale: float = 0.0) -> dict[str, np.ndarray]:
+        return random_batch(rng, obs_shape, rb.batch_size, rb.batch_length, reward_scale, action_dim, skill_dim)
+
+    pre = [batch() for _ in range(min(n, 2))]
     results["pretrain"] = _measure(agent, [pre[i % len(pre)] for i in range(n)], args.warmup, "pretrain")
-    if args.offline:
+    if dads:  # DADS trains q on every `dynamics_every`-th update: time as many as one cycle holds
+        args.skip_finetune = True
+    if args.offline and not dads:
         agent.start_offline()
         results["offline"] = _measure(agent, [pre[i % len(pre)] for i in range(n)], args.warmup, "offline")
         agent.exploration = True
     if not args.skip_finetune:
         agent.finetune_mode()
-        ft = [random_batch(rng, obs_shape, rb.batch_size, rb.batch_length, reward_scale=1.0) for _ in range(min(n, 2))]
+        ft = [batch(reward_scale=1.0) for _ in range(min(n, 2))]
         results["finetune"] = _measure(agent, [ft[i % len(ft)] for i in range(n)], args.warmup, "finetune")
     results["peak_rss_mb"] = _peak_rss_mb()
     if agent.device.type == "cuda":
