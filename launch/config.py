@@ -403,6 +403,9 @@ def validate(config: Config) -> None:
     check_env_task(task)
     if config.suite == "metaworld" and not task.startswith("mw_"):
         raise ConfigError(f"config key 'env.task': suite 'metaworld' needs a Meta-World task (mw_reach), not {task!r}")
+    if config.algo == "dads" and config.mode == "finetune":
+        raise ConfigError("mode 'finetune' trains Choreographer's meta-controller; DADS adapts zero-shot: plan over "
+                          "its skills with choreo plan --snapshot FILE task=<navigation task>")
     if config.algo == "dads" and config.env.obs == "pixels":
         raise ConfigError("config key 'env.obs': DADS learns from states only; use suite=states with algo=dads")
     positive = {
