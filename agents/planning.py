@@ -270,7 +270,9 @@ class CodebookSkillModel:
         """Filter `observation [N, *obs_shape]` into the posterior; the state is reset where
         `is_first [N]` is set. Returns (context: the posterior `[N]`, model state)."""
         wm = self.agent.wm
-        latent = wm.rssm.posterior_step(state.latent, state.prev_action, wm.encode(observation), is_first, generator)
+        # Deterministic with deterministic imagination: the latent's mode, as the skill policy in "mode".
+        latent = wm.rssm.posterior_step(state.latent, state.prev_action, wm.encode(observation), is_first, generator,
+                                        sample=self.imagination == "sample")
         return latent, LatentState(latent, state.prev_action)
 
     def imagine(self, context: State, rows: Tensor, plans: Tensor, hold: int,

@@ -139,9 +139,11 @@ class RSSM(nn.Module):
         return post, State(post.deter, OneHotStraightThrough(prior_logits).sample(generator), prior_logits)
 
     def posterior_step(self, prev_state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor | None = None,
-                       generator: torch.Generator | None = None) -> State:
+                       generator: torch.Generator | None = None, sample: bool = True) -> State:
         """`obs_step` without the prior, which filtering for acting never reads (the prior head and
-        its sample are about a fifth of an acting step)."""
+        its sample are about a fifth of an acting step). sample=False: the latent is the mode of
+        each categorical (the one-hot argmax of its logits) instead of a sample, and `generator` is
+        not drawn from, so that filtering is a deterministic function of the observations."""
         if is_first is not None:
             keep = (~is_first.bool()).to(prev_state.deter.dtype).unsqueeze(-1)  # [N, 1]
             prev_state = State(prev_state.deter * keep, prev_state.stoch * keep.unsqueeze(-1),
@@ -150,7 +152,8 @@ class RSSM(nn.Module):
         deter = self._recur(prev_state, prev_action)
         hidden = F.elu(self.post_hidden(torch.cat([deter, embed], -1)))
         logits = self._latent_shape(self.post_out(hidden))
-        return State(deter, OneHotStraightThrough(logits).sample(generator), logits)
+        dist = OneHotStraightThrough(logits)
+        return State(deter, dist.sample(generator) if sample else dist.mode, logits)
 
     def observe(self, embed: Tensor, action: Tensor, is_first: Tensor, state: State | None = None,
                 generator: torch.Generator | None = None) -> tuple[State, State]:

@@ -75,7 +75,8 @@ class RunCore:
         # how the user continues this run once it stopped: the command of its mode, with --resume
         self.resume_command = f"choreo {config.mode}{' --local' if local else ''} --resume {self.run_dir}"
         self.monitor = monitor or Monitor(self.run_dir, lc.total_updates if self.offline_only else lc.total_frames,
-                                          unit="updates" if self.offline_only else "frames")
+                                          unit="updates" if self.offline_only else "frames", clock=clock)
+        self.monitor.start_rates(self.frames, self.updates)  # a resumed run's rates count from where it was
         frames_per_update = (self.batch_steps / rc.samples_per_insert * action_repeat
                              if rc.samples_per_insert else 0.0)
         if self.offline_only:  # the pace of updates alone
@@ -296,6 +297,7 @@ class RunCore:
         scalars.update(self.ratio_scalars())
         scalars["learner/weight_version"] = self.version
         scalars["learner/updates"] = self.updates
+        # over the last RATE_WINDOW seconds at least (launch/monitor.py), however often this is called
         scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
             monitor.rates(self.frames, self.updates)
         scalars.update(extra or {})

@@ -4,12 +4,16 @@ The roles come from the builder and the decisions from the run core, as on Ray; 
 moves the data. Useful for debugging and for machines where Ray is not wanted.
 
 In one thread the two sides take turns: the worker steps its environments when the limiter lets
-it insert, and the learner trains on the batches the limiter grants, one at a time.
+it insert, and the learner trains on the batches the limiter grants, one at a time. Torch uses
+`learner.threads` CPU threads (0: every core), as the learner does on Ray, for the run's duration.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from choreo.launch.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner, make_runner,
@@ -24,7 +28,29 @@ STATS_SECONDS = 5.0
 """Seconds between two writes of the periodic scalars."""
 
 
+@contextlib.contextmanager
+def learner_threads(config: Config) -> Iterator[int]:
+    """Torch's CPU threads set to `config.learner.threads` (0: all cores), as the Ray learner
+    sets them (launch/distributed.py); the previous count comes back afterwards. Yields the count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    threads = config.learner.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
+    """Runs the mode of `config` in this process, in `run_dir` (continuing it with `resume`);
+    returns the exit status."""
+    with learner_threads(config):
+        return _run(config, run_dir, resume)
+
+
+def _run(config: Config, run_dir: Path, resume: bool) -> int:
     rc = config.replay
     offline = offline_only(config)
     runner = None if offline else make_runner(config, runner_id=0, num_runners=1)

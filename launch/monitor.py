@@ -16,6 +16,10 @@ import numpy as np
 
 PACE_WINDOW = 600.0
 """Seconds of recent progress the rates of the time estimate are measured over."""
+RATE_WINDOW = 30.0
+"""Seconds the throughput scalars (frames/s, updates/s in TensorBoard) are measured over at least:
+the loops log every few seconds and at every episode end, often between two learner calls, so a
+rate since the previous log alone would mostly read 0 and sometimes many times the true rate."""
 
 
 class Pace:
@@ -75,7 +79,10 @@ class Pace:
 
 class Monitor:
     def __init__(self, run_dir: Path, total_frames: int, stream: TextIO | None = None, unit: str = "frames",
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, rate_window: float = RATE_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """rate_window: seconds `rates` measures over at least (once the run has lasted that long);
+        clock: the time in seconds (tests pass their own)."""
         from torch.utils.tensorboard import SummaryWriter  # imported here: it costs a second
 
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
@@ -84,9 +91,12 @@ class Monitor:
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
         self.interval = interval if self.interactive else max(interval, 10.0)
-        self._start = time.monotonic()
+        self.clock = clock
+        self._start = clock()
         self._last_print = 0.0
-        self._last = (self._start, 0, 0)  # time, frames, updates at the previous rate estimate
+        self.rate_window = rate_window
+        # (time, frames, updates) of the calls of `rates` within the window, and the newest before it
+        self._counts: deque[tuple[float, int, int]] = deque([(self._start, 0, 0)])
         self.frames_per_second = 0.0
         self.updates_per_second = 0.0
 
@@ -142,13 +152,26 @@ class Monitor:
             elif value.size:
                 self.histogram(tag, value, step)
 
+    def start_rates(self, frames: int, updates: int) -> None:
+        """Where `rates` counts from: the counters now (a resumed run's, not zero)."""
+        self._counts = deque([(self.clock(), int(frames), int(updates))])
+
     def rates(self, frames: int, updates: int) -> tuple[float, float]:
-        """Frames/s and updates/s since the previous call."""
-        now = time.monotonic()
-        t0, f0, u0 = self._last
-        dt = max(now - t0, 1e-9)
-        self.frames_per_second, self.updates_per_second = (frames - f0) / dt, (updates - u0) / dt
-        self._last = (now, frames, updates)
+        """Frames/s and updates/s over the last `rate_window` seconds at least: since the newest
+        earlier call that is at least that old (since `start_rates` or the monitor's start while
+        the run is younger). Calls however frequent, with updates in some intervals and none in
+        others, read the same steady rate."""
+        now = self.clock()
+        counts = self._counts
+        if len(counts) > 1 and counts[-1][0] - counts[-2][0] < 1.0:
+            counts.pop()  # records a second apart at most: one less than a second after the one before is replaced
+        counts.append((now, int(frames), int(updates)))
+        while len(counts) > 2 and now - counts[1][0] >= self.rate_window:
+            counts.popleft()
+        t0, f0, u0 = counts[0]
+        dt = now - t0
+        if dt > 0:
+            self.frames_per_second, self.updates_per_second = (frames - f0) / dt, (updates - u0) / dt
         return self.frames_per_second, self.updates_per_second
 
     def progress(self, frames: int, updates: int, extra: str = "", force: bool = False,
@@ -157,7 +180,7 @@ class Monitor:
         the rates and the time left are its (recent, after the warm-up, at the pace the limiter
         allows) and the line names the side that sets the pace; without, they are since the start.
         eta=False: no time left (a warm-up says nothing of the pace after it)."""
-        now = time.monotonic()
+        now = self.clock()
         if not force and now - self._last_print < self.interval:
             return
         self._last_print = now

@@ -206,7 +206,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
             check_dataset_before_start(config)
         run_dir = new_run_dir(config, args.logdir)
         save_config(config, run_dir, exclusive=True)
-    print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1")
+    # The first lines of the output, flushed: stdout is block-buffered when it goes to a file or a
+    # pipe (a cluster job's log), and what the loop writes next (Ray's start-up, progress on stderr)
+    # would otherwise come before them.
+    print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1", flush=True)
 
     interrupt_on_sigterm()
 
@@ -263,7 +266,7 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
         runs.append((config, run_dir))
     print(f"{len(runs)} runs ({len(tasks)} tasks x {len(seeds)} seeds) in {parent}\n"
           f"TensorBoard:   tensorboard --logdir {parent} --host 127.0.0.1\n"
-          f"results:       choreo report {parent}")
+          f"results:       choreo report {parent}", flush=True)
     from choreo.launch.sweep import run_sweep
 
     return run_sweep(runs, address=args.address, parallel=args.parallel)

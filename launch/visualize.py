@@ -31,9 +31,9 @@ Decisions:
 - Videos have `steps + 1` frames: the reset frame, then one per agent step. An episode that ends
   within the video restarts (a new reset, the policy's state reset with it). The environment of
   skill k is reset with a seed derived from (config.seed, "visualize", k), so its episode starts
-  the same way in any grouping of skills; the policy's posterior samples come from one seeded
-  generator for the batch, so a call repeats exactly, and the same skills grouped otherwise may
-  diverge after the first frame.
+  the same way in any grouping of skills; the skill policy acts in mode "mode" (the posterior
+  latent's mode, the mean action), which draws nothing at random, so a skill's video is the same
+  whichever skills it is played with. The loop is `launch.pretrained.rollout`.
 
 Pillow writes the GIFs; it merges identical consecutive frames into one longer frame, so a GIF of
 a motionless scene may hold fewer frames than given (its playing time is the same).
@@ -367,18 +367,6 @@ class SkillRollouts:
     """[K, steps + 1, deter] float32: the posterior deterministic state h after each frame."""
 
 
-def _concat(parts: Sequence[Any]) -> Any:
-    """Batch-1 policy states (dataclasses of tensors, nested) concatenated along their first dim."""
-    import torch
-
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(parts))
-    if dataclasses.is_dataclass(first):
-        return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
-    raise TypeError(f"cannot batch a policy state part of type {type(first).__name__}")
-
-
 def rollout_skills(config: Config, agent: Any, steps: int, skills: Sequence[int] | None = None,
                    envs_at_once: int = ENVS_AT_ONCE, seed: int | None = None,
                    progress: Any = None) -> SkillRollouts:
@@ -389,6 +377,7 @@ def rollout_skills(config: Config, agent: Any, steps: int, skills: Sequence[int]
     (skills done, skills) after each group."""
     from choreo.actors.envs import make_env_from_config
     from choreo.agents.registry import make_policy
+    from choreo.launch.pretrained import rollout
 
     _check_skills(agent)
     if steps < 1:
@@ -412,21 +401,14 @@ def rollout_skills(config: Config, agent: Any, steps: int, skills: Sequence[int]
         for start in range(0, len(skills), n):
             group = skills[start:start + n]
             m = len(group)
-            observations = [envs[i].reset(seed=derive_seed(root, "skill", k))[0] for i, k in enumerate(group)]
-            state = _concat([policy.initial_state(1, skill=k) for k in group])
-            first = np.ones(m, bool)
-            for t in range(steps + 1):
+
+            def record(t: int, observation: np.ndarray, state: Any) -> None:
                 for i in range(m):
-                    frames[start + i, t] = observations[i].transpose(1, 2, 0) if pixels else envs[i].render()
-                action, state, _ = policy.act(np.stack(observations), first, state, mode="mode")
+                    frames[start + i, t] = observation[i].transpose(1, 2, 0) if pixels else envs[i].render()
                 deter[start:start + m, t] = state.latent.deter.float().numpy()
-                if t == steps:
-                    break
-                for i in range(m):
-                    obs, _, terminated, truncated, _ = envs[i].step(action[i])
-                    if terminated or truncated:
-                        obs, _ = envs[i].reset()
-                    observations[i], first[i] = obs, terminated or truncated
+
+            rollout(policy, envs[:m], policy.initial_state(m, skill=np.array(group)), steps, mode="mode",
+                    seeds=[derive_seed(root, "skill", k) for k in group], on_act=record)
             if progress is not None:
                 progress(start + m, len(skills))
     finally:

@@ -7,6 +7,10 @@ Pretraining update, all on the same batch and the same start states (the referen
     4. skill auto-encoder on the posterior deterministic states (EMA codebook, code resampling)
     5. skill actor-critic in imagination, a uniformly random code held for the whole rollout,
        reward = k-NN particle entropy over all imagined deterministic states + code reward
+The rewards' parts are metrics of their own, means over the imagined states: `skill/reward_knn`
+and `skill/reward_code` (the two terms of the skill reward; `skill/reward_mean` is their sum) and
+`explore/reward_raw` (the LBS prediction before the running normalisation that
+`explore/reward_mean` is after).
 
 Fine-tuning update (after `finetune_mode()`):
     1. world model, with a fresh reward head learning the task reward
@@ -297,7 +301,11 @@ class ChoreographerAgent(nn.Module):
                 with self.timer("knn_reward"):
                     entropy = knn_particle_reward(deter_traj.detach().flatten(0, 1).float(), ch.knn_k, ch.knn_clip,
                                                   ch.knn_chunk, ch.knn_bf16).view(deter_traj.shape[:2])
-                return entropy + code_reward(target_deter, deter_traj)
+                code_term = code_reward(target_deter, deter_traj)
+                # The two terms apart, as means over the imagined states (device tensors: no sync here).
+                metrics["skill/reward_knn"] = entropy.detach().float().mean()
+                metrics["skill/reward_code"] = code_term.detach().float().mean()
+                return entropy + code_term
 
             with frozen(self.skills):
                 _, m = self.skill_ac.update(self.wm, start, skill_reward, condition=code, generator=self.generator,
@@ -316,7 +324,9 @@ class ChoreographerAgent(nn.Module):
             def exploration_reward(traj):
                 # Gradients flow through the predictor into the imagined features (dynamics
                 # backpropagation), its parameters stay fixed.
-                return self.explore_norm(self.lbs(traj.feat).squeeze(-1))
+                raw = self.lbs(traj.feat).squeeze(-1)  # [H + 1, N], the predicted KL before normalising
+                metrics["explore/reward_raw"] = raw.detach().float().mean()
+                return self.explore_norm(raw)
 
             mag_before = self.explore_norm.mag.clone()
             with frozen(self.lbs):

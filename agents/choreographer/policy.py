@@ -4,17 +4,26 @@ It holds only what acting needs (the encoder, the RSSM and the three actors) and
 observations into model states with the posterior, one batched call for all of a worker's
 environments. Behaviours:
     explore  pretraining: the LBS exploration actor.
-    skill    a given skill code (`initial_state(n, skill=k)`), e.g. to look at a skill.
+    skill    the skill actor with codes the caller chose, held for good (across episodes): one
+             code for all environments or one per environment, given to `initial_state(n,
+             skill=...)`, or set once on the policy (`ChoreographerPolicy(..., skill=...)` or
+             `set_skills(...)`) for callers that make states with `initial_state(n)` alone, such
+             as the EnvRunner. A skill policy without codes refuses to make a state (ValueError).
     meta     fine-tuning: once the reward gate is open, the meta-controller draws a code at every
              step (the reference's skill_len = 1); before that, a random code is held for
              `random_skill_every` steps (and redrawn at every episode start), so that the
              pretrained skills explore the task consistently until a reward is found.
-Modes: "sample" (training) draws from the distributions, "mode" (evaluation) takes their
-mode/mean. The recurrent state of an environment is reset where `is_first` is set.
+Modes: "sample" (training) draws from the distributions: the posterior latent, the action and the
+meta-controller's code. "mode" (evaluation) takes their modes: the one-hot argmax of each latent
+categorical, the mean action, the most likely code; acting then draws nothing from the policy's
+generator except the meta behaviour's random codes before the gate opens, so the explore and
+skill behaviours act as a deterministic function of the observations. The recurrent state of an
+environment is reset where `is_first` is set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +39,8 @@ from choreo.agents.world_model import RSSM, State, build_encoder, preprocess_obs
 
 Behaviour = Literal["explore", "skill", "meta"]
 BEHAVIOURS = ("explore", "skill", "meta")
+Skills = int | Sequence[int] | np.ndarray | Tensor
+"""Skill codes: one integer for every environment, or one per environment `[N]`."""
 
 
 @dataclass
@@ -44,7 +55,8 @@ class PolicyState:
 
 class ChoreographerPolicy(nn.Module):
     def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig,
-                 behaviour: Behaviour = "explore", seed: int = 0) -> None:
+                 behaviour: Behaviour = "explore", seed: int = 0, skill: Skills | None = None) -> None:
+        """skill: the codes `initial_state(n)` gives when called without any (see `set_skills`)."""
         super().__init__()
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}; valid: {', '.join(BEHAVIOURS)}")
@@ -66,6 +78,10 @@ class ChoreographerPolicy(nn.Module):
             self.meta_actor = MLP(feat, ch.num_codes, ac.units, ac.layers, norm=False)
         self.register_buffer("gate_open", torch.zeros((), dtype=torch.bool))
         self.requires_grad_(False)
+        self.skills: Tensor | None = None
+        """The codes set with `set_skills` (`[]` for all environments or `[N]`), or None."""
+        if skill is not None:
+            self.set_skills(skill)
 
     # ------------------------------------------------------------------ weights
 
@@ -90,13 +106,45 @@ class ChoreographerPolicy(nn.Module):
 
     # ------------------------------------------------------------------ acting
 
-    def initial_state(self, n: int, skill: int | None = None) -> PolicyState:
-        if skill is not None and not 0 <= skill < self.num_codes:
-            raise ValueError(f"skill {skill} is out of range 0..{self.num_codes - 1}")
+    def set_skills(self, skill: Skills | None) -> None:
+        """The codes that `initial_state(n)` gives when it is called without any: one code for
+        every environment, or one per environment `[N]` (then `n` must be N); None forgets them.
+        A state already made keeps its codes: set them before the caller makes its states (an
+        EnvRunner makes its state when it is built and after its random seed steps)."""
+        self.skills = None if skill is None else self._codes(skill)
+
+    def _codes(self, skill: Skills) -> Tensor:
+        """`skill` as int64 codes, `[]` or `[N]`, checked: integers in 0..num_codes - 1."""
+        codes = skill.detach().cpu() if isinstance(skill, Tensor) else torch.as_tensor(np.asarray(skill))
+        if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"skills are integer codes in 0..{self.num_codes - 1}, got {codes.dtype} values")
+        if codes.dim() > 1:
+            raise ValueError(f"skills are one code, or one per environment [N]; got shape {tuple(codes.shape)}")
+        outside = codes[(codes < 0) | (codes >= self.num_codes)]
+        if len(outside.reshape(-1)):
+            raise ValueError(f"skill {int(outside.reshape(-1)[0])} is out of range 0..{self.num_codes - 1} "
+                             f"(the codebook has {self.num_codes} codes)")
+        return codes.to(torch.int64).clone()
+
+    def initial_state(self, n: int, skill: Skills | None = None) -> PolicyState:
+        """The state of n environments at their start. skill: the code of each environment (one
+        for all, or `[n]`); without it the codes set with `set_skills` (or at construction). The
+        skill behaviour needs codes (ValueError without any); explore ignores them and meta
+        draws its own at the first step."""
+        codes = self._codes(skill) if skill is not None else self.skills
+        if codes is not None and codes.dim() == 1 and len(codes) != n:
+            raise ValueError(f"{len(codes)} skills for {n} environments: give one code, or one per environment")
+        if codes is None or self.behaviour == "explore":
+            if self.behaviour == "skill":
+                raise ValueError("the skill behaviour runs the skills you choose: give them, "
+                                 "initial_state(n, skill=k) with one code k for all environments or an "
+                                 "array of n codes, or set them once with set_skills(...) or "
+                                 "ChoreographerPolicy(..., skill=...)")
+            codes = torch.tensor(-1)  # no code conditions the action
         return PolicyState(
             latent=self.rssm.initial(n),
             prev_action=torch.zeros(n, self.action_dim),
-            skill=torch.full((n,), -1 if skill is None else skill, dtype=torch.int64),
+            skill=codes.expand(n).clone(),
             skill_steps=torch.zeros(n, dtype=torch.int64),
         )
 
@@ -105,11 +153,13 @@ class ChoreographerPolicy(nn.Module):
             mode: Literal["sample", "mode"] = "sample") -> tuple[np.ndarray, PolicyState, dict[str, np.ndarray]]:
         """`observation [N, *obs_shape]`, `is_first [N]` -> (action [N, A] float32 in [-1, 1],
         new state, extras {"skill": [N] int32 code that conditioned the action, -1 for none})."""
+        if mode not in ("sample", "mode"):
+            raise ValueError(f"unknown mode {mode!r}; valid: sample, mode")
         sample = mode == "sample"
         obs = torch.as_tensor(observation)
         first = torch.as_tensor(is_first, dtype=torch.bool)
         embed = self.encoder(preprocess_observation(obs, pixels=len(self.obs_shape) == 3))
-        latent = self.rssm.posterior_step(state.latent, state.prev_action, embed, first, self.generator)
+        latent = self.rssm.posterior_step(state.latent, state.prev_action, embed, first, self.generator, sample=sample)
         feat = self.rssm.feature(latent)
 
         skill, steps = state.skill, state.skill_steps

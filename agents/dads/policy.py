@@ -2,14 +2,16 @@
 
 It holds only the SAC actor. Every environment holds one skill for a whole episode: a skill drawn
 from the prior (U(-1, 1)^D, or a uniform one-hot for discrete skills) at every episode start
-(`is_first`), unless a skill was given to `initial_state`, which is then held across episodes.
+(`is_first`), unless a skill was given to `initial_state` (or set on the policy, `DadsPolicy(...,
+skill=...)` or `set_skills(...)`, for callers that make states with `initial_state(n)` alone, such
+as the EnvRunner), which is then held across episodes.
 Planning in skill space (planner.py) executes its skill the same way: a new
 `initial_state(n, skill=z)` each time it replans (the state holds nothing but the skills).
 
 Behaviours: DADS has one acting policy, the skill-conditioned actor; "explore", "skill" and "meta"
 (the names the launcher asks for when pretraining, looking at a skill, fine-tuning or
 evaluating) all run it. Modes: "sample" (training) draws the action from the squashed Gaussian,
-"mode" (evaluation) takes tanh(mean).
+"mode" (evaluation) takes tanh(mean); with given skills, acting in "mode" draws nothing at all.
 
 `act`'s extras: "skill" [N] int32 (the discrete skill's index, -1 for continuous skills),
 "skill_vector" [N, D] float32 (the skill that conditioned the action) and "behaviour_logp" [N]
@@ -34,6 +36,9 @@ from choreo.agents.dads.rewards import sample_prior
 from choreo.agents.dads.sac import SquashedNormal, build_actor
 
 BEHAVIOURS = ("explore", "skill", "meta")
+Skills = int | Sequence[float] | Sequence[int] | np.ndarray | Tensor
+"""A skill for every environment (a vector `[D]`, or a discrete skill's index) or one per
+environment (vectors `[N, D]`, or indices `[N]` of discrete skills)."""
 
 
 @dataclass
@@ -46,7 +51,8 @@ class DadsPolicyState:
 
 class DadsPolicy(nn.Module):
     def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig,
-                 behaviour: str = "explore", seed: int = 0) -> None:
+                 behaviour: str = "explore", seed: int = 0, skill: Skills | None = None) -> None:
+        """skill: what `initial_state(n)` gives when called without a skill (see `set_skills`)."""
         super().__init__()
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}; valid: {', '.join(BEHAVIOURS)}")
@@ -64,6 +70,10 @@ class DadsPolicy(nn.Module):
             torch.manual_seed(seed)
             self.actor = build_actor(self.obs_shape[0] - d.omit_coordinates + d.skill_dim, action_dim, d)
         self.requires_grad_(False)
+        self.skills: Tensor | None = None
+        """The skill vectors set with `set_skills` (`[D]` or `[N, D]`), or None: drawn from the prior."""
+        if skill is not None:
+            self.set_skills(skill)
 
     @property
     def step_keys(self) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -93,25 +103,42 @@ class DadsPolicy(nn.Module):
 
     # ------------------------------------------------------------------ acting
 
-    def initial_state(self, n: int,
-                      skill: int | Sequence[float] | np.ndarray | Tensor | None = None) -> DadsPolicyState:
-        """State of n environments. skill: None draws a skill per environment from the prior (and
-        again at every episode start); otherwise the skill every environment holds throughout: a
-        vector `[D]` or one per environment `[n, D]`, or for discrete skills an index."""
-        if skill is None:
+    def set_skills(self, skill: Skills | None) -> None:
+        """What `initial_state(n)` gives when called without a skill: a skill for every
+        environment or one per environment (then `n` must be N), as `initial_state` takes them;
+        None goes back to drawing skills from the prior. A state already made keeps its skills."""
+        self.skills = None if skill is None else self._vectors(skill)
+
+    def _vectors(self, skill: Skills) -> Tensor:
+        """`skill` as float32 vectors `[D]` or `[N, D]`, checked (indices of discrete skills made one-hot)."""
+        array = skill.detach().cpu().numpy() if isinstance(skill, Tensor) else np.asarray(skill)
+        if array.dtype.kind in "iu" and self.discrete:  # indices
+            if array.ndim > 1:
+                raise ValueError(f"discrete skills are an index, or one per environment [N]; got shape {array.shape}")
+            outside = array[(array < 0) | (array >= self.skill_dim)]
+            if outside.size:
+                raise ValueError(f"skill {int(outside.reshape(-1)[0])} is out of range 0..{self.skill_dim - 1}")
+            return torch.nn.functional.one_hot(torch.as_tensor(array, dtype=torch.int64), self.skill_dim).float()
+        if array.dtype.kind not in "fiu":
+            raise ValueError(f"skills are vectors of {self.skill_dim} numbers, got {array.dtype} values")
+        if array.ndim not in (1, 2) or array.shape[-1] != self.skill_dim:
+            raise ValueError(f"skill of shape {array.shape}; expected ({self.skill_dim},) or (N, {self.skill_dim})")
+        if not np.isfinite(array).all():
+            raise ValueError("skills must be finite")
+        return torch.as_tensor(array.astype(np.float32))
+
+    def initial_state(self, n: int, skill: Skills | None = None) -> DadsPolicyState:
+        """State of n environments. skill: the skill every environment holds throughout: a vector
+        `[D]` or one per environment `[n, D]`, or for discrete skills an index or `[n]` indices;
+        None: the skills set with `set_skills` if any, else a skill per environment drawn from the
+        prior (and again at every episode start)."""
+        vector = self._vectors(skill) if skill is not None else self.skills
+        if vector is None:
             vector = sample_prior((n,), self.skill_dim, self.cfg.dads.skill_type, self.generator)
             return DadsPolicyState(vector, torch.zeros(n, dtype=torch.bool))
-        if self.discrete and np.ndim(skill) == 0:
-            index = int(skill)
-            if not 0 <= index < self.skill_dim:
-                raise ValueError(f"skill {index} is out of range 0..{self.skill_dim - 1}")
-            vector = torch.zeros(self.skill_dim)
-            vector[index] = 1.0
-        else:
-            vector = torch.as_tensor(np.asarray(skill, dtype=np.float32))
         if vector.shape not in ((self.skill_dim,), (n, self.skill_dim)):
-            raise ValueError(f"skill of shape {tuple(vector.shape)}; expected ({self.skill_dim},) or "
-                             f"({n}, {self.skill_dim})")
+            raise ValueError(f"skill of shape {tuple(vector.shape)} for {n} environments; expected "
+                             f"({self.skill_dim},) or ({n}, {self.skill_dim})")
         return DadsPolicyState(vector.expand(n, self.skill_dim).clone(), torch.ones(n, dtype=torch.bool))
 
     @torch.inference_mode()

@@ -339,3 +339,96 @@ def test_cuda_update_with_bf16_autocast_matches_checkpoint_round_trip():
     restored.load_state_dict(_roundtrip(agent))
     weights = restored.policy_weights()
     ChoreographerPolicy(STATE_SHAPE, ACTIONS, tiny()).load_weights(weights, version=1)
+
+
+def test_reward_parts_are_metrics_that_add_up_to_the_rewards():
+    agent = make()
+    metrics = agent.update(batch())
+    for key in ("skill/reward_knn", "skill/reward_code", "explore/reward_raw"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["skill/reward_knn"] >= 0.0 and metrics["skill/reward_code"] <= 0.0  # distances, and minus one
+    # the skill reward is their sum, averaged over the same imagined states
+    assert metrics["skill/reward_knn"] + metrics["skill/reward_code"] == pytest.approx(
+        metrics["skill/reward_mean"], rel=1e-4, abs=1e-5)
+
+
+def test_skill_policy_needs_its_skills():
+    cfg = tiny()
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="skill")
+    with pytest.raises(ValueError, match="skill behaviour runs the skills you choose"):
+        policy.initial_state(3)
+    state = policy.initial_state(3, skill=np.array([1, 0, 7]))  # one code per environment
+    assert state.skill.tolist() == [1, 0, 7]
+    for bad, match in ((np.array([1, 2]), "2 skills for 3 environments"), (np.array([0.5, 1, 2]), "integer codes"),
+                       (np.array([0, 8, 1]), "skill 8 is out of range 0..7"), (np.zeros((3, 1), int), "shape")):
+        with pytest.raises(ValueError, match=match):
+            policy.initial_state(3, skill=bad)
+    # Set on the policy, for callers that call initial_state(n) alone (the EnvRunner)
+    policy.set_skills(5)
+    assert policy.initial_state(2).skill.tolist() == [5, 5]
+    given = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="skill", skill=[2, 4])
+    _, _, extras = given.act(np.zeros((2, *STATE_SHAPE), np.float32), np.ones(2, bool), given.initial_state(2))
+    assert extras["skill"].tolist() == [2, 4]
+    with pytest.raises(ValueError, match="2 skills for 3 environments"):
+        given.initial_state(3)
+    given.set_skills(None)
+    with pytest.raises(ValueError, match="skill behaviour"):
+        given.initial_state(2)
+    # The other behaviours need none; exploration reports no code.
+    explore = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="explore")
+    assert explore.initial_state(2).skill.tolist() == [-1, -1]
+    assert ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="meta").initial_state(2).skill.tolist() == [-1, -1]
+
+
+def test_env_runner_runs_the_skills_set_on_the_policy():
+    from choreo.actors.envs import make_env
+    from choreo.actors.runner import EnvRunner
+
+    agent = make()
+    policy = make_policy("choreographer", STATE_SHAPE, ACTIONS, agent.cfg, behaviour="skill", skill=[3, 6])
+    policy.load_weights(agent.policy_weights(), 0)
+    runner = EnvRunner([make_env("walker_stand", seed=i) for i in range(2)], policy, chunk_length=4, runner_id=0,
+                       seed=0, mode="mode")
+    try:
+        chunks = runner.run(4)
+    finally:
+        runner.close()
+    skills = {stream: chunk[B.SKILL] for stream, chunk in chunks}
+    assert skills[0][1:].tolist() == [3, 3, 3] and skills[1][1:].tolist() == [6, 6, 6]  # row 0: the reset row
+
+
+@pytest.mark.parametrize("behaviour", ["explore", "skill"])
+def test_mode_acting_is_deterministic_and_sampling_unchanged(behaviour):
+    cfg = tiny()
+    agent = make(cfg=cfg)
+    policies = [ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour=behaviour, seed=seed, skill=1)
+                for seed in (0, 1)]
+    for p in policies:
+        p.load_weights(agent.policy_weights(), 0)
+    obs = np.random.default_rng(2).standard_normal((4, 3, *STATE_SHAPE)).astype(np.float32)  # [T, N, ...]
+    runs = []
+    for p in policies:
+        generator_before = p.generator.get_state()
+        state, actions = p.initial_state(3), []
+        for t in range(4):
+            action, state, _ = p.act(obs[t], np.full(3, t == 0), state, mode="mode")
+            actions.append(action)
+            # the latent is the mode of each categorical
+            expected = torch.nn.functional.one_hot(state.latent.logits.argmax(-1), cfg.world_model.classes)
+            assert torch.equal(state.latent.stoch, expected.float())
+        assert torch.equal(p.generator.get_state(), generator_before)  # nothing was drawn
+        runs.append(np.stack(actions))
+    np.testing.assert_array_equal(runs[0], runs[1])  # policies seeded apart act alike
+
+    # "sample" draws the latent and the action from the policy's generator, as before
+    p = policies[0]
+    p.generator.manual_seed(5)
+    action, state, _ = p.act(obs[0], np.ones(3, bool), p.initial_state(3), mode="sample")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        embed = agent.wm.encode(torch.from_numpy(obs[0]))
+        post = agent.wm.rssm.posterior_step(agent.wm.rssm.initial(3), torch.zeros(3, ACTIONS), embed,
+                                            torch.ones(3, dtype=torch.bool), generator)
+    assert torch.equal(state.latent.stoch, post.stoch)
+    with pytest.raises(ValueError, match="unknown mode"):
+        p.act(obs[0], np.ones(3, bool), p.initial_state(3), mode="mean")

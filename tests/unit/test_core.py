@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from choreo.launch.config import load_config
@@ -204,3 +205,30 @@ def test_nothing_is_granted_or_collected_once_stopping(tmp_path):
     insert(core, 1000)
     core.stop("interrupted")
     assert core.grant() == 0 and not core.may_collect(0, 10)
+
+
+def test_logged_updates_per_second_is_a_rate_over_a_window(tmp_path):
+    """The loops log every few seconds and at every episode end, often with no learner call in
+    between: the scalar is measured over the last RATE_WINDOW seconds, not since the previous log."""
+    from choreo.launch.monitor import RATE_WINDOW
+
+    clock = Clock()
+    config = load_config(["tiny"])
+    core = RunCore(config, tmp_path, num_workers=1, action_repeat=1, counters={"frames": 4000}, updates=300,
+                   local=True, clock=clock)
+    written: list[tuple[str, float, int]] = []
+    core.monitor.writer.add_scalar = lambda key, value, step: written.append((key, value, step))
+    for tick in range(1, 4 * int(RATE_WINDOW) + 1):  # a log every second; 40 updates every 8 s
+        clock.now += 1.0
+        core.frames += 10
+        if tick % 8 == 0:
+            core.updates += 40
+        core.log()
+    ups = [v for k, v, _ in written if k == "throughput/updates_per_second"]
+    fps = [v for k, v, _ in written if k == "throughput/frames_per_second"]
+    assert len(ups) == 4 * int(RATE_WINDOW)
+    assert fps[0] == pytest.approx(10.0)  # counted from the resumed run's frames, not from 0
+    late = ups[int(RATE_WINDOW) + 1:]
+    assert min(late) > 0 and max(late) / min(late) < 1.5  # steady around 5/s, never 0
+    assert np.mean(late) == pytest.approx(5.0, rel=0.15)
+    core.monitor.close()

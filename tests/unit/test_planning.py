@@ -271,6 +271,8 @@ def test_codebook_planner_runs_end_to_end_and_filters_like_the_acting_policy():
     reference.load_weights(agent.policy_weights(), version=0)
     obs = np.random.default_rng(0).standard_normal((3, OBS)).astype(np.float32)
     state = policy.initial_state(3)
+    # The planner filters with the latent's mode (its imagination is deterministic), as the acting
+    # policy does in "mode".
     _, ref_state, _ = reference.act(obs, np.ones(3, bool), reference.initial_state(3, skill=0), mode="mode")
     for t in range(7):
         action, state, extras = policy.act(obs, np.full(3, t == 0), state, mode="mode" if t % 2 else "sample")
