@@ -1,4 +1,5 @@
-# `make run`: create .venv, install, and pretrain with the default preset on a local, embedded Ray.
+# `make run`: create .venv, install, and pretrain with the default preset on a local, embedded Ray
+# (without a GPU at the small size, which learns on a CPU; ARGS="--preset paper" forces the paper's).
 # `make test`: create/update .venv and run the whole test suite.
 #
 # torch: `pip install torch==2.13.0` takes the local CPU build on these machines. For a CUDA build
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "installed into $(VENV)"
 
 run: venv
-	$(VENV)/bin/choreo pretrain $(ARGS)
+	$(VENV)/bin/choreo pretrain --fit-machine $(ARGS)
 
 test: venv
 	@rc=0; $(VENV)/bin/python -m pytest $(ARGS) || rc=$$?; \

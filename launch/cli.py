@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "environment workers, learner.total_updates updates")
     p.add_argument("--collect", action="store_true",
                    help="with --offline: load the dataset, then keep collecting with the exploration policy")
+    p.add_argument("--fit-machine", action="store_true",
+                   help="without a GPU and without a size preset, take the small size (what `make run` does); the "
+                        "first line says so with the run's length and time here")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt pretrained skills to a task (task=TASK), with evaluations")

@@ -73,7 +73,7 @@ class Config:
     """Algorithm; selects configs/algo/<algo>.yaml."""
     suite: Literal["states", "pixels", "metaworld"] = "states"
     """Observation suite; selects configs/suite/<suite>.yaml."""
-    size: Literal["paper", "tiny"] = "paper"
+    size: Literal["paper", "small", "tiny"] = "paper"
     """Model and run size; selects configs/size/<size>.yaml."""
     mode: Literal["pretrain", "finetune", "evaluate"] = "pretrain"
     """What the run does (set by the command); selects configs/mode/<mode>.yaml."""

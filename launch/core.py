@@ -225,7 +225,8 @@ class RunCore:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"\nevaluation at {frame:,} {'updates' if self.offline_only else 'frames'}: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
+        unit = "updates" if self.offline_only else "frames"
+        print(f"\nevaluation at {frame:,} {unit}: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
               flush=True)
 
     def eval_lost(self) -> None:

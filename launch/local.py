@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from choreo.launch.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner, make_runner,
-                                 make_sampler, make_shard)
+from choreo.launch.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner,
+                                 make_runner, make_sampler, make_shard)
 from choreo.launch.config import Config, eval_every, offline_only
 from choreo.launch.core import MAX_OUTSTANDING_BATCHES, RunCore
 from choreo.launch.visualize import MediaSchedule, training_media

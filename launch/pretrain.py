@@ -178,6 +178,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     if getattr(args, "tasks", None) or getattr(args, "seeds", None):
         return run_many(args, mode)
+    fitted = None
     if args.resume:
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
@@ -195,7 +196,12 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     else:
         # `task=...` is short for env.task (`choreo finetune --snapshot FILE task=walker_run`)
         overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
-        config = load_config(args.preset, mode_overrides(args, mode) + overrides)
+        presets = list(args.preset)
+        if getattr(args, "fit_machine", False):
+            from choreo.launch.machine import fitted_presets
+
+            presets, fitted = fitted_presets(presets, overrides)
+        config = load_config(presets, mode_overrides(args, mode) + overrides)
         if config.mode != mode:
             raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {config.mode}")
         if args.logdir:
@@ -209,17 +215,27 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     # The first lines of the output, flushed: stdout is block-buffered when it goes to a file or a
     # pipe (a cluster job's log), and what the loop writes next (Ray's start-up, progress on stderr)
     # would otherwise come before them.
-    print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1", flush=True)
+    first = f"run directory: {run_dir}"
+    if fitted:  # what the run is and how long it takes here, on the same first line
+        from choreo.launch.machine import first_line
+
+        first += f"; {first_line(config, fitted)}"
+    print(f"{first}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1", flush=True)
 
     interrupt_on_sigterm()
 
-    if args.local:
-        from choreo.launch.local import run_local
+    from choreo.buffer.dataset import DatasetError
 
-        return run_local(config, run_dir, resume=bool(args.resume))
-    from choreo.launch.distributed import run_distributed
+    try:
+        if args.local:
+            from choreo.launch.local import run_local
 
-    return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
+            return run_local(config, run_dir, resume=bool(args.resume))
+        from choreo.launch.distributed import run_distributed
+
+        return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
+    except DatasetError as e:  # e.g. no episode of the dataset fits the task (each file was named above)
+        raise ConfigError(str(e)) from None
 
 
 def _split(text: str | None, what: str, kind: type) -> list:

@@ -364,3 +364,23 @@ def test_a_run_with_media_on_writes_images_videos_and_histograms_to_tensorboard(
     assert images["skills/codebook"][0].encoded_image_string.startswith(b"\x89PNG")
     assert "skills/code_usage" in events.Tags()["histograms"]
     assert "skills/resampled_codes" in events.Tags()["scalars"]
+
+
+def test_an_offline_run_evaluates_every_so_many_updates(tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    for i in range(3):
+        write(data / f"{i}_40.npz", **exorl_episode(40, i))
+    assert cli.main(["pretrain", "--local", "--offline", str(data), "--preset", "tiny", "--logdir", str(tmp_path),
+                     "run_name=ev", "learner.total_updates=12", "eval.every_updates=5", "eval.episodes=1",
+                     "env.task=point_mass_nav"]) == 2  # a dataset of walker's shapes does not fit the point mass
+    points = tmp_path / "points"  # the point mass's shapes: short evaluation episodes
+    for i in range(3):
+        write(points / f"{i}_40.npz", **exorl_episode(40, i, obs_dim=4, act_dim=2))
+    assert cli.main(["pretrain", "--local", "--offline", str(points), "--preset", "tiny", "--logdir", str(tmp_path),
+                     "run_name=ev2", "learner.total_updates=12", "eval.every_updates=5", "eval.episodes=1",
+                     "env.task=point_mass_nav"]) == 0
+    evals = [json.loads(line) for line in (tmp_path / "ev2" / "eval.jsonl").read_text().splitlines()]
+    assert [e["updates"] // 5 for e in evals] == [0, 1, 2] and evals[-1]["updates"] >= 12 - 4
+    assert all(e["frame"] == 0 and len(e["returns"]) == 1 for e in evals)
