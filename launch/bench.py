@@ -14,6 +14,7 @@ BENCHMARKS = {
     "soak": "choreo.launch.bench_soak",
     "dataset": "choreo.launch.bench_dataset",
     "plan": "choreo.launch.bench_plan",
+    "learning": "choreo.launch.bench_learning",
 }
 
 

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("bench", help="measure speed and memory (figures, not tests)")
-    p.add_argument("what", choices=["envs", "learner", "actors", "replay", "pretrain", "soak", "dataset", "plan"])
+    p.add_argument("what", choices=["envs", "learner", "actors", "replay", "pretrain", "soak", "dataset", "plan", "learning"])
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=cmd_bench)
