@@ -87,6 +87,7 @@ class RunCore:
         self.checkpoint_frames: int | None = int(counters["frames"]) if counters else None
         self.next_eval = int(counters.get("next_eval", 0))  # the frame the next evaluation is due at
         self.evaluating = False
+        self._eval_at = 0  # the frame (offline only: update) of the evaluation running
         self.last_eval: tuple[int, float] | None = None  # (frame, mean return) of the latest evaluation
         self._insert_held_since: dict[int, float] = {}
         self._sample_held_since: float | None = None
@@ -109,7 +110,8 @@ class RunCore:
         """Whether worker `worker` may collect `steps` agent steps now; if so they are reserved
         until `collected` (or `collect_lost`). A refusal starts (or continues) its wait."""
         now = self.clock()
-        if self.stopping or self.done or not self.limiter.reserve_insert(steps):
+        if self.stopping or self.done or (not self.offline_only and self._eval_behind()) \
+                or not self.limiter.reserve_insert(steps):
             self._insert_held_since.setdefault(worker, now)
             return False
         since = self._insert_held_since.pop(worker, None)
@@ -134,7 +136,7 @@ class RunCore:
         """Batches the learner may draw now (reserved until `trained`): as many as the limiter
         allows, up to MAX_OUTSTANDING_BATCHES not yet trained on. While the learner has nothing to
         train on because of the limiter, its wait is counted."""
-        if self.stopping:
+        if self.stopping or (self.offline_only and self._eval_behind()):
             return 0
         n = 0
         most = MAX_OUTSTANDING_BATCHES
@@ -204,8 +206,14 @@ class RunCore:
         """The loop starts the due evaluation with the current weights; returns the frame (offline
         only: the update) it is of."""
         self.evaluating = True
+        self._eval_at = self.log_step
         return self.log_step
 
+    def _eval_behind(self) -> bool:
+        """An evaluation is running and the run has reached the next one's frame (offline only:
+        update): the side that advances the count waits for it, so that no evaluation of the
+        schedule is skipped however long one takes."""
+        return self.evaluating and self.log_step >= (self._eval_at // self.eval_every + 1) * self.eval_every
     def evaluated(self, frame: int, returns: list[float]) -> None:
         """An evaluation's episode returns: to TensorBoard (`eval/*` at `frame`), one line of
         `eval.jsonl` (task, seed, frame, mean return, every return, mode) and the terminal."""

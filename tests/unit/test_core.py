@@ -232,3 +232,19 @@ def test_logged_updates_per_second_is_a_rate_over_a_window(tmp_path):
     assert min(late) > 0 and max(late) / min(late) < 1.5  # steady around 5/s, never 0
     assert np.mean(late) == pytest.approx(5.0, rel=0.15)
     core.monitor.close()
+
+
+def test_no_evaluation_of_the_schedule_is_skipped_however_long_one_takes(tmp_path):
+    clock = Clock()
+    config = load_config(["tiny"], ["learner.total_frames=10000", "eval.every_frames=200", "replay.samples_per_insert=0"])
+    core = RunCore(config, tmp_path, num_workers=1, action_repeat=1, counters=None, updates=0, local=False,
+                   monitor=Monitor(tmp_path, 10000, stream=io.StringIO()), clock=clock)
+    assert core.eval_due() and core.start_eval() == 0
+    for _ in range(19):  # collection goes on while the evaluation of frame 0 runs ...
+        insert(core, 10)
+    assert core.may_collect(0, 10)
+    core.collected(10, version=-1)
+    assert core.frames == 200 and not core.may_collect(0, 10)  # ... up to the next evaluation's frame
+    core.evaluated(0, [1.0])
+    assert core.eval_due() and core.start_eval() == 200  # the evaluation of frame 200 is not skipped
+    assert core.may_collect(0, 10)
