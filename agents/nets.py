@@ -7,9 +7,10 @@ images. No module stores a device; tensors follow their inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -127,3 +128,18 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+
+
+def load_acting_weights(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load a learner's acting weights (numpy arrays by state-dict name) into an acting policy
+    strictly: every name present, none extra, the same shapes, or a ValueError naming them."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ValueError(f"policy weights do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if tuple(np.shape(arrays[name])) != shape:
+            raise ValueError(f"policy weight '{name}' has shape {np.shape(arrays[name])}, expected {shape}")
+    # A copy: arrays from the object store are read-only views, which torch warns about.
+    module.load_state_dict({name: torch.from_numpy(np.array(arrays[name])) for name in expected}, strict=True)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from choreo.agents.config import AgentConfig
 from choreo.agents.distributions import CodeCategorical, TruncatedNormal
-from choreo.agents.nets import MLP
+from choreo.agents.nets import MLP, load_acting_weights
 from choreo.agents.world_model import RSSM, State, build_encoder, preprocess_observation
 
 Behaviour = Literal["explore", "skill", "meta"]
@@ -91,17 +91,7 @@ class ChoreographerPolicy(nn.Module):
 
     def load_weights(self, arrays: dict[str, np.ndarray], version: int) -> None:
         """Load the learner's acting weights strictly: every name present, none extra, same shapes."""
-        expected = self.expected_weights()
-        missing = sorted(set(expected) - set(arrays))
-        extra = sorted(set(arrays) - set(expected))
-        if missing or extra:
-            raise ValueError(f"policy weights do not match: missing {missing[:5]}, unexpected {extra[:5]}")
-        for name, shape in expected.items():
-            if tuple(np.shape(arrays[name])) != shape:
-                raise ValueError(f"policy weight '{name}' has shape {np.shape(arrays[name])}, expected {shape}")
-        # A copy: arrays from the object store are read-only views, which torch warns about.
-        state = {name: torch.from_numpy(np.array(arrays[name])) for name in expected}
-        self.load_state_dict(state, strict=True)
+        load_acting_weights(self, arrays)
         self.version = int(version)
 
     # ------------------------------------------------------------------ acting

@@ -34,6 +34,7 @@ from choreo.agents.config import AgentConfig
 from choreo.agents.dads.agent import check_config, policy_input
 from choreo.agents.dads.rewards import sample_prior
 from choreo.agents.dads.sac import SquashedNormal, build_actor
+from choreo.agents.nets import load_acting_weights
 
 BEHAVIOURS = ("explore", "skill", "meta")
 Skills = int | Sequence[float] | Sequence[int] | np.ndarray | Tensor
@@ -89,16 +90,7 @@ class DadsPolicy(nn.Module):
 
     def load_weights(self, arrays: dict[str, np.ndarray], version: int) -> None:
         """Load the learner's acting weights strictly: every name present, none extra, same shapes."""
-        expected = self.expected_weights()
-        missing = sorted(set(expected) - set(arrays))
-        extra = sorted(set(arrays) - set(expected))
-        if missing or extra:
-            raise ValueError(f"policy weights do not match: missing {missing[:5]}, unexpected {extra[:5]}")
-        for name, shape in expected.items():
-            if tuple(np.shape(arrays[name])) != shape:
-                raise ValueError(f"policy weight '{name}' has shape {np.shape(arrays[name])}, expected {shape}")
-        state = {name: torch.from_numpy(np.array(arrays[name], dtype=np.float32)) for name in expected}
-        self.load_state_dict(state, strict=True)
+        load_acting_weights(self, arrays)
         self.version = int(version)
 
     # ------------------------------------------------------------------ acting
