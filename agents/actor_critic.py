@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from choreo.agents.collective import SOLO, Collective
 from choreo.agents.config import ActorCriticConfig
 from choreo.agents.distributions import TruncatedNormal
 from choreo.agents.nets import MLP, frozen
@@ -36,12 +37,18 @@ class Optimizer:
     fused Adam (CPU and CUDA) the decision stays on the device, with no host synchronisation:
     the flag is Adam's `found_inf`, the input fused Adam uses to skip a step for gradient
     scaling. The foreach fallback (other devices) reads the flag on the host.
+
+    Several learners (`collective`, see `agents.collective`): the gradients are averaged over the
+    ranks before the clip, in one flat transfer that also carries each rank's "loss not finite"
+    flag, so that every rank clips, decides to skip and steps alike. A parameter without a
+    gradient on this rank counts as a zero gradient.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, grad_clip: float,
-                 weight_decay: float = 0.0, name: str = "optimizer") -> None:
+                 weight_decay: float = 0.0, name: str = "optimizer", collective: Collective = SOLO) -> None:
         self.params = list(params)
         self.name = name
+        self.collective = collective
         self.grad_clip = grad_clip
         self.weight_decay = weight_decay
         self.fused = _fused_adam_ok(self.params)
@@ -57,12 +64,15 @@ class Optimizer:
     def apply(self, loss: Tensor | None = None, skip: Tensor | None = None) -> dict[str, Tensor]:
         """Clip, decay and step with the gradients already in `.grad`; skipped (see the class)
         when the gradient norm, or the `loss` if given, is not finite, or `skip` is nonzero."""
+        bad_loss = None if loss is None else ~torch.isfinite(loss)
+        if self.collective.active:
+            bad_loss = self._average_gradients(bad_loss)
         grads = [p for p in self.params if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
         nonfinite = ~torch.isfinite(norm)
-        if loss is not None:
-            nonfinite = nonfinite | ~torch.isfinite(loss)
+        if bad_loss is not None:
+            nonfinite = nonfinite | bad_loss
         if self.params:
             nonfinite = nonfinite.to(self.params[0].device)
         bad = nonfinite if skip is None else nonfinite | (skip.to(nonfinite.device) != 0)
@@ -79,6 +89,17 @@ class Optimizer:
                     torch._foreach_mul_(self.params, 1.0 - self.weight_decay)
             self.adam.step()
         return {f"{self.name}/grad_norm": norm.detach(), f"{self.name}/nonfinite": nonfinite.to(torch.float32)}
+
+    def _average_gradients(self, bad_loss: Tensor | None) -> Tensor | None:
+        """Every parameter's gradient averaged over the ranks, and whether any rank's loss was not
+        finite (None if no loss was given)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        device = self.params[0].device if self.params else None
+        flag = torch.zeros(1, device=device) if bad_loss is None else bad_loss.to(device, torch.float32).reshape(1)
+        self.collective.mean_([*(p.grad for p in self.params), flag])
+        return None if bad_loss is None else flag[0] > 0
 
     def state_dict(self) -> dict[str, Any]:
         return self.adam.state_dict()
@@ -141,7 +162,7 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(self, feat_dim: int, action_dim: int, cfg: ActorCriticConfig, condition_dim: int = 0,
-                 name: str = "actor_critic") -> None:
+                 name: str = "actor_critic", collective: Collective = SOLO) -> None:
         super().__init__()
         self.cfg = cfg
         self.name = name
@@ -156,9 +177,9 @@ class ActorCritic(nn.Module):
         self._updates = 0  # host-side mirror of `updates`, so scheduling needs no device sync
         self.register_load_state_dict_post_hook(_sync_update_counter)
         self.actor_opt = Optimizer(self.actor.parameters(), cfg.actor_lr, cfg.eps, cfg.grad_clip,
-                                   cfg.weight_decay, name=f"{name}/actor")
+                                   cfg.weight_decay, name=f"{name}/actor", collective=collective)
         self.critic_opt = Optimizer(self.critic.parameters(), cfg.critic_lr, cfg.eps, cfg.grad_clip,
-                                    cfg.weight_decay, name=f"{name}/critic")
+                                    cfg.weight_decay, name=f"{name}/critic", collective=collective)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict()}

@@ -99,6 +99,11 @@ class ChoreographerConfig:
     """Rows per chunk of the exact k-NN computation; bounds its memory to chunk x N."""
     knn_bf16: bool = False
     """Compute k-NN distances in bfloat16 (approximate; faster where the CPU/GPU supports it)."""
+    knn_pool: Literal["rank", "global"] = "rank"
+    """With several learners (learner.num_learners): the k-NN particles of each rank's states are
+    that rank's own imagined states (`rank`; the paper's estimator when each rank's batch is the
+    paper's batch, weak scaling) or every rank's gathered (`global`; the paper's estimator over the
+    whole batch, strong scaling). No effect with one learner."""
     exploration_reward_momentum: float = 0.95
     """Momentum of the running magnitude that normalises the LBS exploration reward."""
     reward_gate: float = 1e-4

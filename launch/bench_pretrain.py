@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive(int, "--repeats"), default=1,
                    help="whole runs; best and median are reported (default 1)")
     p.add_argument("--logdir", default=None, help="keep the run directories here (default: a temporary one, deleted)")
+    p.add_argument("--learners", type=_positive(int, "--learners"), default=1,
+                   help="also run with this many learner ranks (learner.num_learners) and compare with one")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_actors=4")
     return p
@@ -163,6 +165,33 @@ def run_once(config: Any, logdir: str | None, seconds: float | None = None, as_j
             "run_dir": str(run_dir) if logdir else None}
 
 
+def compare_learners(args: argparse.Namespace, config: Any, as_json: bool) -> int:
+    """The same pretraining with one learner and with `args.learners` ranks (best of --repeats each):
+    frames/s, updates/s and sequences trained per second (updates x ranks' batches)."""
+    from choreo.launch.config import group_batch_size
+
+    figures = {}
+    for world in (1, args.learners):
+        cfg = dataclasses.replace(config, learner=dataclasses.replace(config.learner, num_learners=world))
+        runs = [run_once(cfg, args.logdir, args.seconds, as_json) for _ in range(args.repeats)]
+        best = max(runs, key=lambda r: r["frames_per_s"])
+        best["sequences_per_s"] = best["updates_per_s"] * group_batch_size(cfg)
+        figures[world] = best
+        if not as_json:
+            print(f"\n{world} learner rank(s), best of {args.repeats}: {_row(best)}, "
+                  f"{best['sequences_per_s']:,.1f} sequences/s trained", flush=True)
+    one, many = figures[1], figures[args.learners]
+    if as_json:
+        print(json.dumps({"presets": args.preset, "overrides": args.overrides, "learners": args.learners,
+                          "runs": {str(k): v for k, v in figures.items()}}, indent=2))
+        return 0
+    print(f"\n{_describe(config, args.preset)}; scaling {config.learner.scaling}")
+    for key, unit in (("frames_per_s", "frames/s"), ("updates_per_s", "updates/s"), ("sequences_per_s", "sequences/s")):
+        ratio = many[key] / one[key] if one[key] else float("nan")
+        print(f"  {unit:<12} 1 rank {one[key]:>10,.2f}   {args.learners} ranks {many[key]:>10,.2f}   x{ratio:.2f}")
+    return 0
+
+
 def _describe(config: Any, presets: list[str]) -> str:
     a = config.agent.world_model
     return (f"{config.env.task} from {config.env.obs}, presets {'+'.join(presets)} (size {config.size}: "
@@ -180,6 +209,8 @@ def _row(r: dict[str, Any]) -> str:
 def run(rest: list[str], as_json: bool = False) -> int:
     args, config = parse(rest)
     as_json = as_json or args.json
+    if args.learners > 1:
+        return compare_learners(args, config, as_json)
     if not as_json:
         print(_describe(config, args.preset), flush=True)
     results = []

@@ -8,6 +8,7 @@ same way wherever it runs. Seeds all derive from `config.seed` (`choreo.vocabula
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -103,20 +104,41 @@ def env_shapes(config: Config) -> tuple[tuple[int, ...], int]:
         env.close()
 
 
-def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, start: bool = True) -> Any:
-    """The learner-side agent of `config.algo` on `config.learner.device`. start: put it at the
-    mode's starting point (fine-tuning: the snapshot's weights, or random ones with
-    `from_scratch`, then the switch to fine-tuning); False when a checkpoint is loaded next."""
+def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, start: bool = True,
+               collective: Any = None, device: str | None = None) -> Any:
+    """The learner-side agent of `config.algo` on `config.learner.device` (or `device`). start: put
+    it at the mode's starting point (fine-tuning: the snapshot's weights, or random ones with
+    `from_scratch`, then the switch to fine-tuning); False when a checkpoint is loaded next.
+    collective: the learner group's (`choreo.learner.dist.join_group`), for a rank of several."""
     from choreo.agents.registry import make_agent as registered_agent
 
-    agent = registered_agent(config.algo, obs_shape, action_dim, config.agent,
-                             seed=derive_seed(config.seed, "learner"), device=config.learner.device)
+    group = {"collective": collective} if collective is not None and collective.active else {}
+    agent = registered_agent(config.algo, obs_shape, action_dim, group_agent_config(config),
+                             seed=derive_seed(config.seed, "learner"), device=device or config.learner.device, **group)
     if start and config.mode == "finetune":
         pretrained = None if config.from_scratch else load_pretrained(config, agent)["agent"]
         agent.start_finetuning(pretrained)
     if offline_only(config):  # a phase, not state: set again when a checkpoint is loaded next
         agent.start_offline()
     return agent
+
+
+def group_agent_config(config: Config) -> Any:
+    """The agent's config for the learner group: under weak scaling every learning rate is
+    multiplied by sqrt(num_learners), as RLlib's rule for DreamerV3 on several GPUs: the batch is
+    num_learners times larger, its gradient's noise sqrt(num_learners) times smaller. One learner,
+    or strong scaling (the same global batch), keeps the configured rates."""
+    world = config.learner.num_learners
+    if world == 1 or config.learner.scaling == "strong":
+        return config.agent
+    scale = math.sqrt(world)
+    a = config.agent
+    return dataclasses.replace(
+        a,
+        world_model=dataclasses.replace(a.world_model, lr=a.world_model.lr * scale),
+        actor_critic=dataclasses.replace(a.actor_critic, actor_lr=a.actor_critic.actor_lr * scale,
+                                         critic_lr=a.actor_critic.critic_lr * scale),
+        choreographer=dataclasses.replace(a.choreographer, skill_lr=a.choreographer.skill_lr * scale))
 
 
 def load_pretrained(config: Config, agent: Any) -> dict[str, Any]:
@@ -246,18 +268,21 @@ def load_dataset_part(config: Config, shard: ReplayShard, index: int, obs_shape:
 
 
 def make_sampler(config: Config, shards: list, call: Callable[..., Any] | None = None,
-                 gather: Callable[[list], list] | None = None) -> ReplayClient:
+                 gather: Callable[[list], list] | None = None, rank: int = 0) -> ReplayClient:
     """The learner's view of the replay: batches drawn over all shards (`call`/`gather`: how
-    shards are reached, e.g. Ray's `.remote` and `ray.get`)."""
-    return ReplayClient(shards, seed=derive_seed(config.seed, "sampler"), call=call, gather=gather,
+    shards are reached, e.g. Ray's `.remote` and `ray.get`). Each rank of a learner group draws
+    from every shard with a generator of its own (rank 0's is a single learner's)."""
+    seed = derive_seed(config.seed, "sampler") if rank == 0 else derive_seed(config.seed, "sampler", rank)
+    return ReplayClient(shards, seed=seed, call=call, gather=gather,
                         refresh_every=config.replay.size_refresh_every)
 
 
 def make_learner(config: Config, agent: Any, sample: Callable[[], Any], publish: Callable[[dict, int], None],
                  run_dir: Path, prefetch: int) -> Any:
     """The learner role around `agent`: `sample()` gives the next batch (or None), `publish`
-    receives acting weights and their version."""
+    receives acting weights and their version. A rank of a learner group trains in the agent's group."""
+    from choreo.agents.collective import SOLO
     from choreo.learner.learner import Learner
 
     return Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=prefetch, run_config=config,
-                   snapshots_by_updates=offline_only(config))
+                   snapshots_by_updates=offline_only(config), collective=getattr(agent, "collective", SOLO))

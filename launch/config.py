@@ -466,6 +466,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'eval.every_updates' must be >= 0 (0: no evaluations), got {config.eval.every_updates}")
     if config.learner.total_updates < 1:
         raise ConfigError(f"config key 'learner.total_updates' must be at least 1, got {config.learner.total_updates}")
+    check_learner_group(config)
     if config.dataset.collect and not config.dataset.dir:
         raise ConfigError("config key 'dataset.collect' keeps collecting after a dataset is loaded; "
                           "name the dataset with 'dataset.dir' (choreo pretrain --offline DIR)")
@@ -487,6 +488,35 @@ def validate(config: Config) -> None:
     if config.dataset.dir and config.mode != "pretrain":
         raise ConfigError(f"config key 'dataset.dir': datasets are for pretraining (choreo pretrain --offline DIR), "
                           f"not mode {config.mode!r}")
+
+
+def check_learner_group(config: Config) -> None:
+    """Settings of several learners (learner.num_learners) that cannot run."""
+    lc, world = config.learner, config.learner.num_learners
+    if world < 1:
+        raise ConfigError(f"config key 'learner.num_learners' must be at least 1, got {world}")
+    if lc.gpus_per_learner < 0:
+        raise ConfigError(f"config key 'learner.gpus_per_learner' must be >= 0, got {lc.gpus_per_learner}")
+    if world == 1:
+        return
+    if config.algo != "choreographer":
+        raise ConfigError(f"config key 'learner.num_learners': several learners train Choreographer; "
+                          f"algo={config.algo} trains on one learner (learner.num_learners=1)")
+    if lc.scaling == "strong" and config.replay.batch_size % world:
+        raise ConfigError(f"config key 'replay.batch_size': learner.scaling=strong splits the batch over "
+                          f"learner.num_learners={world} ranks, and {config.replay.batch_size} does not divide by {world}")
+
+
+def rank_batch_size(config: Config) -> int:
+    """Sequences in each learner rank's batch: replay.batch_size under weak scaling (or with one
+    learner), its share of it under strong scaling."""
+    lc = config.learner
+    return config.replay.batch_size // lc.num_learners if lc.scaling == "strong" else config.replay.batch_size
+
+
+def group_batch_size(config: Config) -> int:
+    """Sequences one update of the whole learner group trains on (what the rate limiter counts)."""
+    return rank_batch_size(config) * config.learner.num_learners
 
 
 def eval_every(config: Config) -> int:
@@ -543,8 +573,10 @@ def snapshot_shape_keys(config: Config) -> tuple[str, ...]:
 RESUME_OVERRIDES = ("learner.total_frames", "learner.total_updates", "learner.checkpoint_minutes",
                     "learner.snapshot_frames", "learner.snapshot_updates",
                     "learner.log_every", "learner.max_nonfinite_updates", "learner.threads", "learner.device",
-                    "monitor.media_every")
-"""Keys a resumed run may change: how long it runs and how it is watched, never what it learns."""
+                    "monitor.media_every", "learner.num_learners", "learner.gpus_per_learner")
+"""Keys a resumed run may change: how long it runs, where and how it is watched, never what it
+learns (a different number of learners resumes with the same weights, with a warning that its
+random draws differ from an uninterrupted run's)."""
 
 
 def with_overrides(config: Config, overrides: typing.Sequence[str], allowed: typing.Sequence[str]) -> Config:

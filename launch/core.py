@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from choreo.launch.build import make_limiter
-from choreo.launch.config import Config, eval_every, offline_only
+from choreo.launch.config import Config, eval_every, group_batch_size, offline_only
 from choreo.launch.monitor import Monitor, Pace, loss_note
 
 MAX_OUTSTANDING_BATCHES = 4
@@ -68,7 +68,7 @@ class RunCore:
         self.frames = int(counters.get("frames", 0))
         self.updates = int(updates)
         self.action_repeat = action_repeat
-        self.batch_steps = rc.batch_size * rc.batch_length
+        self.batch_steps = group_batch_size(config) * rc.batch_length  # every learner rank's batch counts
         self.outstanding = 0  # batches granted to the learner and not trained on
         self.metrics: dict[str, float] = {}  # the learner's latest
         self.stopping: str | None = None  # why the run stops, once a stop was asked for

@@ -47,8 +47,9 @@ from choreo.buffer.client import route
 from choreo.buffer.dataset import LoadSummary
 from choreo.launch.build import (check_dataset, env_shapes, loads_dataset, make_agent, make_learner, make_sampler, report_dataset,
                                  shard_args)
-from choreo.launch.config import Config, eval_every, offline_only
+from choreo.launch.config import Config, eval_every, offline_only, rank_batch_size
 from choreo.launch.core import RunCore, RunStopped
+from choreo.launch.learner_group import LearnerGroup
 from choreo.launch.local import REPLAY_DIR
 from choreo.launch.visualize import MediaSchedule, training_media
 from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
@@ -79,23 +80,35 @@ class LearnerActor:
     """Hosts the agent and a `Learner` in a Ray actor. `train(grant, frames)` adds `grant` batches
     to those the prefetch thread may draw, trains on what it holds (for about TRAIN_CALL_SECONDS),
     writes due snapshots, and returns the batches trained on, metrics, counters and the newest
-    weights' reference. Batches not trained on yet stay granted for the next call."""
+    weights' reference. Batches not trained on yet stay granted for the next call.
+
+    One rank of a learner group (`launch/learner_group.py`) when learner.num_learners > 1: it joins
+    the group's process group at `address` before it builds the agent, draws its own batches of
+    `rank_batch_size` from every shard, and trains in step with the other ranks; rank 0 publishes
+    the weights and writes snapshots and checkpoints."""
 
     def __init__(self, config: Config, run_dir: str, shards: list, obs_shape: tuple[int, ...], action_dim: int,
-                 resume: bool | None) -> None:
+                 resume: bool | None, rank: int = 0, address: str | None = None) -> None:
         """resume: True loads the run's checkpoint, False starts afresh, None loads it if there is
         one (a replacement learner: looked for where this actor runs, which on a cluster is a
         shared filesystem's view of the run directory)."""
         import ray
         import torch
 
+        from choreo.agents.choreographer.agent import resolve_device
+        from choreo.learner.dist import join_group
+
         # Ray gives each worker one thread (right for the environment workers); the learner
         # takes the cores it is configured for.
         torch.set_num_threads(config.learner.threads or os.cpu_count() or 1)
         rc = config.replay
-        agent = make_agent(config, obs_shape, action_dim)
+        self.rank = rank
+        device = resolve_device(config.learner.device)
+        collective = join_group(rank, config.learner.num_learners, address, device) if address else None
+        agent = make_agent(config, obs_shape, action_dim, collective=collective, device=str(device))
         sampler = make_sampler(config, shards, call=lambda shard, method, *args: getattr(shard, method).remote(*args),
-                               gather=lambda refs: ray.get(refs, timeout=SHARD_CALL_TIMEOUT))
+                               gather=lambda refs: ray.get(refs, timeout=SHARD_CALL_TIMEOUT), rank=rank)
+        batch_size = rank_batch_size(config)
         self._drawable = 0  # granted batches the prefetch thread may still draw
         self._held = 0  # granted batches not trained on yet (drawn or not)
         self._lock = threading.Lock()
@@ -107,7 +120,7 @@ class LearnerActor:
                     return None
                 self._drawable -= 1
             try:
-                batch = sampler.sample(rc.batch_size, rc.batch_length)
+                batch = sampler.sample(batch_size, rc.batch_length)
             except RuntimeError:  # every shard failed this time (e.g. all restarting): try again
                 batch = None
             if batch is None:  # no shard has a full window yet: the grant stays drawable
@@ -138,7 +151,13 @@ class LearnerActor:
 
         return {"device": str(self.learner.agent.device), "pid": os.getpid(), "threads": torch.get_num_threads(),
                 "node_id": ray.get_runtime_context().get_node_id(), "updates": self.learner.updates,
-                "counters": self.counters, "restored_digest": self.restored_digest}
+                "counters": self.counters, "restored_digest": self.restored_digest, "rank": self.rank,
+                "resumed_exactly": getattr(self.learner, "resumed_exactly", True),
+                "checkpoint_learners": getattr(self.learner, "checkpoint_learners", None)}
+
+    def digest(self) -> str:
+        """`state_digest` of the agent's state now (equal on every rank of a group)."""
+        return state_digest(self.learner.agent.state_dict())
 
     def train(self, grant: int, frames: int) -> dict[str, Any]:
         start = time.monotonic()
@@ -147,10 +166,17 @@ class LearnerActor:
         self._held += grant
         metrics: dict[str, float] = {}
         batches = 0
-        # Time spent here waiting for a granted batch is the learner's data wait.
-        while self._held > 0 and time.monotonic() - start < TRAIN_CALL_SECONDS:
-            new = self.learner.step(timeout=0.05)
+        alone = not self.learner.collective.active
+        # Time spent here waiting for a granted batch is the learner's data wait. The ranks of a
+        # group hold equal grants and leave together: the one whose time is up stops them all.
+        while self._held > 0:
+            late = time.monotonic() - start >= TRAIN_CALL_SECONDS
+            if alone and late:
+                break
+            new = self.learner.step(timeout=0.05, stop=late)
             if new is None:
+                if self.learner.group_stopped:
+                    break
                 continue  # granted, but not drawn yet (or the shards hold no full window yet)
             metrics = new
             batches += 1
@@ -158,7 +184,7 @@ class LearnerActor:
         snapshot = self.learner.maybe_snapshot(frames)
         self.train_seconds += time.monotonic() - start
         media = None
-        if self.media.due(self.learner.updates) and self.learner.last_batch is not None:
+        if self.rank == 0 and self.media.due(self.learner.updates) and self.learner.last_batch is not None:
             media = training_media(self.config, self.learner.agent, self.learner.last_batch)
         return {"metrics": metrics, "batches": batches, "updates": self.learner.updates,
                 "weights": self._published, "wait_seconds": self.learner.wait_seconds,
@@ -169,14 +195,24 @@ class LearnerActor:
         """The newest published acting weights (object reference, version)."""
         return self._published
 
-    def checkpoint(self, counters: dict[str, Any]) -> str:
-        """The learner state with the driver's counters; first any snapshot due at the counters'
-        frames (the last training call may have come before the run's final frames)."""
+    def checkpoint(self, counters: dict[str, Any], ranks: list[dict[str, Any]] | None = None) -> str:
+        """The learner state with the driver's counters (and the other ranks' `rank_state`s, on
+        rank 0 of a group); first any snapshot due at the counters' frames (the last training
+        call may have come before the run's final frames)."""
         self.learner.maybe_snapshot(int(counters["frames"]))
-        return str(self.learner.save_checkpoint(counters))
+        return str(self.learner.save_checkpoint(counters, ranks))
+
+    def rank_state(self, frames: int) -> dict[str, Any]:
+        """This rank's part of a group checkpoint; it also marks the snapshots due at `frames` as
+        written, as rank 0 writes them."""
+        self.learner.maybe_snapshot(frames)
+        return self.learner.rank_state()
 
     def close(self) -> None:
+        from choreo.learner.dist import leave_group
+
         self.learner.close()
+        leave_group()
 
 
 def state_digest(state: Any) -> str:
@@ -225,10 +261,11 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
     if address:
         connect_ray(address)
     else:
-        # Logical CPUs: one per environment worker, one for the learner and one shared by the
+        # Logical CPUs: one per environment worker, one per learner rank and one shared by the
         # shards' token shares, even on a smaller machine (they then share its cores), so that
         # any num_actors can be scheduled locally.
-        cpus = config.num_actors + 1 + math.ceil(config.num_shards * SHARD_CPUS) + (config.eval.every_frames > 0)
+        cpus = (config.num_actors + config.learner.num_learners + math.ceil(config.num_shards * SHARD_CPUS)
+                + (config.eval.every_frames > 0))
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
@@ -291,7 +328,10 @@ class Driver:
 
         device = config.learner.device
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        self.learner_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(learner_actor)
+        world = config.learner.num_learners
+        gpus = (config.learner.gpus_per_learner if world > 1 else 1) if gpu else 0
+        self.learner_gpus = gpus
+        self.learner_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(learner_actor)
         self.learner, learner_info = self._start_learner(resume)
         self.core = RunCore(config, run_dir, num_workers=len(self.runners),
                             action_repeat=runner_info[0]["action_repeat"] if runner_info else config.env.action_repeat,
@@ -307,7 +347,7 @@ class Driver:
         self.eval_frame = 0  # the frame it is of
         self.eval_failures = 0  # in a row
         self.weights: tuple[Any, int] | None = None  # the newest weights sent to the workers
-        self._broadcast(ray.get(self.learner.weights.remote()))  # the workers act with the learner's from the start
+        self._broadcast(self.learner.weights())  # the workers act with the learner's from the start
         self.runner_restarts = [0] * len(self.runners)
         self.runner_failures = [0] * len(self.runners)  # in a row
         self.runner_versions = [-1] * len(self.runners)  # weight version of each worker's latest call
@@ -355,7 +395,7 @@ class Driver:
                     self.idle.remove(i)
                     self._dispatch(i)
                 if self.train_ref is None and ((grant := core.grant()) or core.outstanding):
-                    self.train_ref = self.learner.train.remote(grant, core.frames)
+                    self.train_ref = self.learner.train(grant, core.frames)
                 if core.eval_due():
                     self._evaluate()
                 if time.monotonic() - last_stats > STATS_SECONDS:
@@ -379,7 +419,7 @@ class Driver:
         core.stop("done")
         code = core.finish("done", self._final_checkpoint, notes=self._fault_note().strip())
         with contextlib.suppress(self.ray.exceptions.RayActorError):  # its checkpoint, if any, is written
-            self.ray.get(self.learner.close.remote())
+            self.learner.close()
         return code
 
     def request_stop(self) -> None:
@@ -506,11 +546,11 @@ class Driver:
         ends the loop."""
         self.train_ref = None
         try:
-            result = self.ray.get(ref)
+            result = self.learner.result(ref)
         except NonFiniteLossError as exc:  # Ray re-raises the learner's error as this type
             self.nonfinite_stop = str(exc).strip().splitlines()[-1]
             return
-        except self.ray.exceptions.RayActorError as exc:
+        except self.group_failure as exc:
             self._restart_learner(exc)
             return
         self.learner_restarts_in_a_row = 0
@@ -558,16 +598,19 @@ class Driver:
         if self.learner_restarts_in_a_row > MAX_LEARNER_RESTARTS:
             raise RunStopped(f"the learner died {self.learner_restarts_in_a_row} times in a row "
                              f"({type(exc).__name__})")
-        print(f"\nthe learner died ({type(exc).__name__}); starting a new one from the last checkpoint", flush=True)
-        self.ray.kill(self.learner, no_restart=True)
+        what = "the learner" if self.learner.world == 1 else f"a rank of the {self.learner.world} learners"
+        print(f"\n{what} died ({type(exc).__name__}); starting {'a new one' if self.learner.world == 1 else 'them all again'} "
+              f"from the last checkpoint", flush=True)
+        self.learner.kill()
         self.learner, info = self._start_learner(None)
         if info["restored_digest"] is None:
             print("there was no checkpoint yet: the new learner starts from scratch", flush=True)
         self.core.learner_replaced(info["updates"])
         self.weights = None
-        self._broadcast(self.ray.get(self.learner.weights.remote()))  # the restored weights
+        self._broadcast(self.learner.weights())  # the restored weights
         self.restart_log.append({"role": "learner", "frames": self.frames, "updates": info["updates"],
-                                 "digest": self.learner_digest, **self.learner_where})
+                                 "digest": self.learner_digest, "digests": self.learner_restored,
+                                 **self.learner_where})
         self.core.monitor.scalars({"learner/restarts": self.learner_restarts}, self.core.log_step)
         self._write_placement()
 
@@ -580,8 +623,8 @@ class Driver:
             self.ray.get([s.save_checkpoint.remote() for s in self.shards])
             self.save_replay = not self.core.offline_only
         try:
-            self.ray.get(self.learner.checkpoint.remote(self.core.counters()))
-        except self.ray.exceptions.RayActorError as exc:
+            self.learner.checkpoint(self.core.counters())
+        except self.group_failure as exc:
             self._restart_learner(exc)  # raises RunStopped when the run is stopping
             return
         self.core.checkpointed()
@@ -654,13 +697,29 @@ class Driver:
                   f"{total.get('GPU', 0):g} GPUs)", flush=True)
         return []
 
-    def _start_learner(self, resume: bool | None) -> tuple[Any, dict[str, Any]]:
-        learner = self.learner_cls.options(scheduling_strategy=self._placed("DEFAULT")).remote(
-            self.config, str(self.run_dir), self.shards, self.obs_shape, self.action_dim, resume)
-        info = self._wait_for([learner.info.remote()], "learner", 1.0)[0]
+    @property
+    def group_failure(self) -> type | tuple[type, ...]:
+        """The errors of a training or checkpoint call that replace the learner: its death, or for
+        a group any rank's failed call (a collective whose peer died or timed out)."""
+        return self.ray.exceptions.RayActorError if self.learner.world == 1 else self.ray.exceptions.RayError
+
+    def _start_learner(self, resume: bool | None) -> tuple[LearnerGroup, dict[str, Any]]:
+        config = self.config
+        group = LearnerGroup(self.ray, self.learner_cls,
+                             (config, str(self.run_dir), self.shards, self.obs_shape, self.action_dim),
+                             config.learner.num_learners, self.learner_gpus,
+                             self._placed)
+        infos = group.start(resume, self._wait_for)
+        info = infos[0]
         self.learner_where = {"node_id": info["node_id"], "pid": info["pid"]}
+        self.learner_ranks = [{"node_id": i["node_id"], "pid": i["pid"]} for i in infos]
         self.learner_digest = info["restored_digest"]
-        return learner, info
+        self.learner_restored = [i["restored_digest"] for i in infos]  # each rank's state as loaded
+        if info["restored_digest"] is not None and not info["resumed_exactly"]:
+            print(f"warning: the checkpoint was written by {info['checkpoint_learners']} learner rank(s) and "
+                  f"this run has {group.world}: it resumes with the same weights, but its random draws are "
+                  f"not those of an uninterrupted run", flush=True)
+        return group, info
 
     def placement(self) -> dict[str, Any]:
         return {"learner": self.learner_where["node_id"],
@@ -669,8 +728,8 @@ class Driver:
 
     def pids(self) -> dict[str, Any]:
         """Process ids of the learner, runners and shards as last seen (for fault injection)."""
-        return {"learner": self.learner_where["pid"], "runners": [w["pid"] for w in self.runner_where],
-                "shards": [w["pid"] for w in self.shard_where]}
+        return {"learner": self.learner_where["pid"], "learner_ranks": [w["pid"] for w in self.learner_ranks],
+                "runners": [w["pid"] for w in self.runner_where], "shards": [w["pid"] for w in self.shard_where]}
 
     def _write_placement(self) -> None:
         path = self.run_dir / PLACEMENT

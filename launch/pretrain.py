@@ -193,6 +193,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
             except ConfigError as e:
                 raise ConfigError(f"--resume continues a run with its saved config: {e}") from None
             save_config(config, run_dir)
+        check_local(config, args.local)
     else:
         # `task=...` is short for env.task (`choreo finetune --snapshot FILE task=walker_run`)
         overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
@@ -204,6 +205,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
         config = load_config(presets, mode_overrides(args, mode) + overrides)
         if config.mode != mode:
             raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {config.mode}")
+        check_local(config, args.local)
         if args.logdir:
             config = dataclasses.replace(config, logdir=args.logdir)
         if mode == "finetune" and not config.from_scratch:
@@ -238,6 +240,12 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
         raise ConfigError(str(e)) from None
 
 
+def check_local(config: Config, local: bool) -> None:
+    if local and config.learner.num_learners > 1:
+        raise ConfigError(f"config key 'learner.num_learners': {config.learner.num_learners} learners train "
+                          f"as Ray actors; drop --local (an embedded Ray starts on this machine)")
+
+
 def _split(text: str | None, what: str, kind: type) -> list:
     if not text:
         return []
@@ -260,6 +268,9 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
     base = load_config(args.preset, mode_overrides(args, mode) + overrides)
     if args.logdir:
         base = dataclasses.replace(base, logdir=args.logdir)
+    if base.learner.num_learners > 1:
+        raise ConfigError("config key 'learner.num_learners': runs side by side (--tasks/--seeds) train on one "
+                          "learner each; start a run of several learners on its own")
     tasks = _split(args.tasks, "tasks", str) or [base.env.task]
     seeds = _split(args.seeds, "seeds", int) or [base.seed]
     configs, checked = [], set()

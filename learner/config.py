@@ -29,6 +29,15 @@ class LearnerConfig:
     """Torch CPU threads of the learner process (0: all cores of its machine)."""
     log_every: int = 100
     """Updates between metric writes to TensorBoard."""
+    num_learners: int = 1
+    """Learner ranks that train the one agent together, data-parallel (one Ray actor each, over
+    torch.distributed: NCCL on GPUs, gloo on CPUs). 1 is the single learner."""
+    gpus_per_learner: float = 1.0
+    """GPUs each learner rank asks Ray for when the cluster has GPUs (0 trains on CPUs)."""
+    scaling: Literal["weak", "strong"] = "weak"
+    """With several learners: `weak` gives each rank a batch of replay.batch_size (the global batch
+    grows with num_learners, and every learning rate is multiplied by sqrt(num_learners));
+    `strong` splits replay.batch_size over the ranks (same global batch, same learning rates)."""
     max_nonfinite_updates: int = 10
     """Non-finite updates in a row (a NaN or infinite loss or gradient: the update is skipped)
     after which the run stops with NonFiniteLossError, its last checkpoint intact; 0: never."""

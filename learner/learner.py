@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from choreo.agents.collective import SOLO, Collective
 from choreo.learner.config import LearnerConfig
 from choreo.learner.snapshot import atomic_torch_save, save_snapshot
 
@@ -29,6 +30,9 @@ class NonFiniteLossError(RuntimeError):
     Every one of them was skipped, and the learner wrote nothing since: the last checkpoint is
     the last good state. The caller should not write a final checkpoint."""
 
+
+GROUP_CHECK_EVERY = 1000
+"""Updates between checks that the ranks of a learner group hold the same parameters."""
 
 NONFINITE = "learner/nonfinite"
 """The agent's metric: 1.0 when a loss or gradient of the update was not finite (and skipped)."""
@@ -92,12 +96,20 @@ class Learner:
     nothing. After `cfg.max_nonfinite_updates` of them in a row (0: never), `step` raises
     `NonFiniteLossError`; the learner never writes a checkpoint by itself, so the last one is
     left intact. `skipped_updates` counts this process's skips (it is not checkpointed).
+
+    Several learners (`collective`, the agent's group): every rank calls `step` equally often,
+    and the ranks train only together: one small agreement per call says whether every rank
+    holds a batch (else none trains, and the batches wait) and whether one asked to stop. Only
+    rank 0 publishes weights and writes snapshots; the agent keeps the ranks' states equal.
     """
 
     def __init__(self, agent: Any, sample: Callable[[], Batch | None], publish: Callable[[dict, int], None],
                  cfg: LearnerConfig, run_dir: Path, prefetch: int = 2, run_config: Any = None,
-                 snapshots_by_updates: bool = False) -> None:
+                 snapshots_by_updates: bool = False, collective: Collective = SOLO) -> None:
         self.agent = agent
+        self.collective = collective
+        self._pending: Batch | None = None  # a rank's batch while another rank has none yet
+        self.group_stopped = False  # the last step's agreement: some rank asked to stop
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.publish_fn = publish
@@ -120,11 +132,23 @@ class Learner:
         return self.updates
 
     def publish(self) -> None:
-        self.publish_fn(self.agent.policy_weights(), self.version)
+        if self.collective.rank == 0:
+            self.publish_fn(self.agent.policy_weights(), self.version)
 
-    def step(self, timeout: float | None = None) -> dict[str, float] | None:
-        """One update on the next prefetched batch; None if no batch came within `timeout`."""
-        batch = self.prefetcher.get(timeout) if self.prefetcher else self.sample()
+    def step(self, timeout: float | None = None, stop: bool = False) -> dict[str, float] | None:
+        """One update on the next prefetched batch; None if no batch came within `timeout`.
+        With several learners, None also when another rank had no batch yet, or when any rank's
+        `stop` was set (then `group_stopped` is True: every rank leaves its training loop)."""
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+        else:
+            batch = self.prefetcher.get(timeout) if self.prefetcher else self.sample()
+        if self.collective.active:
+            ready, go = self.collective.agree(batch is not None, not stop)
+            self.group_stopped = not go
+            if not (ready and go):
+                self._pending = batch
+                return None
         if batch is None:
             return None
         metrics = self.agent.update(batch)
@@ -140,10 +164,21 @@ class Learner:
             self.nonfinite_in_a_row = 0
             self._nonfinite_names.clear()
             self.updates += 1
+            if self.collective.active and self.updates % GROUP_CHECK_EVERY == 0:
+                self.check_ranks_agree()
             if self.updates % self.cfg.publish_every == 0:
                 self.publish()
         metrics["learner/skipped_updates"] = float(self.skipped_updates)
         return metrics
+
+    def check_ranks_agree(self) -> None:
+        """Raises on every rank when the ranks' parameters differ (a sum per rank, gathered):
+        a bug or a hardware fault, which the group's restart from the last checkpoint repairs."""
+        total = torch.stack([p.detach().double().sum() for p in self.agent.parameters()]).sum().reshape(1)
+        sums = self.collective.gather(total).tolist()
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"the learner ranks' parameters drifted apart at update {self.updates} "
+                               f"(parameter sums by rank: {sums})")
 
     def _nonfinite_message(self) -> str:
         names = sorted(self._nonfinite_names)
@@ -156,21 +191,41 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state(self, counters: Mapping[str, Any]) -> dict[str, Any]:
+    def state(self, counters: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """ranks: with several learners, `rank_state()` of ranks 1.. (rank 0's is in the agent's)."""
         return {"agent": self.agent.state_dict(), "updates": self.updates,
-                "snapshots_written": sorted(self.snapshots_written), "counters": dict(counters)}
+                "snapshots_written": sorted(self.snapshots_written), "counters": dict(counters),
+                "learners": self.collective.world, "ranks": list(ranks or [])}
 
-    def save_checkpoint(self, counters: Mapping[str, Any]) -> Path:
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between the ranks of a learner group: the agent's random generator."""
+        return {"generator": self.agent.generator.get_state()}
+
+    def save_checkpoint(self, counters: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None) -> Path:
         """Learner state and the caller's counters (frames, ...), written atomically."""
-        return atomic_torch_save(self.state(counters), self.run_dir / CHECKPOINT)
+        return atomic_torch_save(self.state(counters, ranks), self.run_dir / CHECKPOINT)
 
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
-        """Restore from a checkpoint (default: the run's); returns the saved counters."""
+        """Restore from a checkpoint (default: the run's); returns the saved counters.
+
+        A rank r > 0 of a group takes the agent's state and then its own generator state, saved
+        by a group of the same size. A checkpoint of another group size resumes with the same
+        weights and each rank's generator freshly seeded: not the exact continuation (the caller
+        warns; `resumed_exactly` says which)."""
         path = Path(path or self.run_dir / CHECKPOINT)
         state = load_torch_file(path)
         self.agent.load_state_dict(state["agent"])
         self.updates = int(state["updates"])
         self.snapshots_written = set(int(f) for f in state["snapshots_written"])
+        saved = int(state.get("learners", 1))
+        self.resumed_exactly = saved == self.collective.world
+        rank = self.collective.rank
+        if rank > 0:
+            if self.resumed_exactly:
+                self.agent.generator.set_state(state["ranks"][rank - 1]["generator"].cpu())
+            else:
+                self.agent.generator.manual_seed(self.agent.seed)
+        self.checkpoint_learners = saved
         return dict(state["counters"])
 
     def maybe_snapshot(self, frames: int) -> Path | None:
@@ -183,6 +238,9 @@ class Learner:
             schedule, reached, suffix = self.cfg.snapshot_frames, frames, ""
         due = [f for f in schedule if reached >= f and f not in self.snapshots_written]
         if not due:
+            return None
+        if self.collective.rank != 0:  # rank 0 writes the group's snapshot
+            self.snapshots_written.update(due)
             return None
         path = save_snapshot(self.run_dir / "snapshots" / f"snapshot_{max(due)}{suffix}.pt", self.agent.state_dict(),
                              self.run_config or {}, frames, self.updates)

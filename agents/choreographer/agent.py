@@ -54,12 +54,14 @@ from torch import Tensor, nn
 from choreo import vocabulary as B
 from choreo.agents.actor_critic import ActorCritic, Optimizer, either
 from choreo.agents.choreographer.meta import MetaController
+from choreo.agents.collective import SOLO, Collective
 from choreo.agents.choreographer.rewards import RunningMagnitude, code_reward, knn_particle_reward
 from choreo.agents.choreographer.skills import SkillAutoEncoder, skill_loss
 from choreo.agents.config import AgentConfig
 from choreo.agents.nets import MLP, frozen
 from choreo.agents.timing import PartTimer
 from choreo.agents.world_model import WorldModel, world_model_loss
+from choreo.vocabulary import derive_seed
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 
@@ -101,16 +103,21 @@ class ChoreographerAgent(nn.Module):
     those of them that differ (see `agents.registry.shape_keys`)."""
 
     def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: AgentConfig, seed: int = 0,
-                 device: str | torch.device | None = "auto", profile: bool = False) -> None:
+                 device: str | torch.device | None = "auto", profile: bool = False,
+                 collective: Collective = SOLO) -> None:
+        """collective: the learner group this agent trains in (`agents.collective`); every rank
+        builds the same initial weights from `seed`, and draws its imagination noise from a
+        generator of its own (rank 0's is seeded with `seed`, as a single learner's)."""
         super().__init__()
         self.cfg = cfg
         self.obs_shape = tuple(obs_shape)
         self.action_dim = action_dim
         self.device = resolve_device(device)
         self.timer = PartTimer(self.device if profile else None)
-        self.seed = seed
+        self.collective = collective
+        self.seed = seed if collective.rank == 0 else derive_seed(seed, "rank", collective.rank)
         self.generator = torch.Generator(self.device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(self.seed)
         wm_cfg, ac_cfg, ch = cfg.world_model, cfg.actor_critic, cfg.choreographer
         # Parameter init draws from the global RNG; seed it locally and leave the caller's alone.
         with torch.random.fork_rng(devices=[]), torch.device(self.device):
@@ -118,17 +125,18 @@ class ChoreographerAgent(nn.Module):
             self.wm = WorldModel(self.obs_shape, action_dim, wm_cfg)
             feat = self.wm.feat_dim
             self.lbs = MLP(feat, 1, wm_cfg.mlp_units, wm_cfg.mlp_layers, norm=False)
-            self.explore_ac = ActorCritic(feat, action_dim, ac_cfg, name="explore")
-            self.explore_norm = RunningMagnitude(ch.exploration_reward_momentum)
+            self.explore_ac = ActorCritic(feat, action_dim, ac_cfg, name="explore", collective=collective)
+            self.explore_norm = RunningMagnitude(ch.exploration_reward_momentum, collective=collective)
             self.skills = SkillAutoEncoder(wm_cfg.deter, ch, ac_cfg.units, ac_cfg.layers,
-                                           generator=torch.Generator().manual_seed(seed))
-            self.skill_ac = ActorCritic(feat, action_dim, ac_cfg, condition_dim=ch.num_codes, name="skill")
-            self.meta = MetaController(feat, ch.num_codes, ac_cfg, ch.meta_entropy)
+                                           generator=torch.Generator().manual_seed(seed), collective=collective)
+            self.skill_ac = ActorCritic(feat, action_dim, ac_cfg, condition_dim=ch.num_codes, name="skill",
+                                        collective=collective)
+            self.meta = MetaController(feat, ch.num_codes, ac_cfg, ch.meta_entropy, collective=collective)
         self.wm_opt = self._model_optimizer()
         self.lbs_opt = Optimizer(self.lbs.parameters(), wm_cfg.lr, wm_cfg.eps, wm_cfg.grad_clip,
-                                 wm_cfg.weight_decay, name="lbs")
+                                 wm_cfg.weight_decay, name="lbs", collective=collective)
         self.skill_opt = Optimizer(self.skills.parameters(), ch.skill_lr, ac_cfg.eps, ac_cfg.grad_clip,
-                                   ac_cfg.weight_decay, name="skills")
+                                   ac_cfg.weight_decay, name="skills", collective=collective)
         self.executor_opt = self._executor_optimizer()
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=self.device))
         self.register_buffer("gate_open", torch.zeros((), dtype=torch.bool, device=self.device))
@@ -146,12 +154,13 @@ class ChoreographerAgent(nn.Module):
 
     def _model_optimizer(self) -> Optimizer:
         c = self.cfg.world_model
-        return Optimizer(self.wm.parameters(), c.lr, c.eps, c.grad_clip, c.weight_decay, name="world_model")
+        return Optimizer(self.wm.parameters(), c.lr, c.eps, c.grad_clip, c.weight_decay, name="world_model",
+                         collective=self.collective)
 
     def _executor_optimizer(self) -> Optimizer:
         c = self.cfg.actor_critic
         return Optimizer(self.skill_ac.actor.parameters(), c.actor_lr, c.eps, c.grad_clip, c.weight_decay,
-                         name="executor")
+                         name="executor", collective=self.collective)
 
     @property
     def mode(self) -> str:
@@ -165,7 +174,11 @@ class ChoreographerAgent(nn.Module):
             torch.manual_seed(int(torch.randint(2**31 - 1, (), generator=self.generator, device=self.device)))
             self.wm.reward = MLP(self.wm.feat_dim, 1, self.cfg.world_model.mlp_units,
                                  self.cfg.world_model.mlp_layers, norm=False)
-            self.meta = MetaController(self.wm.feat_dim, ch.num_codes, ac_cfg, ch.meta_entropy)
+            self.meta = MetaController(self.wm.feat_dim, ch.num_codes, ac_cfg, ch.meta_entropy,
+                                       collective=self.collective)
+        # Each rank drew its own fresh weights: all take rank 0's.
+        self.collective.broadcast_([t for module in (self.wm.reward, self.meta)
+                                    for t in module.state_dict().values() if isinstance(t, Tensor)])
         self.wm_opt = self._model_optimizer()
         self.executor_opt = self._executor_optimizer()
         self.finetuning.fill_(True)
@@ -260,7 +273,9 @@ class ChoreographerAgent(nn.Module):
         self.updates.add_((nonfinite == 0).to(self.updates.dtype))  # counts the fully finite updates
         # One device-to-host transfer for all metrics, not one synchronisation per metric.
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
-                              for v in metrics.values()]).tolist()
+                              for v in metrics.values()])
+        self.collective.mean_([values])  # several learners: every rank reports the group's means
+        values = values.tolist()
         out = dict(zip(metrics, values))
         out.update(self.timer.metrics())
         return out
@@ -299,8 +314,7 @@ class ChoreographerAgent(nn.Module):
             def skill_reward(traj):
                 deter_traj = traj.state.deter  # [H + 1, N, deter]
                 with self.timer("knn_reward"):
-                    entropy = knn_particle_reward(deter_traj.detach().flatten(0, 1).float(), ch.knn_k, ch.knn_clip,
-                                                  ch.knn_chunk, ch.knn_bf16).view(deter_traj.shape[:2])
+                    entropy = self._knn_reward(deter_traj.detach().flatten(0, 1).float()).view(deter_traj.shape[:2])
                 code_term = code_reward(target_deter, deter_traj)
                 # The two terms apart, as means over the imagined states (device tensors: no sync here).
                 metrics["skill/reward_knn"] = entropy.detach().float().mean()
@@ -312,6 +326,17 @@ class ChoreographerAgent(nn.Module):
                                             skip=skip)
             metrics.update(m)
         return metrics
+
+    def _knn_reward(self, particles: Tensor) -> Tensor:
+        """The k-NN entropy reward of this rank's imagined states `[N, deter]`: among themselves
+        (one learner, or `knn_pool: rank`), or among every rank's (`knn_pool: global`)."""
+        ch = self.cfg.choreographer
+        rows = None
+        if self.collective.active and ch.knn_pool == "global":
+            n = particles.shape[0]
+            rows = (self.collective.rank * n, (self.collective.rank + 1) * n)
+            particles = self.collective.gather(particles)
+        return knn_particle_reward(particles, ch.knn_k, ch.knn_clip, ch.knn_chunk, ch.knn_bf16, rows=rows)
 
     def _exploration_step(self, out: Any, feat: Tensor, metrics: dict[str, Tensor], skip: Tensor) -> Tensor:
         """LBS predictor and exploration actor-critic; returns the running skip flag."""
@@ -342,8 +367,8 @@ class ChoreographerAgent(nn.Module):
         metrics, out = self._world_model_step(data)
         if not bool(self.gate_open):
             # Until a real reward shows up, the predicted rewards are noise around zero, and
-            # training on them would collapse the pretrained skills.
-            if bool((data[B.REWARD] >= self.cfg.choreographer.reward_gate).any()):
+            # training on them would collapse the pretrained skills. Any rank's batch opens it for all.
+            if bool(self.collective.any((data[B.REWARD] >= self.cfg.choreographer.reward_gate).any())):
                 self.gate_open.fill_(True)
         metrics["meta/gate_open"] = self.gate_open.float()
         if bool(self.gate_open):

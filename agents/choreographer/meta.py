@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from choreo.agents.actor_critic import ActorCritic, Optimizer, either, lambda_return, update_slow_target
+from choreo.agents.collective import SOLO, Collective
 from choreo.agents.config import ActorCriticConfig
 from choreo.agents.distributions import CodeCategorical
 from choreo.agents.nets import MLP, frozen
@@ -31,7 +32,8 @@ from choreo.agents.world_model import State, WorldModel, imagine
 class MetaController(nn.Module):
     """Categorical actor over `num_codes` skills and a critic, both on the model feature."""
 
-    def __init__(self, feat_dim: int, num_codes: int, cfg: ActorCriticConfig, entropy_scale: float) -> None:
+    def __init__(self, feat_dim: int, num_codes: int, cfg: ActorCriticConfig, entropy_scale: float,
+                 collective: Collective = SOLO) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_codes = num_codes
@@ -41,9 +43,9 @@ class MetaController(nn.Module):
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
         self.actor_opt = Optimizer(self.actor.parameters(), cfg.actor_lr, cfg.eps, cfg.grad_clip,
-                                   cfg.weight_decay, name="meta/actor")
+                                   cfg.weight_decay, name="meta/actor", collective=collective)
         self.critic_opt = Optimizer(self.critic.parameters(), cfg.critic_lr, cfg.eps, cfg.grad_clip,
-                                    cfg.weight_decay, name="meta/critic")
+                                    cfg.weight_decay, name="meta/critic", collective=collective)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict()}

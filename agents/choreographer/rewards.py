@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from choreo.agents.collective import SOLO, Collective
+
 _REFINE_ULPS = 8192.0
 """Selected squared distances below `_REFINE_ULPS * eps * (|x_i|^2 + |x_j|^2)` are recomputed as
 |x_i - x_j|^2. The rounding error of the expansion |x_i|^2 + |x_j|^2 - 2 x_i.x_j is some ulps of
@@ -35,7 +37,7 @@ _REFINE_ROWS = 256
 
 @torch.no_grad()
 def knn_particle_reward(x: Tensor, k: int, clip: float = 1e-4, chunk: int = 2048,
-                        bf16: bool = False) -> Tensor:
+                        bf16: bool = False, rows: tuple[int, int] | None = None) -> Tensor:
     """Particle-based entropy reward: for each row of `x` [N, D], the mean over its `k` nearest
     neighbours (Euclidean, the point itself included) of max(d - clip, 0). Returns [N], detached.
 
@@ -53,15 +55,21 @@ def knn_particle_reward(x: Tensor, k: int, clip: float = 1e-4, chunk: int = 2048
     terms), so its output is rounded relative to the distance itself rather than to |x|^2.
     If N < k, all N points are the neighbours. Float64 input is computed in float64, anything else
     in float32.
+
+    `rows=(lo, hi)` scores only the rows lo..hi-1 (their neighbours still come from all of `x`)
+    and returns `[hi - lo]`: a learner rank scores its own states against the pool of all ranks'.
     """
     if x.dim() != 2:
         raise ValueError(f"knn_particle_reward expects [N, D], got {tuple(x.shape)}")
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be positive, got k={k}, chunk={chunk}")
     n = x.shape[0]
+    lo, hi = (0, n) if rows is None else rows
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"rows {rows} are not within the {n} particles")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.empty(n, dtype=dtype, device=x.device)
-    if n == 0:
+    out = torch.empty(hi - lo, dtype=dtype, device=x.device)
+    if hi == lo:
         return out
     k = min(k, n)
     chunk = min(chunk, n)
@@ -80,8 +88,8 @@ def knn_particle_reward(x: Tensor, k: int, clip: float = 1e-4, chunk: int = 2048
     buf = torch.empty(chunk * n, dtype=torch.bfloat16 if bf16 else dtype, device=x.device)  # the only chunk x N tensor
     tol = _REFINE_ULPS * torch.finfo(dtype).eps
 
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
+    for start in range(lo, hi, chunk):
+        end = min(start + chunk, hi)
         d2 = buf[: (end - start) * n].view(end - start, n)  # [c, N]
         if bf16:
             torch.mm(lhs[start:end], rhs_t, out=d2)  # ~ |q_i - x_j|^2
@@ -99,7 +107,7 @@ def knn_particle_reward(x: Tensor, k: int, clip: float = 1e-4, chunk: int = 2048
                 diff = x[start + rows] - x[idx[rows, cols]]  # [m, D]
                 val[rows, cols] = diff.square().sum(1)
         dist = val.clamp_min_(0.0).sqrt_()  # [c, k]
-        out[start:end] = (dist - clip).clamp_min_(0.0).mean(1)
+        out[start - lo:end - lo] = (dist - clip).clamp_min_(0.0).mean(1)
     return out
 
 
@@ -165,11 +173,14 @@ class RunningMagnitude(nn.Module):
     On each call: mag <- m * mag + (1 - m) * mean|r|, then returns r / (mag + eps). `mag` starts
     at 1 and lives in a buffer, so it is checkpointed with the module. Momentum 1 is a no-op
     (r is returned unchanged), which is what the reference's skill reward uses. A batch whose
-    mean|r| is NaN or infinite leaves `mag` as it was (decided on the device).
+    mean|r| is NaN or infinite leaves `mag` as it was (decided on the device). With several
+    learners (`collective`), mean|r| is averaged over the ranks' batches (equal sizes), so every
+    rank keeps the same magnitude.
     """
 
-    def __init__(self, momentum: float, eps: float = 1e-8) -> None:
+    def __init__(self, momentum: float, eps: float = 1e-8, collective: Collective = SOLO) -> None:
         super().__init__()
+        self.collective = collective
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
@@ -182,7 +193,9 @@ class RunningMagnitude(nn.Module):
             return reward
         if update:
             with torch.no_grad():
-                batch_mag = reward.detach().abs().mean().to(self.mag.dtype)
+                batch_mag = reward.detach().abs().mean().to(self.mag.dtype).reshape(1)
+                self.collective.mean_([batch_mag])  # several learners: the mean over every rank's batch
+                batch_mag = batch_mag[0]
                 mag = self.mag.mul(self.momentum).add_((1.0 - self.momentum) * batch_mag)
                 self.mag.copy_(torch.where(torch.isfinite(mag), mag, self.mag))
         # `mag + eps` is a new tensor, so a later in-place update cannot invalidate this graph.

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from choreo.agents.collective import SOLO, Collective
 from choreo.agents.config import ChoreographerConfig
 from choreo.agents.nets import MLP
 
@@ -50,9 +51,10 @@ class SkillAutoEncoder(nn.Module):
     """
 
     def __init__(self, deter_dim: int, cfg: ChoreographerConfig, units: int = 400, layers: int = 4, *,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, collective: Collective = SOLO) -> None:
         super().__init__()
         self.cfg = cfg
+        self.collective = collective
         self.num_codes = cfg.num_codes
         self.code_dim = cfg.code_dim
         self.encoder = MLP(deter_dim, cfg.code_dim, units, layers, norm=True)
@@ -112,14 +114,21 @@ class SkillAutoEncoder(nn.Module):
         Non-finite guard: if any of `z_e` is NaN or infinite, or `skip` (a 0-d tensor, nonzero
         when the caller's update was skipped) is set, nothing changes. Decided on the device
         (masked writes), without a host sync.
+
+        Several learners: the counts, the sums and the non-finite flag are summed over the ranks
+        first (one transfer), so that every rank moves the codes alike and `usage` is global.
         """
         decay, eps = self.cfg.ema_decay, 1e-5
         z_e = z_e.detach().reshape(-1, self.code_dim).to(self.embed_avg.dtype)
         indices = indices.reshape(-1)
-        keep = _keep_old(z_e, skip)  # 0-d bool: True leaves every buffer as it is
-        counts = torch.bincount(indices, minlength=self.num_codes)  # [K]
+        counts = torch.bincount(indices, minlength=self.num_codes).to(self.cluster_size.dtype)  # [K]
         sums = torch.zeros_like(self.embed_avg).index_add_(0, indices, z_e)  # [K, C]
-        cluster_size = self.cluster_size.mul(decay).add_(counts.to(self.cluster_size.dtype), alpha=1.0 - decay)
+        bad = (~torch.isfinite(z_e).all()).to(sums.dtype).reshape(1)
+        self.collective.sum_([counts, sums, bad])
+        keep = bad[0] > 0  # 0-d bool: True leaves every buffer as it is
+        if skip is not None:
+            keep = keep | (skip.to(keep.device) != 0)
+        cluster_size = self.cluster_size.mul(decay).add_(counts, alpha=1.0 - decay)
         embed_avg = self.embed_avg.mul(decay).add_(sums, alpha=1.0 - decay)
         n = cluster_size.sum()
         smoothed = (cluster_size + eps) / (n + self.num_codes * eps) * n  # [K]
@@ -127,7 +136,7 @@ class SkillAutoEncoder(nn.Module):
         self.cluster_size.copy_(torch.where(keep, self.cluster_size, cluster_size))
         self.embed_avg.copy_(torch.where(keep, self.embed_avg, embed_avg))
         self.codebook.copy_(torch.where(keep, self.codebook, codebook))
-        self.usage.add_(torch.where(keep, 0, counts))
+        self.usage.add_(torch.where(keep, 0, counts.to(self.usage.dtype)))
 
     @torch.no_grad()
     def maybe_resample(self, z_e: Tensor, generator: torch.Generator, skip: Tensor | None = None) -> int:
@@ -153,6 +162,10 @@ class SkillAutoEncoder(nn.Module):
         Non-finite guard: an update whose `z_e` is not finite, or with `skip` set (as in
         `ema_update`), is not counted and re-places nothing; the window then simply lasts one
         update longer. The counter and the flag are read back together, in one transfer.
+
+        Several learners: pass `skip` decided for all ranks (`codebook_step` does). The points are
+        every rank's `z_e`, gathered; rank 0 draws the codes with its generator and sends them to
+        the others, so every rank has the same codebook after a check.
         """
         keep = _keep_old(z_e, skip)
         self.updates.add_((~keep).to(self.updates.dtype))
@@ -162,8 +175,16 @@ class SkillAutoEncoder(nn.Module):
         count, kept = torch.stack([self.updates, keep.to(self.updates.dtype)]).tolist()
         if kept or count % every != 0:
             return 0
-        z_e = z_e.detach().reshape(-1, self.code_dim).to(self.codebook.dtype)
+        z_e = self.collective.gather(z_e.detach().reshape(-1, self.code_dim).to(self.codebook.dtype))
         dead = (self.usage == 0).nonzero().flatten().tolist()
+        if self.collective.rank == 0:
+            self._replace(dead, z_e, generator)
+        self.collective.broadcast_([self.codebook, self.embed_avg, self.cluster_size])
+        self.usage.zero_()
+        return len(dead)
+
+    def _replace(self, dead: list[int], z_e: Tensor, generator: torch.Generator) -> None:
+        """Re-places each code of `dead` by a point of `z_e` (see `maybe_resample`)."""
         for code in dead:
             dist = torch.cdist(z_e, self.codebook, compute_mode="donot_use_mm_for_euclid_dist")  # [N, K]
             nearest = dist.min(dim=1).values  # [N]
@@ -175,8 +196,6 @@ class SkillAutoEncoder(nn.Module):
             self.codebook[code] = z_e[pick]
             self.embed_avg[code] = z_e[pick]  # = point * cluster_size, with cluster_size 1
             self.cluster_size[code] = 1.0
-        self.usage.zero_()
-        return len(dead)
 
     def codebook_step(self, z_e: Tensor, indices: Tensor, generator: torch.Generator,
                       skip: Tensor | None = None) -> dict[str, Tensor]:
@@ -189,6 +208,8 @@ class SkillAutoEncoder(nn.Module):
         - `skills/resampled_codes`: codes re-placed by this call (0 except at check steps).
         """
         keep = _keep_old(z_e, skip)
+        if self.collective.active:  # a NaN on any rank keeps every rank's codebook as it is
+            keep = self.collective.any(keep)
         self.ema_update(z_e, indices, skip=keep)
         window_active = (self.usage > 0).sum()
         resampled = self.maybe_resample(z_e, generator, skip=keep)
