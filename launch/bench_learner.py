@@ -188,7 +188,7 @@ def compare_learners(args: argparse.Namespace, config, as_json: bool) -> int:
         return 0
     print(f"pretrain update, {1} rank: {one['total_ms']:.0f} ms; {world} ranks: {many['total_ms']:.0f} ms "
           f"(of which gradient all-reduce alone ~{many['allreduce_ms']:.1f} ms for "
-          f"{many['gradient_mb']:.0f} MB)")
+          f"{many['gradient_mb']:.1f} MB)")
     for key, unit in (("updates_per_s", "updates/s"), ("sequences_per_s", "sequences/s")):
         print(f"  {unit:<12} 1 rank {one[key]:>9.3f}   {world} ranks {many[key]:>9.3f}   x{many[key] / one[key]:.2f}")
     return 0

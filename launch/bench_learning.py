@@ -626,14 +626,20 @@ def finish_resampling_run(b: Bench, run: dict[str, Any], log_every: int, every: 
 
 
 def judge_resampling(section: dict[str, Any], share: float = 0.95) -> dict[str, Any]:
-    codes = section["scale"]["num_codes"]
+    """Active as the reference counts it for resampling (and the paper's Figure 7): a code is
+    active when a state of the batches since the previous check chose it. The stricter count of
+    codes chosen within one batch is given beside it, with and without resampling."""
+    codes, every = section["scale"]["num_codes"], section["scale"].get("resample_every")
     final = section.get("runs", {}).get("with", {}).get("final", {})
-    active = final.get("active_codes")
-    off = section.get("runs", {}).get("without", {}).get("final", {}).get("active_codes")
-    return {"text": f">= {share:.0%} of the {codes} codes active per batch at the end with resampling "
-                    f"(>= {share * codes:.1f} codes; the mean of the last 5 logged batches)",
-            "threshold": share * codes, "measured": active, "without": off,
-            "met": None if active is None else bool(active >= share * codes)}
+    window = final.get("window_active_codes")
+    off = section.get("runs", {}).get("without", {}).get("final", {})
+    return {"text": f">= {share:.0%} of the {codes} codes active at the last resampling check with resampling "
+                    f"(>= {share * codes:.1f} codes chosen by the states of the {every} batches since the "
+                    f"previous check, the reference's measure)",
+            "threshold": share * codes, "measured": window,
+            "per_batch": final.get("active_codes"), "per_batch_without": off.get("active_codes"),
+            "without": off.get("active_codes"),
+            "met": None if window is None else bool(window >= share * codes)}
 
 
 # ---------------------------------------------------------------------------- 2. skill diversity
@@ -674,6 +680,7 @@ def torso_positions(policy: Any, state: Any, envs: Sequence[Any], steps: int, mo
 
 
 def stage_diversity(b: Bench, allot: float, section: dict[str, Any]) -> None:
+    from choreo.actors.envs import env_spec
     from choreo.actors.random_policy import UniformRandomPolicy
     from choreo.launch.pretrained import load_snapshot
     from choreo.vocabulary import derive_seed
@@ -682,7 +689,9 @@ def stage_diversity(b: Bench, allot: float, section: dict[str, Any]) -> None:
         raise StageSkipped("needs the walker snapshot of stage 1 (resampling), which did not come")
     pre = load_snapshot(b.walker_snapshot)
     k = pre.num_skills
-    steps = int(np.clip(0.6 * allot / (3 * DIVERSITY_STEP_S), 50, 1000))
+    # Within one episode: at its end the environment resets, and the positions would be the start's.
+    episode = env_spec(pre.config.env.task).episode_length(pre.config.env.action_repeat) or 1001
+    steps = int(np.clip(0.6 * allot / (3 * DIVERSITY_STEP_S), 50, min(1000, episode - 1)))
     vis_steps = int(np.clip(0.3 * allot / (k * RENDER_S), 10, 100))
     section["scale"] = {"snapshot": b.rel(b.walker_snapshot), "snapshot_frames": pre.frames, "episodes": k,
                         "steps": steps, "cell": [CELL_X, CELL_Z], "seed": SEED,
@@ -1025,6 +1034,9 @@ def run(rest: list[str], as_json: bool = False) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of every run (learner.threads) and of the evaluations in this process "
                         "(default 0: every core; 1 holds up better while other processes share the cores)")
+    p.add_argument("--snapshot", default=None, metavar="FILE",
+                   help="a walker_stand snapshot from states (small size) for the diversity and finetune stages, "
+                        "in place of the one the resampling stage writes")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated stages to run, in their order (default all: {','.join(STAGES)})")
     args = p.parse_args(rest)
@@ -1035,6 +1047,8 @@ def run(rest: list[str], as_json: bool = False) -> int:
     if unknown or not stages:
         p.error(f"--stages: unknown {', '.join(unknown) or 'none given'}; choose from {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
+    if args.snapshot and not Path(args.snapshot).is_file():
+        p.error(f"--snapshot {args.snapshot}: no such file")
     os.environ.setdefault("MUJOCO_GL", "egl")
     out = Path(args.out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
     if out.exists() and any(out.iterdir()):
@@ -1043,6 +1057,8 @@ def run(rest: list[str], as_json: bool = False) -> int:
     stream = sys.stderr if as_json else sys.stdout
     budget = Budget(args.budget_minutes * 60.0, {s: FRACTIONS[s] for s in stages})
     bench = Bench(out, budget, stream, stages, threads=max(args.threads, 0))
+    if args.snapshot:
+        bench.walker_snapshot = Path(args.snapshot).resolve()
     bench.results = new_results(args.budget_minutes, stages, " ".join(["choreo bench learning", *rest]),
                                 bench.threads)
     bench.say(f"writing into {out}; stages {', '.join(stages)}; preset {PRESET}, every run in this process (--local)")
@@ -1448,8 +1464,8 @@ def _summary_measure(stage: str, section: dict[str, Any]) -> str:
             runs = section["runs"]
             codes = section["scale"]["num_codes"]
             on, off = runs.get("with", {}).get("final", {}), runs.get("without", {}).get("final", {})
-            return (f"{_num(on.get('active_codes'), 1)} of {codes} codes active per batch with resampling, "
-                    f"{_num(off.get('active_codes'), 1)} without")
+            return (f"{_num(on.get('window_active_codes'), 0)} of {codes} codes active at the last check; per batch "
+                    f"{_num(on.get('active_codes'), 1)} with resampling, {_num(off.get('active_codes'), 1)} without")
         if stage == "diversity":
             p = section["policies"]
             explore = p.get("explore", {}).get("mean_pairwise_distance")

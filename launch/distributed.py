@@ -156,8 +156,13 @@ class LearnerActor:
                 "checkpoint_learners": getattr(self.learner, "checkpoint_learners", None)}
 
     def digest(self) -> str:
-        """`state_digest` of the agent's state now (equal on every rank of a group)."""
-        return state_digest(self.learner.agent.state_dict())
+        """`state_digest` of the agent's state now, less its random generator (each rank's own):
+        equal on every rank of a group."""
+        state = dict(self.learner.agent.state_dict())
+        extra = dict(state.get("_extra_state", {}))
+        extra.pop("generator", None)
+        state["_extra_state"] = extra
+        return state_digest(state)
 
     def train(self, grant: int, frames: int) -> dict[str, Any]:
         start = time.monotonic()
