@@ -8,7 +8,6 @@ import dataclasses
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch
