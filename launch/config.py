@@ -495,6 +495,8 @@ def check_learner_group(config: Config) -> None:
     lc, world = config.learner, config.learner.num_learners
     if world < 1:
         raise ConfigError(f"config key 'learner.num_learners' must be at least 1, got {world}")
+    if not lc.group_timeout_s > 0:
+        raise ConfigError(f"config key 'learner.group_timeout_s' must be > 0, got {lc.group_timeout_s}")
     if lc.gpus_per_learner < 0:
         raise ConfigError(f"config key 'learner.gpus_per_learner' must be >= 0, got {lc.gpus_per_learner}")
     if world == 1:
@@ -573,7 +575,8 @@ def snapshot_shape_keys(config: Config) -> tuple[str, ...]:
 RESUME_OVERRIDES = ("learner.total_frames", "learner.total_updates", "learner.checkpoint_minutes",
                     "learner.snapshot_frames", "learner.snapshot_updates",
                     "learner.log_every", "learner.max_nonfinite_updates", "learner.threads", "learner.device",
-                    "monitor.media_every", "learner.num_learners", "learner.gpus_per_learner")
+                    "monitor.media_every", "learner.num_learners", "learner.gpus_per_learner",
+                    "learner.group_timeout_s")
 """Keys a resumed run may change: how long it runs, where and how it is watched, never what it
 learns (a different number of learners resumes with the same weights, with a warning that its
 random draws differ from an uninterrupted run's)."""

@@ -104,7 +104,8 @@ class LearnerActor:
         rc = config.replay
         self.rank = rank
         device = resolve_device(config.learner.device)
-        collective = join_group(rank, config.learner.num_learners, address, device) if address else None
+        collective = join_group(rank, config.learner.num_learners, address, device,
+                                timeout_s=config.learner.group_timeout_s) if address else None
         agent = make_agent(config, obs_shape, action_dim, collective=collective, device=str(device))
         sampler = make_sampler(config, shards, call=lambda shard, method, *args: getattr(shard, method).remote(*args),
                                gather=lambda refs: ray.get(refs, timeout=SHARD_CALL_TIMEOUT), rank=rank)
@@ -713,7 +714,7 @@ class Driver:
         group = LearnerGroup(self.ray, self.learner_cls,
                              (config, str(self.run_dir), self.shards, self.obs_shape, self.action_dim),
                              config.learner.num_learners, self.learner_gpus,
-                             self._placed)
+                             self._placed, config.learner.group_timeout_s)
         infos = group.start(resume, self._wait_for)
         info = infos[0]
         self.learner_where = {"node_id": info["node_id"], "pid": info["pid"]}

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-GROUP_CALL_TIMEOUT = 300.0
-"""Seconds the driver waits for the other ranks once rank 0's training call is back: they trained
-in step with it, so they are back at about the same time unless something is wrong."""
+CALL_SLACK_S = 60.0
+"""Seconds beyond learner.group_timeout_s that the driver waits for a rank's call once rank 0's
+training call is back, or for a checkpoint call: the ranks train in step, so they are back at
+about the same time unless one hangs."""
 
 
 def rendezvous_address() -> str:
@@ -35,10 +36,12 @@ class LearnerGroup:
     """`world` learner ranks; `start` places them, `kill` removes them (and their placement group)."""
 
     def __init__(self, ray: Any, actor_cls: Any, args: tuple, world: int, gpus: float,
-                 placed: Callable[[Any], Any]) -> None:
+                 placed: Callable[[Any], Any], timeout_s: float) -> None:
         """actor_cls: the `ray.remote` learner class; args: its arguments before `resume`;
-        gpus: each rank's GPUs; placed: the driver's placement of a single learner."""
+        gpus: each rank's GPUs; placed: the driver's placement of a single learner; timeout_s:
+        learner.group_timeout_s."""
         self.ray, self.actor_cls, self.args, self.world, self.gpus = ray, actor_cls, args, world, gpus
+        self.call_timeout = timeout_s + CALL_SLACK_S
         self.placed = placed
         self.actors: list[Any] = []
         self.group: Any = None
@@ -83,7 +86,7 @@ class LearnerGroup:
         others = self._others.pop(ref, [])
         result = self.ray.get(ref)
         if others:
-            self.ray.get(others, timeout=GROUP_CALL_TIMEOUT)
+            self.ray.get(others, timeout=self.call_timeout)
         return result
 
     def weights(self) -> tuple[Any, int] | None:
@@ -91,7 +94,8 @@ class LearnerGroup:
 
     def checkpoint(self, counters: dict[str, Any]) -> str:
         """Rank 0 writes the checkpoint, with the other ranks' generator states."""
-        ranks = self.ray.get([a.rank_state.remote(int(counters["frames"])) for a in self.actors[1:]])
+        ranks = self.ray.get([a.rank_state.remote(int(counters["frames"])) for a in self.actors[1:]],
+                             timeout=self.call_timeout)
         return self.ray.get(self.lead.checkpoint.remote(counters, ranks or None))
 
     def digests(self) -> list[str]:

@@ -38,6 +38,9 @@ class LearnerConfig:
     """With several learners: `weak` gives each rank a batch of replay.batch_size (the global batch
     grows with num_learners, and every learning rate is multiplied by sqrt(num_learners));
     `strong` splits replay.batch_size over the ranks (same global batch, same learning rates)."""
+    group_timeout_s: float = 120.0
+    """With several learners: seconds a rank waits in a collective for the others before its call
+    fails; the whole group then restarts from the last checkpoint (a rank that hangs)."""
     max_nonfinite_updates: int = 10
     """Non-finite updates in a row (a NaN or infinite loss or gradient: the update is skipped)
     after which the run stops with NonFiniteLossError, its last checkpoint intact; 0: never."""

@@ -14,8 +14,9 @@ import torch
 from choreo.agents.collective import SOLO, Collective, TorchCollective
 
 GROUP_TIMEOUT_S = 120.0
-"""Seconds a collective call waits for the other ranks before it raises: a rank that died or hangs
-ends every rank's call, and the driver restarts the group from the last checkpoint."""
+"""Seconds a collective call waits for the other ranks before it raises (learner.group_timeout_s):
+a rank that died or hangs ends every rank's call, and the driver restarts the group from the last
+checkpoint."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,8 +34,8 @@ def join_group(rank: int, world: int, address: str, device: torch.device,
     if world == 1:
         return SOLO
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # a Ray actor sees the GPUs it was given, numbered from 0
+        torch.cuda.set_device(device.index or 0)
     torch.distributed.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=timeout_s))
     return TorchCollective()

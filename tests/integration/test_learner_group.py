@@ -80,3 +80,28 @@ def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
     assert resumed.exit_code == 0
     assert resumed.learner_restored == [rank_digest(final, 0), rank_digest(final, 1)]
     assert resumed.frames >= 2800
+
+
+def test_a_hung_rank_times_out_and_the_group_restarts(tmp_path):
+    """A rank that stops answering (SIGSTOP: alive, but never reaches the next collective) makes
+    the other rank's collective time out after learner.group_timeout_s; the driver then kills
+    both and starts the group again from the checkpoint."""
+    config = load_config(["tiny"], ["num_actors=1", "learner.num_learners=2", "learner.threads=1",
+                                    "learner.total_frames=1600", "learner.snapshot_frames=[400]",
+                                    "learner.checkpoint_minutes=1000", "learner.group_timeout_s=5"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(config, run_dir)
+    seen: dict = {}
+
+    def inject(driver) -> None:
+        if "stopped" not in seen and (run_dir / CHECKPOINT).exists() and driver.updates >= 10:
+            seen["stopped"] = driver.pids()["learner_ranks"][1]
+            os.kill(seen["stopped"], signal.SIGSTOP)
+
+    driver = drive(config, run_dir, on_tick=inject)
+    assert driver.exit_code == 0
+    assert "stopped" in seen
+    assert driver.learner_restarts == 1
+    assert seen["stopped"] not in driver.pids()["learner_ranks"]
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["counters"]["frames"] >= 1600

@@ -225,6 +225,8 @@ def test_knn_rows_score_a_slice_against_the_whole_pool():
 def test_learner_group_settings_are_checked():
     with pytest.raises(ConfigError, match="learner.num_learners"):
         load_config(["tiny"], ["learner.num_learners=0"])
+    with pytest.raises(ConfigError, match="learner.group_timeout_s"):
+        load_config(["tiny"], ["learner.num_learners=2", "learner.group_timeout_s=0"])
     with pytest.raises(ConfigError, match="algo=dads"):
         load_config(["tiny"], ["algo=dads", "learner.num_learners=2"])
     with pytest.raises(ConfigError, match="replay.batch_size"):
