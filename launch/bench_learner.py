@@ -9,8 +9,8 @@ part, and the peak memory. A figure, not a test.
 With --learners W (Choreographer's pretraining), W processes train one agent as a learner group
 (`choreo.learner.dist`: gloo on CPUs, NCCL with one GPU per rank), each on its own batch of the
 configured size (weak scaling), after the same timing with one process: ms per update, updates/s
-and sequences/s against one, and the time of the gradient all-reduce alone (every trained
-parameter, once per update, as the optimizers send it).
+and sequences/s against one, and the time of the gradient all-reduce alone (every parameter
+that takes gradients, in one buffer: about what the optimizers send in an update).
 """
 
 from __future__ import annotations

@@ -368,7 +368,9 @@ class Driver:
         workers = "offline (no environment workers)" if offline else \
             f"{len(self.runners)} environment workers x {config.envs_per_actor} envs"
         print(f"Ray: {workers}, "
-              f"{len(self.shards)} replay shards, learner on {learner_info['device']}"
+              f"{len(self.shards)} replay shards, "
+              + (f"{self.learner.world} learner ranks on {learner_info['device']} ({config.learner.scaling} scaling)"
+                 if self.learner.world > 1 else f"learner on {learner_info['device']}")
               + (f"; resumed at {self.core.frames:,} frames" if resume else "") + f"; {self._placement_line()}",
               flush=True)
 
