@@ -89,6 +89,10 @@ class ChoreographerConfig:
     """Weight of the VQ commitment loss."""
     resample_every: int = 200
     """Skill updates between code resamplings (0 switches resampling off)."""
+    resample_codes: bool = True
+    """Whether a resampling check re-places the codes no state chose since the previous one. False
+    keeps the checks (the active codes of each window are counted and logged) and re-places none:
+    a run without resampling measured as one with it (the paper's Figure 7)."""
     skill_lr: float = 8e-5
     """Adam learning rate of the skill auto-encoder."""
     knn_k: int = 30

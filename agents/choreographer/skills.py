@@ -141,7 +141,8 @@ class SkillAutoEncoder(nn.Module):
     @torch.no_grad()
     def maybe_resample(self, z_e: Tensor, generator: torch.Generator, skip: Tensor | None = None) -> int:
         """Counts one update; every `resample_every` updates (0: never) re-places each code that no
-        embedding chose since the last check, and returns how many were re-placed (else 0).
+        embedding chose since the last check (unless `resample_codes` is off: then the check only
+        starts a new window), and returns how many were re-placed (else 0).
 
         Codes with `usage == 0` are taken in index order. Each becomes a point of `z_e` [N, C]
         drawn with probability proportional to that point's Euclidean distance to its nearest
@@ -175,11 +176,12 @@ class SkillAutoEncoder(nn.Module):
         count, kept = torch.stack([self.updates, keep.to(self.updates.dtype)]).tolist()
         if kept or count % every != 0:
             return 0
-        z_e = self.collective.gather(z_e.detach().reshape(-1, self.code_dim).to(self.codebook.dtype))
-        dead = (self.usage == 0).nonzero().flatten().tolist()
-        if self.collective.rank == 0:
-            self._replace(dead, z_e, generator)
-        self.collective.broadcast_([self.codebook, self.embed_avg, self.cluster_size])
+        dead = (self.usage == 0).nonzero().flatten().tolist() if self.cfg.resample_codes else []
+        if dead:  # the same on every rank: `usage` is global
+            z_e = self.collective.gather(z_e.detach().reshape(-1, self.code_dim).to(self.codebook.dtype))
+            if self.collective.rank == 0:
+                self._replace(dead, z_e, generator)
+            self.collective.broadcast_([self.codebook, self.embed_avg, self.cluster_size])
         self.usage.zero_()
         return len(dead)
 

@@ -101,6 +101,21 @@ def test_resample_every_zero_never_resamples():
     assert int(sae.updates) == 5 and int(sae.usage.sum()) == 25
 
 
+def test_checks_without_resample_codes_count_windows_and_replace_nothing():
+    sae = make(num_codes=4, code_dim=2, resample_every=2, resample_codes=False)
+    z = torch.zeros(5, 2)
+    codebook = sae.codebook.clone()
+    for step in range(4):
+        metrics = sae.codebook_step(z, sae.nearest(z), torch.Generator())
+        assert metrics["skills/resampled_codes"] == 0
+        # the window holds this step and, between checks, the one before
+        assert metrics["skills/window_active_codes"] == 1
+        assert int(sae.usage.sum()) == (0 if step % 2 == 1 else 5)
+    dead = sae.usage.new_ones(4, dtype=torch.bool)
+    dead[sae.nearest(z)[0]] = False
+    torch.testing.assert_close(sae.codebook[dead], codebook[dead], rtol=1e-3, atol=0)  # unchosen codes stay put
+
+
 def test_skill_loss_terms_metrics_and_gradients():
     sae = make(num_codes=8, code_dim=3, deter=12, commitment=0.25)
     deter = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
