@@ -54,9 +54,9 @@ from torch import Tensor, nn
 from choreo import vocabulary as B
 from choreo.agents.actor_critic import ActorCritic, Optimizer, either
 from choreo.agents.choreographer.meta import MetaController
-from choreo.agents.collective import SOLO, Collective
 from choreo.agents.choreographer.rewards import RunningMagnitude, code_reward, knn_particle_reward
 from choreo.agents.choreographer.skills import SkillAutoEncoder, skill_loss
+from choreo.agents.collective import SOLO, Collective
 from choreo.agents.config import AgentConfig
 from choreo.agents.nets import MLP, frozen
 from choreo.agents.timing import PartTimer
