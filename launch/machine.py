@@ -73,15 +73,24 @@ def seconds_per_update(config: Config, updates: int = CALIBRATION_UPDATES) -> fl
         torch.set_num_threads(threads)
 
 
+CPU_SHARE = 1.2
+"""How much longer a CPU learner's update takes inside a run than alone: it shares the cores with
+the environment workers, the replay shard, its prefetch thread and the driver. Measured here
+(2 cores, small size, `make run`): 0.49 to 0.50 s an update over the run's first 5,600 frames
+against 0.41 s alone."""
+
+
 def run_estimate(config: Config) -> tuple[int, float]:
     """(updates, seconds) of the whole run here: one update per `batch steps / samples_per_insert`
-    agent steps after the warm-up, each as long as measured now, after START_SECONDS. Measured
-    here (2 cores, small size): 0.41 s per update alone, about 0.45 s with two environment workers
-    beside the learner on the embedded Ray."""
+    agent steps after the warm-up, each as long as measured now (times CPU_SHARE for a learner on
+    the CPU), after START_SECONDS."""
+    from choreo.agents.choreographer.agent import resolve_device
+
     rc = config.replay
     steps = config.learner.total_frames / config.env.action_repeat
     updates = int(max(steps - rc.min_size, 0) * rc.samples_per_insert / (rc.batch_size * rc.batch_length))
-    return updates, START_SECONDS + updates * seconds_per_update(config)
+    share = CPU_SHARE if resolve_device(config.learner.device).type == "cpu" else 1.0
+    return updates, START_SECONDS + updates * seconds_per_update(config) * share
 
 
 def first_line(config: Config, why: str) -> str:
