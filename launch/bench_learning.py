@@ -500,7 +500,7 @@ class Bench:
             section.update(status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
             raise
         except Exception as e:  # noqa: BLE001 - a stage's failure must not lose the others
-            section.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+            _record_failure(section, e)
         finally:
             with contextlib.suppress(Exception):
                 section["target"] = JUDGES[stage](section)
@@ -514,13 +514,32 @@ class Bench:
                  + f"; took {fmt_s(section['seconds'])}")
 
 
-def _parts_status(parts: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
+def _record_failure(entry: dict[str, Any], e: BaseException) -> None:
+    entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+
+
+@contextlib.contextmanager
+def _part(b: Bench, entry: dict[str, Any]) -> Iterator[None]:
+    """One independent part of a stage (a task, an agent): its status is ok once the body ran, or
+    failed with the error, and the other parts still run; the results are saved either way."""
+    try:
+        yield
+        entry["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - the other parts still run
+        _record_failure(entry, e)
+    b.save()
+
+
+def _finish_parts(section: dict[str, Any], parts: dict[str, dict[str, Any]]) -> None:
     """A stage of independent parts (tasks, agents): ok, partial or failed, and the errors."""
     statuses = {p.get("status") for p in parts.values()}
     if statuses == {"ok"}:
-        return "ok", None
-    errors = "; ".join(f"{name}: {p.get('error')}" for name, p in parts.items() if p.get("status") != "ok")
-    return ("partial" if "ok" in statuses else "failed"), errors
+        section["status"] = "ok"
+        return
+    section["status"] = "partial" if "ok" in statuses else "failed"
+    section["error"] = "; ".join(f"{name}: {p.get('error')}" for name, p in parts.items() if p.get("status") != "ok")
 
 
 def _all_met(verdicts: dict[str, bool | None]) -> bool | None:
@@ -799,7 +818,7 @@ def stage_sparse(b: Bench, allot: float, section: dict[str, Any]) -> None:
         overrides = [*overrides, f"env.goal_set={MW_GOAL_SET}"] if mw else list(overrides)
         episodes = sizes["mw_episodes"] if mw else sizes["jaco_episodes"]
         entry.update(metric="goal_success" if mw else "episode_success", episodes=episodes, goals=goals if mw else None)
-        try:
+        with _part(b, entry):
             step_s = STEP_S["mw" if mw else "jaco"]
             entry["pretrain"] = b.train(f"{task}-pretrain", "pretrain", overrides,
                                         b.plan("pretrain", overrides, 0.4 * allot, step_s), step_s)
@@ -810,15 +829,7 @@ def stage_sparse(b: Bench, allot: float, section: dict[str, Any]) -> None:
             snapshot = b.out / entry["pretrain"]["snapshot"]
             entry["skills"] = zero_shot(b, task, overrides, snapshot, episodes, goals if mw else None)
             entry["random"] = zero_shot(b, task, overrides, None, episodes, goals if mw else None)
-            entry["status"] = "ok"
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - the other task still runs
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-        b.save()
-    section["status"], error = _parts_status(tasks)
-    if error:
-        section["error"] = error
+    _finish_parts(section, tasks)
 
 
 def judge_sparse(section: dict[str, Any]) -> dict[str, Any]:
@@ -959,7 +970,7 @@ def stage_planning(b: Bench, allot: float, section: dict[str, Any]) -> None:
                                                   ("choreographer", "pretrain", CHOREO_NAV, CODEBOOK_PLANNER, 0.65)):
         entry: dict[str, Any] = {"status": "running", "overrides": list(overrides), "planner": list(planner)}
         agents[name] = entry
-        try:
+        with _part(b, entry):
             step_s = STEP_S["point"]
             entry["pretrain"] = b.train(f"point_mass_nav-{name}", kind, overrides,
                                         b.plan(kind, overrides, share * allot, step_s), step_s)
@@ -968,15 +979,7 @@ def stage_planning(b: Bench, allot: float, section: dict[str, Any]) -> None:
             snapshot = b.out / entry["pretrain"]["snapshot"]
             entry["plan"] = zero_shot_plan(b, f"point_mass_nav-{name}", snapshot, episodes, "plan", planner)
             entry["random"] = zero_shot_plan(b, f"point_mass_nav-{name}", snapshot, episodes, "random", planner)
-            entry["status"] = "ok"
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - the other agent still runs
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-        b.save()
-    section["status"], error = _parts_status(agents)
-    if error:
-        section["error"] = error
+    _finish_parts(section, agents)
 
 
 def judge_planning(section: dict[str, Any]) -> dict[str, Any]:
