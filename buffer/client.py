@@ -14,6 +14,12 @@ batch in a random order (deterministic given the seed and the same shard content
 from one `sample_info` call per shard, cached for `refresh_every` batches (and refreshed at once
 when the cache says nothing can be sampled), so a batch costs one round trip per shard used.
 
+Positions. The n-th batch is drawn with a generator of its own, seeded by (seed, n), where n is
+`position` (batches drawn so far). A learner that resumes from a checkpoint sets `position` to the
+batches it had trained on, so that it draws the batches it would have drawn next had it not
+stopped (exactly those when the replay holds the same steps, as an offline run's does), and not
+the run's first batches again. Batches drawn ahead but not trained on are drawn again.
+
 Failures. If a shard's call raises (its process died, or its cached size was stale and it holds no
 window), its rows are redrawn from the other shards, the shard weighs 0 until the next refresh,
 and the failure is counted in `stats()`; batches keep coming while any shard can serve. Only if no
@@ -62,7 +68,10 @@ class ReplayClient:
         self.call = call or _direct_call
         self.gather = gather or _identity_gather
         self.refresh_every = int(refresh_every)
-        self._rng = np.random.default_rng(seed)
+        self.seed = int(seed)
+        self.position = 0
+        """Batches drawn so far: the next one is drawn with the generator seeded by (seed, position)."""
+        self._rng = np.random.default_rng([self.seed, self.position])
         n = len(self.shards)
         self._weights = np.zeros(n)
         self._cached_length: int | None = None
@@ -131,10 +140,13 @@ class ReplayClient:
             raise ValueError(f"batch and length must be >= 1, got {batch} and {length}")
         if self._current_weights(length).sum() <= 0:
             return None
+        self._rng = np.random.default_rng([self.seed, self.position])
         parts = self._draw(batch, length)
         self._since_refresh += 1
         self._counters["samples"] += 1
-        return self._assemble(parts, batch)
+        out = self._assemble(parts, batch)
+        self.position += 1
+        return out
 
     def _draw(self, batch: int, length: int) -> list[tuple[int, dict[str, np.ndarray]]]:
         parts: list[tuple[int, dict[str, np.ndarray]]] = []

@@ -504,6 +504,12 @@ def check_learner_group(config: Config) -> None:
     if config.algo != "choreographer":
         raise ConfigError(f"config key 'learner.num_learners': several learners train Choreographer; "
                           f"algo={config.algo} trains on one learner (learner.num_learners=1)")
+    if lc.device != "cpu" and lc.gpus_per_learner and lc.gpus_per_learner != int(lc.gpus_per_learner):
+        raise ConfigError(f"config key 'learner.gpus_per_learner' must be a whole number of GPUs with several "
+                          f"learners, got {lc.gpus_per_learner}: NCCL refuses two ranks on one GPU")
+    if lc.device == "cuda" and not lc.gpus_per_learner:
+        raise ConfigError("config key 'learner.gpus_per_learner' is 0 and learner.device=cuda: each rank needs "
+                          "a GPU (or set learner.device=cpu)")
     if lc.scaling == "strong" and config.replay.batch_size % world:
         raise ConfigError(f"config key 'replay.batch_size': learner.scaling=strong splits the batch over "
                           f"learner.num_learners={world} ranks, and {config.replay.batch_size} does not divide by {world}")

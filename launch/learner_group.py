@@ -32,6 +32,26 @@ def rendezvous_address() -> str:
     return f"{host}:{free_port(host)}"
 
 
+SHARE_GPUS = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+"""Ray leaves CUDA_VISIBLE_DEVICES as the node has it: each GPU rank sees the node's GPUs and binds
+the one Ray gave it (`choreo.learner.dist.rank_device` says why)."""
+
+
+def rank_options(gpus: float) -> dict[str, Any]:
+    """Ray options of a rank of a group with `gpus` GPUs each."""
+    return {"runtime_env": {"env_vars": dict(SHARE_GPUS)}} if gpus else {}
+
+
+def node_ranks(group: Any, world: int) -> list[int]:
+    """For each rank (bundle) of the placement group `group`: how many of its ranks share that
+    rank's node."""
+    from ray.util.placement_group import placement_group_table
+
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    where = [nodes[rank] for rank in range(world)]
+    return [where.count(node) for node in where]
+
+
 class LearnerGroup:
     """`world` learner ranks; `start` places them, `kill` removes them (and their placement group)."""
 
@@ -70,8 +90,9 @@ class LearnerGroup:
 
         address = self.ray.get(self.ray.remote(num_cpus=0)(rendezvous_address).options(
             scheduling_strategy=at(0)).remote())
-        self.actors = [self.actor_cls.options(scheduling_strategy=at(rank)).remote(*self.args, resume, rank, address)
-                       for rank in range(self.world)]
+        shares = node_ranks(self.group, self.world)
+        self.actors = [self.actor_cls.options(**rank_options(self.gpus), scheduling_strategy=at(rank)).remote(
+            *self.args, resume, rank, address, shares[rank]) for rank in range(self.world)]
         return wait([a.info.remote() for a in self.actors], f"{self.world} learner ranks", bundle["CPU"])
 
     def train(self, grant: int, frames: int) -> Any:

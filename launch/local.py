@@ -74,6 +74,7 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
     counters = None
     if resume:
         counters = learner.load_checkpoint()
+        sampler.position = learner.batches  # the batches it would have drawn next
         if not reload:
             shard.load(run_dir / REPLAY_DIR)
         if runner is not None:

@@ -157,12 +157,13 @@ def _ray_processes_in_new_sessions():
 
 
 def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int | None = None,
-                    env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+                    env_vars: dict[str, str] | None = None, num_gpus: int | None = None) -> dict[str, Any]:
     """Start an embedded Ray owned by this process, listening on 127.0.0.1 only.
 
-    num_cpus: CPUs Ray schedules (default: all cores). dashboard: start the dashboard on
-    127.0.0.1 (off by default: it costs about 1 GiB of memory). object_store_mb: object store
-    size (default: Ray's). env_vars: extra environment variables for the workers.
+    num_cpus: CPUs Ray schedules (default: all cores). num_gpus: GPUs it schedules (default:
+    those it finds). dashboard: start the dashboard on 127.0.0.1 (off by default: it costs about
+    1 GiB of memory). object_store_mb: object store size (default: Ray's). env_vars: extra
+    environment variables for the workers.
     Returns the address, node IP, dashboard URL (or None), session directory and resources.
     Stop it with `shutdown_ray()`.
     """
@@ -178,6 +179,7 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object
         ctx = ray.init(
             address="local",  # always a new instance owned by this process, never someone else's cluster
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             include_dashboard=dashboard,
             dashboard_host=LOOPBACK,
             object_store_memory=None if object_store_mb is None else int(object_store_mb) * 1024 * 1024,

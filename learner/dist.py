@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Sequence
 
 import torch
 
@@ -26,6 +27,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def rank_device(gpu_ids: Sequence[int | str], visible: str | None) -> torch.device:
+    """The CUDA device of a rank that was given the GPUs `gpu_ids` (Ray's ids, the node's) while
+    every GPU of its node stays visible to it; `visible`: the process's CUDA_VISIBLE_DEVICES.
+
+    The ranks on a node see the same GPUs and each binds its own, as Ray Train's do: NCCL finds
+    the node's NVLink/NVSwitch paths only when the peers' GPUs are visible, and with one GPU per
+    process it has been seen to hang on NVSwitch machines. CUDA numbers the visible GPUs from 0
+    in the order CUDA_VISIBLE_DEVICES lists them (all of the node's, in order, when unset)."""
+    if not gpu_ids:
+        raise RuntimeError("this learner rank was given no GPU (learner.gpus_per_learner=0) but trains on CUDA "
+                           "(learner.device); give each rank a GPU or set learner.device=cpu")
+    own = str(gpu_ids[0])
+    if visible is None or not visible.strip():
+        return torch.device("cuda", int(own))
+    listed = [v.strip() for v in visible.split(",")]
+    if own not in listed:
+        raise RuntimeError(f"this learner rank's GPU {own} is not among CUDA_VISIBLE_DEVICES={visible}")
+    return torch.device("cuda", listed.index(own))
+
+
 def join_group(rank: int, world: int, address: str, device: torch.device,
                timeout_s: float = GROUP_TIMEOUT_S) -> Collective:
     """Joins the group of `world` ranks at `address` ("host:port", rank 0's) as `rank`, and
@@ -34,8 +55,8 @@ def join_group(rank: int, world: int, address: str, device: torch.device,
     if world == 1:
         return SOLO
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":  # a Ray actor sees the GPUs it was given, numbered from 0
-        torch.cuda.set_device(device.index or 0)
+    if device.type == "cuda":  # NCCL binds the rank to the current device
+        torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=timeout_s))
     return TorchCollective()

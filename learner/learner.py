@@ -114,6 +114,7 @@ class Learner:
         self.run_dir = Path(run_dir)
         self.publish_fn = publish
         self.updates = 0
+        self.batches = 0  # batches trained on or skipped, over the whole run (checkpointed)
         # prefetch=0: draw in the caller's thread (the single-process loop, where replay is not
         # safe to read while the same thread may be writing it).
         self.sample = sample
@@ -152,6 +153,7 @@ class Learner:
         if batch is None:
             return None
         metrics = self.agent.update(batch)
+        self.batches += 1
         self.last_batch = batch  # what the run's pictures are drawn from
         if _nonfinite(metrics):
             self.skipped_updates += 1
@@ -193,7 +195,7 @@ class Learner:
 
     def state(self, counters: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """ranks: with several learners, `rank_state()` of ranks 1.. (rank 0's is in the agent's)."""
-        return {"agent": self.agent.state_dict(), "updates": self.updates,
+        return {"agent": self.agent.state_dict(), "updates": self.updates, "batches": self.batches,
                 "snapshots_written": sorted(self.snapshots_written), "counters": dict(counters),
                 "learners": self.collective.world, "ranks": list(ranks or [])}
 
@@ -216,6 +218,9 @@ class Learner:
         state = load_torch_file(path)
         self.agent.load_state_dict(state["agent"])
         self.updates = int(state["updates"])
+        # Where the replay sampler's stream goes on (`ReplayClient.position`); a checkpoint written
+        # before it was saved counts the updates (skipped batches were not counted then).
+        self.batches = int(state.get("batches", self.updates))
         self.snapshots_written = set(int(f) for f in state["snapshots_written"])
         saved = int(state.get("learners", 1))
         self.resumed_exactly = saved == self.collective.world

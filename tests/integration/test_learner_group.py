@@ -31,7 +31,7 @@ def rank_digest(checkpoint: dict, rank: int) -> str:
 
 
 def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
-    config = load_config(["tiny"], ["num_actors=1", "num_shards=2", "learner.num_learners=2", "learner.threads=1",
+    config = load_config(["tiny"], ["num_actors=1", "num_shards=2", "learner.num_learners=2",
                                     "learner.total_frames=2400", "learner.snapshot_frames=[600]",
                                     "learner.checkpoint_minutes=1000"])
     run_dir = tmp_path / "run"
@@ -53,6 +53,8 @@ def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
     driver = drive(config, run_dir, on_tick=inject)
     assert driver.exit_code == 0
     assert {"in_step", "killed", "after"} <= set(seen), seen
+    # The two ranks share this node: each took half its cores (learner.threads=0).
+    assert [r["threads"] for r in driver.learner_ranks] == [max(1, (os.cpu_count() or 1) // 2)] * 2
     a, b = seen["in_step"]
     assert a == b, "the two ranks' agents differ"
     assert seen["after"][0] == seen["after"][1], "the restarted ranks drifted apart"
@@ -79,6 +81,9 @@ def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
     resumed = drive(longer, run_dir, resume=True)
     assert resumed.exit_code == 0
     assert resumed.learner_restored == [rank_digest(final, 0), rank_digest(final, 1)]
+    # Each rank's sampler goes on after the batches trained on, not from the run's first draws.
+    assert final["batches"] >= final["updates"] > 0
+    assert [r["sampler_position"] for r in resumed.learner_ranks] == [final["batches"]] * 2
     assert resumed.frames >= 2800
 
 

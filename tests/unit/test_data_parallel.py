@@ -26,7 +26,7 @@ from choreo.agents.choreographer.skills import SkillAutoEncoder
 from choreo.launch.bench_learner import random_batch
 from choreo.launch.config import ConfigError, load_config
 from choreo.launch.distributed import state_digest
-from choreo.learner.dist import free_port, join_group, leave_group
+from choreo.learner.dist import free_port, join_group, leave_group, rank_device
 
 WORLD = 2
 SPAWNS = pytest.mark.slow  # each test starts two Python processes (a few seconds each)
@@ -231,6 +231,25 @@ def test_learner_group_settings_are_checked():
         load_config(["tiny"], ["algo=dads", "learner.num_learners=2"])
     with pytest.raises(ConfigError, match="replay.batch_size"):
         load_config(["tiny"], ["learner.num_learners=2", "learner.scaling=strong", "replay.batch_size=3"])
+    with pytest.raises(ConfigError, match="learner.gpus_per_learner.*NCCL refuses two ranks on one GPU"):
+        load_config(["tiny"], ["learner.num_learners=2", "learner.gpus_per_learner=0.5"])
+    with pytest.raises(ConfigError, match="learner.gpus_per_learner.*learner.device=cuda"):
+        load_config(["tiny"], ["learner.num_learners=2", "learner.gpus_per_learner=0", "learner.device=cuda"])
+    # On CPUs a share of a GPU is irrelevant, and one learner takes the whole path of old.
+    load_config(["tiny"], ["learner.num_learners=2", "learner.gpus_per_learner=0.5", "learner.device=cpu"])
+    load_config(["tiny"], ["learner.gpus_per_learner=0.5"])
+
+
+def test_a_gpu_rank_binds_its_own_gpu_among_the_visible_ones():
+    assert rank_device(["3"], None) == torch.device("cuda", 3)  # every GPU visible: CUDA's number is Ray's id
+    assert rank_device([3], "") == torch.device("cuda", 3)
+    # The node lists its GPUs: CUDA numbers them in the listed order.
+    assert rank_device(["5"], "4,5,6") == torch.device("cuda", 1)
+    assert rank_device(["4", "6"], "6, 4") == torch.device("cuda", 1)  # a rank trains on its first GPU
+    with pytest.raises(RuntimeError, match="GPU 2 is not among CUDA_VISIBLE_DEVICES=0,1"):
+        rank_device(["2"], "0,1")
+    with pytest.raises(RuntimeError, match="learner.gpus_per_learner=0"):
+        rank_device([], None)
 
 
 def test_weak_scaling_multiplies_learning_rates_by_sqrt_world():

@@ -315,13 +315,16 @@ def test_offline_pretraining_without_workers_trains_and_writes_snapshots_by_upda
     assert not all((state["agent"][k] == fresh[k]).all() for k in fresh if k.startswith("skill_ac.actor."))
 
 
-def test_an_offline_run_resumes_from_its_saved_replay_without_reading_the_dataset(tmp_path, capsys):
+def test_an_offline_run_resumes_exactly_from_its_saved_replay_without_reading_the_dataset(tmp_path, capsys):
     data = tmp_path / "data"
     for i in range(3):
         write(data / f"{i}_40.npz", **exorl_episode(40, i))
     args = ["--preset", "tiny", "--logdir", str(tmp_path), "run_name=off", "learner.total_updates=6"]
     assert cli.main(["pretrain", "--local", "--offline", str(data), *args]) == 0
     assert "loaded 3 episodes, 120 steps" in capsys.readouterr().out
+    assert cli.main(["pretrain", "--local", "--offline", str(data), "--preset", "tiny", "--logdir", str(tmp_path),
+                     "run_name=whole", "learner.total_updates=9"]) == 0
+    capsys.readouterr()
     for path in data.iterdir():
         path.unlink()  # the dataset is gone: the resumed run needs only its replay checkpoint
     run_dir = tmp_path / "off"
@@ -330,7 +333,13 @@ def test_an_offline_run_resumes_from_its_saved_replay_without_reading_the_datase
     assert "resumed" in out and "120 steps in replay" in out and "loaded" not in out
     from choreo.learner.learner import load_torch_file
 
-    assert load_torch_file(run_dir / "checkpoint.pt")["updates"] == 9
+    resumed, whole = load_torch_file(run_dir / "checkpoint.pt"), load_torch_file(tmp_path / "whole" / "checkpoint.pt")
+    assert resumed["updates"] == whole["updates"] == resumed["batches"] == 9
+    # Stopped after 6 updates and resumed, it trained on the batches the uninterrupted run drew
+    # (the sampler goes on from its position), so every weight and optimiser state is the same.
+    from choreo.launch.distributed import state_digest
+
+    assert state_digest(resumed["agent"]) == state_digest(whole["agent"])
 
 
 def test_dataset_command_line_errors_name_the_problem_before_anything_starts(tmp_path, capsys):

@@ -95,6 +95,26 @@ def test_same_seed_same_batch_and_rows_shuffled():
     assert 0 < streams.sum() < 16 and not (np.diff(streams) >= 0).all()  # mixed, not shard-ordered
 
 
+def test_a_client_at_a_position_draws_what_the_client_that_drew_that_far_draws_next():
+    def build():
+        shards = [ReplayShard(5000, seed=i, name=f"shard{i}") for i in range(2)]
+        client = ReplayClient(shards, seed=7)
+        feed(client, range(4), 6)
+        return client
+
+    whole = build()
+    batches = [whole.sample(8, 5) for _ in range(5)]
+    assert whole.position == 5
+    resumed = build()
+    resumed.position = 3  # a learner resumed after training on 3 batches
+    for expected in batches[3:]:
+        got = resumed.sample(8, 5)
+        for key in B.KEYS:
+            np.testing.assert_array_equal(got[key], expected[key])
+    fresh = build()
+    assert not np.array_equal(fresh.sample(8, 5)[B.OBSERVATION], batches[3][B.OBSERVATION])
+
+
 class Flaky:
     """A shard whose sample (or every method) starts raising once `broken` is set."""
 
