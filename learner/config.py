@@ -26,7 +26,8 @@ class LearnerConfig:
     snapshot_updates: tuple[int, ...] = field(default=(10_000, 50_000, 100_000, 200_000))
     """Update counts at which an offline-only pretraining writes a snapshot (and at its last update)."""
     threads: int = 0
-    """Torch CPU threads of the learner process (0: all cores of its machine)."""
+    """Torch CPU threads of the learner process (0: all cores of its machine; a rank of a learner
+    group: its share of its node's cores)."""
     log_every: int = 100
     """Updates between metric writes to TensorBoard."""
     num_learners: int = 1
