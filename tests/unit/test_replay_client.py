@@ -79,14 +79,16 @@ def test_shard_without_window_gets_no_rows_and_empty_client_returns_none():
         assert (batch[B.OBSERVATION][:, :, STREAM] == 0).all()
 
 
-def test_same_seed_same_batch_and_rows_shuffled():
-    def build():
-        shards = [ReplayShard(5000, seed=i, name=f"shard{i}") for i in range(2)]
-        client = ReplayClient(shards, seed=42)
-        feed(client, range(4), 6)
-        return client
+def filled_client(seed: int) -> ReplayClient:
+    """Two shards that four workers filled, the same for the same seed."""
+    shards = [ReplayShard(5000, seed=i, name=f"shard{i}") for i in range(2)]
+    client = ReplayClient(shards, seed=seed)
+    feed(client, range(4), 6)
+    return client
 
-    a, b = build(), build()
+
+def test_same_seed_same_batch_and_rows_shuffled():
+    a, b = filled_client(42), filled_client(42)
     for _ in range(3):
         x, y = a.sample(16, 5), b.sample(16, 5)
         for key in B.KEYS:
@@ -96,22 +98,16 @@ def test_same_seed_same_batch_and_rows_shuffled():
 
 
 def test_a_client_at_a_position_draws_what_the_client_that_drew_that_far_draws_next():
-    def build():
-        shards = [ReplayShard(5000, seed=i, name=f"shard{i}") for i in range(2)]
-        client = ReplayClient(shards, seed=7)
-        feed(client, range(4), 6)
-        return client
-
-    whole = build()
+    whole = filled_client(7)
     batches = [whole.sample(8, 5) for _ in range(5)]
     assert whole.position == 5
-    resumed = build()
+    resumed = filled_client(7)
     resumed.position = 3  # a learner resumed after training on 3 batches
     for expected in batches[3:]:
         got = resumed.sample(8, 5)
         for key in B.KEYS:
             np.testing.assert_array_equal(got[key], expected[key])
-    fresh = build()
+    fresh = filled_client(7)
     assert not np.array_equal(fresh.sample(8, 5)[B.OBSERVATION], batches[3][B.OBSERVATION])
 
 
