@@ -1,7 +1,8 @@
 """Multi-node pretraining: the cluster launcher config (`launch/cluster.yaml`) has the structure
 `ray up` needs, and a tiny pretraining on a simulated two-node Ray cluster (two raylets on
 loopback, started with `ray.cluster_utils.Cluster`) puts its environment workers on both nodes and
-its learner on the node with the GPU, and finishes with a checkpoint."""
+its learner on the node with the GPU, and finishes with a checkpoint; two learner ranks on the two
+nodes train in step."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -230,3 +232,46 @@ def test_removed_node_has_its_workers_and_shards_restarted_on_the_others(tmp_pat
         assert driver.shard_restarts[int(i)] == 1
     assert driver.learner_restarts == (1 if before["learner"] == second.node_id else 0)
     assert torch.load(run_dir / CHECKPOINT, weights_only=True)["counters"]["frames"] >= 2400
+
+
+@pytest.mark.slow
+def test_learner_ranks_on_two_nodes_train_in_step(tmp_path, monkeypatch):
+    """Two learner ranks on two nodes (the placement group spread, as PACK does when no node has
+    room for both): they meet at rank 0's node over gloo, each takes all of its node's cores, and
+    they train an offline dataset in step to the last update."""
+    from choreo.launch.config import load_config, save_config
+    from choreo.launch.distributed import drive
+
+    groups = importlib.import_module("ray.util.placement_group")  # `ray.util.placement_group` is the function
+    pack = groups.placement_group
+    monkeypatch.setattr(groups, "placement_group",
+                        lambda bundles, strategy="PACK", **kw: pack(bundles, strategy="STRICT_SPREAD", **kw))
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.savez(data / f"episode_{i}_40.npz", observation=rng.normal(size=(40, 24)).astype(np.float32),
+                 action=rng.uniform(-1, 1, (40, 6)).astype(np.float32), reward=np.zeros((40, 1), np.float32),
+                 discount=np.ones((40, 1), np.float32))
+    config = load_config(["tiny"], [f"dataset.dir={data}", "learner.num_learners=2", "learner.device=cpu",
+                                    "learner.threads=0", "learner.total_updates=20", "learner.snapshot_updates=[]"])
+    run_dir = tmp_path / "run"
+    save_config(config, run_dir)
+    seen: dict = {}
+
+    def look(driver) -> None:
+        if "digests" not in seen and driver.updates >= 10:
+            seen["digests"] = driver.learner.digests()
+
+    with simulated_cluster(head_cpus=2) as cluster:
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
+        driver = drive(config, run_dir, address=cluster.address, on_tick=look)
+    assert driver.exit_code == 0
+    assert {rank["node_id"] for rank in driver.learner_ranks} == nodes
+    assert [rank["threads"] for rank in driver.learner_ranks] == [os.cpu_count()] * 2  # alone on its node
+    a, b = seen["digests"]
+    assert a == b, "the ranks on the two nodes differ"
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert checkpoint["updates"] == 20 and checkpoint["learners"] == 2
