@@ -31,7 +31,7 @@ def rank_digest(checkpoint: dict, rank: int) -> str:
 
 
 def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
-    config = load_config(["tiny"], ["num_actors=1", "num_shards=2", "learner.num_learners=2",
+    config = load_config(["tiny"], ["num_actors=1", "num_shards=2", "learner.num_learners=2", "learner.threads=0",
                                     "learner.total_frames=2400", "learner.snapshot_frames=[600]",
                                     "learner.checkpoint_minutes=1000"])
     run_dir = tmp_path / "run"
