@@ -1,7 +1,7 @@
 """Rate limiter: holds the ratio of sampled steps to inserted steps near `samples_per_insert`.
 
 Pure bookkeeping behind a lock: it answers "may I?" and counts; it never sleeps. One owner holds it
-(the run core, `launch/core.py`), asks before it dispatches work and records how long each side
+(the run core, `launch/runtime/core.py`), asks before it dispatches work and records how long each side
 waited with `record_wait`.
 
 Rules, with I = steps inserted beyond min_size (the warm-up is not counted), S = steps sampled

@@ -5,7 +5,7 @@ The installed package maps the repository's folders: `choreo.agents` (algorithms
 `choreo.launch` (composition root: command line, builder, run loops). This folder holds only the
 package root and `choreo.vocabulary`, the names every role shares.
 
-From Python, a pretraining snapshot is one call away (see `choreo.launch.pretrained`):
+From Python, a pretraining snapshot is one call away (see `choreo.launch.runtime.snapshot`):
 
     import choreo
     pre = choreo.load_snapshot("runs/<run>/snapshots/snapshot_2000000.pt")
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from choreo.launch.pretrained import Pretrained, load_snapshot
+    from choreo.launch.runtime.snapshot import Pretrained, load_snapshot
 
-_LAZY = {"load_snapshot": "choreo.launch.pretrained", "Pretrained": "choreo.launch.pretrained"}
+_LAZY = {"load_snapshot": "choreo.launch.runtime.snapshot", "Pretrained": "choreo.launch.runtime.snapshot"}
 
 
 def __getattr__(name: str) -> Any:

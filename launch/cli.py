@@ -14,7 +14,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from choreo.launch.config import iter_fields, load_config, to_yaml
+    from choreo.launch.runtime.config import iter_fields, load_config, to_yaml
 
     config = load_config(args.preset, args.overrides)
     if args.explain:
@@ -29,7 +29,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
-    from choreo.launch.envs_cmd import check_envs, list_envs
+    from choreo.launch.commands.envs import check_envs, list_envs
 
     if args.check:
         return check_envs(args.ids, obs=args.obs)
@@ -43,37 +43,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from choreo.launch.pretrain import pretrain
+    from choreo.launch.runtime.run import pretrain
 
     return pretrain(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from choreo.launch.pretrain import finetune
+    from choreo.launch.runtime.run import finetune
 
     return finetune(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from choreo.launch.evaluate import evaluate_command
+    from choreo.launch.commands.evaluate import evaluate_command
 
     return evaluate_command(args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from choreo.launch.plan import plan_command
+    from choreo.launch.commands.plan import plan_command
 
     return plan_command(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from choreo.launch.export import main as export
+    from choreo.launch.commands.export import main as export
 
     return export(args)
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from choreo.launch.visualize import main as visualize
+    from choreo.launch.commands.visualize import main as visualize
 
     return visualize(args)
 
@@ -86,7 +86,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from choreo.launch.report import run
+    from choreo.launch.commands.report import run
 
     return run(args.run_dirs, plot_path=args.plot, markdown_path=args.markdown, reps=args.reps, seed=args.seed)
 
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from choreo.launch.config import ConfigError
+    from choreo.launch.runtime.config import ConfigError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -67,7 +67,7 @@ def plain(value: Any) -> Any:
 def save_snapshot(path: str | os.PathLike, agent_state: Mapping[str, Any], config: Any, frames: int,
                   updates: int) -> Path:
     """Write a snapshot atomically to `path` (parent folders created); returns the path.
-    config: the run's resolved `launch.config.Config`, or `launch.config.to_dict` of it."""
+    config: the run's resolved `launch.runtime.config.Config`, or `launch.runtime.config.to_dict` of it."""
     path = Path(path)
     payload = {
         "format": FORMAT,
@@ -105,7 +105,7 @@ def load_snapshot(path: str | os.PathLike, expected: Mapping[str, Any] | None = 
     config: the current run's config (`Config` or plain dict), named in a mismatch's message where
         the keys that decide shapes differ from the saved ones.
     shape_keys: the agent's shape-deciding keys as dotted keys of the run config (e.g.
-        "agent.world_model.deter"), compared after `RUN_SHAPE_KEYS`; `launch.config.snapshot_shape_keys`
+        "agent.world_model.deter"), compared after `RUN_SHAPE_KEYS`; `launch.runtime.config.snapshot_shape_keys`
         gives them for a run's algorithm.
     Raises SnapshotError naming the file for: no file, a truncated or corrupted file, a file that
     is not a choreo snapshot (missing keys, another format or version), an incompatible agent.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from choreo.launch.distributed import TRAIN_CALL_SECONDS, LearnerActor
+from choreo.launch.runtime.distributed import TRAIN_CALL_SECONDS, LearnerActor
 
 UPDATE_SECONDS = 2 * TRAIN_CALL_SECONDS
 

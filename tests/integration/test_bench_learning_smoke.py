@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from choreo.launch import bench_learning as bl
+from choreo.launch.bench import learning as bl
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.config import from_yaml_file, load_config, save_config
-from choreo.launch.distributed import drive, run_distributed
-from choreo.launch.local import REPLAY_DIR
+from choreo.launch.runtime.config import from_yaml_file, load_config, save_config
+from choreo.launch.runtime.distributed import drive, run_distributed
+from choreo.launch.runtime.local import REPLAY_DIR
 from choreo.learner.learner import CHECKPOINT
 from processes import start_endless_pretrain  # tests/integration is on sys.path
 

@@ -19,9 +19,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.config import load_config, save_config
-from choreo.launch.distributed import drive, run_distributed, state_digest
-from choreo.launch.local import REPLAY_DIR
+from choreo.launch.runtime.config import load_config, save_config
+from choreo.launch.runtime.distributed import drive, run_distributed, state_digest
+from choreo.launch.runtime.local import REPLAY_DIR
 from choreo.learner.learner import CHECKPOINT
 from processes import start_endless_pretrain  # tests/integration is on sys.path
 
@@ -138,7 +138,7 @@ def _signal_the_process_group(tmp_path: Path, signum: int, run_name: str) -> tup
     import psutil  # importable once ray is (start_endless_pretrain imports it)
 
     try:
-        # Ray's processes run in sessions of their own (launch/ray_runtime.py): the group's signal
+        # Ray's processes run in sessions of their own (launch/runtime/ray_runtime.py): the group's signal
         # reaches the driver only. The workers that the raylet starts later join the raylet's session.
         assert all(os.getpgid(p.pid) != proc.pid for p in children), "a Ray process is in the driver's group"
         ray_sessions = {os.getsid(p.pid) for p in children} - {os.getsid(proc.pid)}
@@ -185,7 +185,7 @@ def test_ctrl_c_to_the_process_group_checkpoints_stops_everything_and_resumes(tm
     # every process it started.
     run_dir, interrupted = _signal_the_process_group(tmp_path, signal.SIGINT, "ctrl-c")
     frames = interrupted["counters"]["frames"]
-    from choreo.launch.config import from_yaml_file
+    from choreo.launch.runtime.config import from_yaml_file
 
     config = from_yaml_file(run_dir / "config.yaml")
     config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, total_frames=frames + 400))

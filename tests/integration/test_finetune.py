@@ -15,8 +15,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.launch import cli
-from choreo.launch.config import load_config, save_config
-from choreo.launch.local import run_local
+from choreo.launch.runtime.config import load_config, save_config
+from choreo.launch.runtime.local import run_local
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow

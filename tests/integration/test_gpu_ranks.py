@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from choreo.launch.learner_group import rank_options
+from choreo.launch.runtime.learner_group import rank_options
 from choreo.learner.dist import rank_device
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def test_gpu_ranks_share_the_nodes_gpus_and_bind_their_own():
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from choreo.launch.ray_runtime import WORKER_ENV_VARS, shutdown_ray, start_local_ray
+    from choreo.launch.runtime.ray_runtime import WORKER_ENV_VARS, shutdown_ray, start_local_ray
 
     class Look:  # defined here: Ray's workers cannot import a test module, so it travels by value
         def sees(self) -> tuple[str | None, list, str | None]:

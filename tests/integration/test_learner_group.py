@@ -12,8 +12,8 @@ import signal
 import pytest
 import torch
 
-from choreo.launch.config import load_config, save_config
-from choreo.launch.distributed import drive, state_digest
+from choreo.launch.runtime.config import load_config, save_config
+from choreo.launch.runtime.distributed import drive, state_digest
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow

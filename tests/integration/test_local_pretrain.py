@@ -12,8 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.config import from_yaml_file, load_config
-from choreo.launch.local import REPLAY_DIR, run_local
+from choreo.launch.runtime.config import from_yaml_file, load_config
+from choreo.launch.runtime.local import REPLAY_DIR, run_local
 from choreo.learner.learner import CHECKPOINT
 
 

@@ -111,8 +111,8 @@ def two_node_run(tmp_path_factory):
     always finds room on the second. Token authentication is on, as `connect_ray` reads it from the
     environment. Returns the exit code, the nodes' ids, the run directory, the driver's output and
     the nodes' listening sockets."""
-    from choreo.launch.config import load_config, save_config
-    from choreo.launch.distributed import run_distributed
+    from choreo.launch.runtime.config import load_config, save_config
+    from choreo.launch.runtime.distributed import run_distributed
 
     config = load_config(["tiny"], ["num_actors=4", "num_shards=2", f"learner.total_frames={TOTAL_FRAMES}",
                                     "learner.snapshot_frames=[]", "learner.checkpoint_minutes=10"])
@@ -199,8 +199,8 @@ def test_replay_shards_on_both_nodes(two_node_run):
 def test_removed_node_has_its_workers_and_shards_restarted_on_the_others(tmp_path):
     """A node vanishes mid-run (its raylet and every process on it killed): its workers and shards
     (and the learner, if it was there) are started again on the head, and the run finishes."""
-    from choreo.launch.config import load_config, save_config
-    from choreo.launch.distributed import drive
+    from choreo.launch.runtime.config import load_config, save_config
+    from choreo.launch.runtime.distributed import drive
 
     config = load_config(["tiny"], ["num_actors=2", "num_shards=2", "learner.total_frames=2400",
                                     "learner.snapshot_frames=[600]", "learner.checkpoint_minutes=1000"])
@@ -239,8 +239,8 @@ def test_learner_ranks_on_two_nodes_train_in_step(tmp_path, monkeypatch):
     """Two learner ranks on two nodes (the placement group spread, as PACK does when no node has
     room for both): they meet at rank 0's node over gloo, each takes all of its node's cores, and
     they train an offline dataset in step to the last update."""
-    from choreo.launch.config import load_config, save_config
-    from choreo.launch.distributed import drive
+    from choreo.launch.runtime.config import load_config, save_config
+    from choreo.launch.runtime.distributed import drive
 
     groups = importlib.import_module("ray.util.placement_group")  # `ray.util.placement_group` is the function
     pack = groups.placement_group

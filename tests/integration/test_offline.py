@@ -15,9 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from choreo.buffer.dataset import EpisodeSpec, episode_files, load_into
 from choreo.buffer.shard import ReplayShard
 from choreo.launch import cli
-from choreo.launch.build import make_shard
-from choreo.launch.config import from_yaml_file
-from choreo.launch.local import REPLAY_DIR
+from choreo.launch.runtime.build import make_shard
+from choreo.launch.runtime.config import from_yaml_file
+from choreo.launch.runtime.local import REPLAY_DIR
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow

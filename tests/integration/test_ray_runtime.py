@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from choreo.launch.ray_runtime import shutdown_ray, start_local_ray
+    from choreo.launch.runtime.ray_runtime import shutdown_ray, start_local_ray
 
     info = start_local_ray(num_cpus=2)
     try:
@@ -27,7 +27,7 @@ def local_ray():
 
 
 def test_local_ray_is_on_loopback(local_ray):
-    from choreo.launch.ray_runtime import LOOPBACK_ADDRESSES
+    from choreo.launch.runtime.ray_runtime import LOOPBACK_ADDRESSES
 
     assert local_ray["node_ip"] == "127.0.0.1"
     assert local_ray["address"].startswith("127.0.0.1:")
@@ -55,7 +55,7 @@ def test_gcs_keeps_a_bounded_task_record(local_ray):
     """The GCS of a run that lasts days must not keep a record of every call ever made."""
     import psutil
 
-    from choreo.launch.ray_runtime import GCS_TASK_EVENTS
+    from choreo.launch.runtime.ray_runtime import GCS_TASK_EVENTS
 
     gcs = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("gcs_server")]
     assert gcs, "no GCS process among this process's children"
@@ -65,8 +65,8 @@ def test_gcs_keeps_a_bounded_task_record(local_ray):
 def test_remote_runner_chunks_and_weights(local_ray):
     import ray
 
-    from choreo.launch.config import load_config
-    from choreo.launch.ray_runtime import remote_runner_class
+    from choreo.launch.runtime.config import load_config
+    from choreo.launch.runtime.ray_runtime import remote_runner_class
 
     config = load_config(["tiny"], ["env.task=walker_walk", "envs_per_actor=2", "num_actors=1",
                                     "learner.seed_frames=20", "replay.chunk_length=10"])

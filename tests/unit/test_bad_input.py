@@ -17,8 +17,9 @@ import torch
 from choreo.launch import cli
 from choreo.agents import registry
 from choreo.agents.config import AgentConfig
-from choreo.launch.config import ConfigError, from_yaml_file, load_config, save_config, snapshot_shape_keys
-from choreo.launch.pretrain import default_run_name, new_run_dir, pretrain
+from choreo.launch.runtime.config import ConfigError, from_yaml_file, load_config, save_config, snapshot_shape_keys
+from choreo.launch.runtime.rundir import default_run_name, new_run_dir
+from choreo.launch.runtime.run import pretrain
 from choreo.learner.learner import CHECKPOINT
 from choreo.learner.snapshot import SnapshotError, check_compatible, load_snapshot, save_snapshot
 from test_choreographer_agent import batch, make, tiny  # tests/unit is on sys.path (rootdir-relative imports)
@@ -65,9 +66,9 @@ def no_run(monkeypatch):
     def run_distributed(config, run_dir, address=None, resume=False):
         raise AssertionError("the Ray runtime must not start in these tests")
 
-    monkeypatch.setitem(sys.modules, "choreo.launch.local", types.SimpleNamespace(run_local=run_local))
-    monkeypatch.setitem(sys.modules, "choreo.launch.distributed", types.SimpleNamespace(run_distributed=run_distributed))
-    monkeypatch.setattr("choreo.launch.pretrain.interrupt_on_sigterm", lambda: None)
+    monkeypatch.setitem(sys.modules, "choreo.launch.runtime.local", types.SimpleNamespace(run_local=run_local))
+    monkeypatch.setitem(sys.modules, "choreo.launch.runtime.distributed", types.SimpleNamespace(run_distributed=run_distributed))
+    monkeypatch.setattr("choreo.launch.runtime.run.interrupt_on_sigterm", lambda: None)
     return started
 
 
@@ -131,7 +132,7 @@ def test_generated_run_name_is_one_component_even_for_gym_ids_with_slashes():
 
 
 def test_generated_run_names_never_reuse_a_directory(tmp_path, monkeypatch):
-    monkeypatch.setattr("choreo.launch.pretrain.time.strftime", lambda fmt: "20250101-000000")  # one second
+    monkeypatch.setattr("choreo.launch.runtime.run.time.strftime", lambda fmt: "20250101-000000")  # one second
     config = load_config(["tiny"])
     first = new_run_dir(config, str(tmp_path))
     save_config(config, first)

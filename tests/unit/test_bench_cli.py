@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from choreo.launch import bench, bench_pretrain, bench_soak
+from choreo.launch import bench
+from choreo.launch.bench import pretrain as bench_pretrain, soak as bench_soak
 from choreo.launch.cli import build_parser, main
-from choreo.launch.config import ConfigError
+from choreo.launch.runtime.config import ConfigError
 
 
 def test_bench_help_lists_both(capsys):
@@ -18,8 +19,8 @@ def test_bench_help_lists_both(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "pretrain" in out and "soak" in out
-    assert bench.BENCHMARKS["pretrain"] == "choreo.launch.bench_pretrain"
-    assert bench.BENCHMARKS["soak"] == "choreo.launch.bench_soak"
+    assert bench.BENCHMARKS["pretrain"] == "choreo.launch.bench.pretrain"
+    assert bench.BENCHMARKS["soak"] == "choreo.launch.bench.soak"
 
 
 @pytest.mark.parametrize("what", ["pretrain", "soak"])
@@ -138,7 +139,7 @@ def test_nothing_started_ray():
 @pytest.mark.parametrize("as_json", [False, True])
 def test_run_lines_leave_stdout_to_the_json(as_json, monkeypatch, capsys, tmp_path):
     """With --json the driver's own lines go to stderr, and a temporary run directory is removed."""
-    import choreo.launch.distributed
+    import choreo.launch.runtime.distributed
 
     seen = {}
 
@@ -148,7 +149,7 @@ def test_run_lines_leave_stdout_to_the_json(as_json, monkeypatch, capsys, tmp_pa
         print("Ray: 2 environment workers")
         return "driver"
 
-    monkeypatch.setattr(choreo.launch.distributed, "drive", fake_drive)
+    monkeypatch.setattr(choreo.launch.runtime.distributed, "drive", fake_drive)
     monkeypatch.setattr(bench_pretrain.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     _, config = bench_pretrain.parse([])

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from choreo.launch import bench_learning as bl
+from choreo.launch.bench import learning as bl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -15,8 +15,8 @@ from choreo.agents.choreographer.meta import MetaController
 from choreo.agents.choreographer.policy import ChoreographerPolicy
 from choreo.agents.distributions import TruncatedNormal
 from choreo.agents.registry import make_agent, make_policy, registered
-from choreo.launch.bench_learner import random_batch
-from choreo.launch.config import load_config
+from choreo.launch.runtime.build import random_batch
+from choreo.launch.runtime.config import load_config
 
 STATE_SHAPE, PIXEL_SHAPE, ACTIONS = (24,), (3, 64, 64), 6
 

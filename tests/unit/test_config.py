@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from choreo.launch.config import (
+from choreo.launch.runtime.config import (
     Config,
     ConfigError,
     from_yaml_file,
@@ -82,7 +82,7 @@ def test_bad_input_names_the_key(overrides, fragment):
 
 def test_impossible_combination_dads_from_pixels(tmp_path, monkeypatch):
     # DADS learns from states only; the combination must fail before anything starts.
-    import choreo.launch.config as lc
+    import choreo.launch.runtime.config as lc
 
     monkeypatch.setattr(lc, "CONFIG_DIR", _config_dir_with_dads(tmp_path))
     with pytest.raises(ConfigError, match="'env.obs': DADS learns from states only"):
@@ -92,7 +92,7 @@ def test_impossible_combination_dads_from_pixels(tmp_path, monkeypatch):
 def _config_dir_with_dads(tmp_path: Path) -> Path:
     import shutil
 
-    import choreo.launch.config as lc
+    import choreo.launch.runtime.config as lc
 
     d = tmp_path / "configs"
     shutil.copytree(lc.CONFIG_DIR, d)
@@ -106,7 +106,7 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 def test_malformed_yaml_names_the_file(tmp_path, monkeypatch):
-    import choreo.launch.config as lc
+    import choreo.launch.runtime.config as lc
 
     d = _config_dir_with_dads(tmp_path)
     (d / "size" / "tiny.yaml").write_text("agent: {world_model: [unclosed\n")

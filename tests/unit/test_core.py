@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from choreo.launch.config import load_config
-from choreo.launch.core import MAX_OUTSTANDING_BATCHES, RunCore
-from choreo.launch.monitor import Monitor, Pace
+from choreo.launch.runtime.config import load_config
+from choreo.launch.runtime.core import MAX_OUTSTANDING_BATCHES, RunCore
+from choreo.launch.runtime.monitor import Monitor, Pace
 
 TARGET, TOLERANCE = 4.0, 0.1
 
@@ -210,7 +210,7 @@ def test_nothing_is_granted_or_collected_once_stopping(tmp_path):
 def test_logged_updates_per_second_is_a_rate_over_a_window(tmp_path):
     """The loops log every few seconds and at every episode end, often with no learner call in
     between: the scalar is measured over the last RATE_WINDOW seconds, not since the previous log."""
-    from choreo.launch.monitor import RATE_WINDOW
+    from choreo.launch.runtime.monitor import RATE_WINDOW
 
     clock = Clock()
     config = load_config(["tiny"])

@@ -23,9 +23,9 @@ from choreo.agents.collective import SOLO
 from choreo.agents.choreographer.agent import ChoreographerAgent
 from choreo.agents.choreographer.rewards import RunningMagnitude, knn_particle_reward
 from choreo.agents.choreographer.skills import SkillAutoEncoder
-from choreo.launch.bench_learner import random_batch
-from choreo.launch.config import ConfigError, load_config
-from choreo.launch.distributed import state_digest
+from choreo.launch.runtime.build import random_batch
+from choreo.launch.runtime.config import ConfigError, load_config
+from choreo.launch.runtime.distributed import state_digest
 from choreo.learner.dist import free_port, join_group, leave_group, rank_device
 
 WORLD = 2
@@ -253,8 +253,8 @@ def test_a_gpu_rank_binds_its_own_gpu_among_the_visible_ones():
 
 
 def test_weak_scaling_multiplies_learning_rates_by_sqrt_world():
-    from choreo.launch.build import group_agent_config
-    from choreo.launch.config import group_batch_size, rank_batch_size
+    from choreo.launch.runtime.build import group_agent_config
+    from choreo.launch.runtime.config import group_batch_size, rank_batch_size
 
     one = load_config(["tiny"])
     weak = load_config(["tiny"], ["learner.num_learners=4"])

@@ -16,8 +16,8 @@ from choreo.buffer.dataset import (MANIFEST, DatasetError, EpisodeError, Episode
                                    export_episodes, load_into, read_episode, read_manifest, split_files)
 from choreo.buffer.shard import ReplayShard
 from choreo.launch import cli
-from choreo.launch.build import dataset_renderer, env_shapes, load_dataset, make_shard
-from choreo.launch.config import ConfigError, load_config, save_config
+from choreo.launch.runtime.build import dataset_renderer, env_shapes, load_dataset, make_shard
+from choreo.launch.runtime.config import ConfigError, load_config, save_config
 
 OBS, ACT = 24, 6  # walker from states
 SPEC = EpisodeSpec((OBS,), ACT, "walker_stand")
@@ -227,7 +227,7 @@ def test_a_manifest_reports_changed_missing_and_unlisted_files_by_name(tmp_path)
     summary = load_into(ReplayShard(1000, 0), data, episode_files(data), SPEC, manifest=listed)
     assert summary.skipped == [(changed.name, f"changed on disk since {MANIFEST} was written (SHA-256 differs)")]
     assert any("extra_10.npz: not listed" in w for w in summary.warnings)
-    from choreo.launch.build import check_dataset
+    from choreo.launch.runtime.build import check_dataset
 
     assert any(files[1].name in w and "missing" in w for w in check_dataset(config)[1])
 
@@ -305,8 +305,8 @@ def test_offline_pretraining_without_workers_trains_and_writes_snapshots_by_upda
     snapshot = load_torch_file(run_dir / "snapshots" / "snapshot_12updates.pt")
     assert snapshot["updates"] == 12
     # Offline, the exploration actor-critic is not trained: its weights are those of a fresh agent.
-    from choreo.launch.build import make_agent
-    from choreo.launch.config import from_yaml_file
+    from choreo.launch.runtime.build import make_agent
+    from choreo.launch.runtime.config import from_yaml_file
 
     fresh = make_agent(from_yaml_file(run_dir / "config.yaml"), (OBS,), ACT).state_dict()
     for key, value in state["agent"].items():
@@ -337,7 +337,7 @@ def test_an_offline_run_resumes_exactly_from_its_saved_replay_without_reading_th
     assert resumed["updates"] == whole["updates"] == resumed["batches"] == 9
     # Stopped after 6 updates and resumed, it trained on the batches the uninterrupted run drew
     # (the sampler goes on from its position), so every weight and optimiser state is the same.
-    from choreo.launch.distributed import state_digest
+    from choreo.launch.runtime.distributed import state_digest
 
     assert state_digest(resumed["agent"]) == state_digest(whole["agent"])
 

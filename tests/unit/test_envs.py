@@ -542,7 +542,7 @@ def test_mujoco_gl_set_on_import_unless_given():
 
 
 def test_list_envs(capsys):
-    from choreo.launch.envs_cmd import list_envs
+    from choreo.launch.commands.envs import list_envs
 
     assert list_envs([]) == 0
     out = capsys.readouterr().out
@@ -553,7 +553,7 @@ def test_list_envs(capsys):
 
 
 def test_check_envs_names_failures(capsys):
-    from choreo.launch.envs_cmd import check_envs
+    from choreo.launch.commands.envs import check_envs
 
     assert check_envs(["walker_walk", "gym:Pendulum-v1"]) == 0
     assert check_envs(["walker_walk", "gym:CartPole-v1", "no_such_env"]) != 0

@@ -8,8 +8,8 @@ import numpy as np
 from gymnasium import spaces
 
 from choreo.actors.runner import EnvRunner
-from choreo.launch.config import load_config
-from choreo.launch.evaluate import JOB_EPISODES, plan_jobs, summarise
+from choreo.launch.runtime.config import load_config
+from choreo.launch.commands.evaluate import JOB_EPISODES, plan_jobs, summarise
 
 
 class ReachEnv(gymnasium.Env):

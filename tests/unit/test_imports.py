@@ -14,6 +14,7 @@ file; a failure names the package, the forbidden module and the chain of modules
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -140,8 +141,104 @@ def test_rules_catch_violations():
     assert violations("choreo.buffer", ["torch", "torch.nn", "choreo.agents.config"]) == ["torch", "choreo.agents.config"]
     assert violations("choreo.agents", ["choreo.agents.nets", "torch", "choreo.learner.snapshot"]) == [
         "choreo.learner.snapshot"]
-    assert violations("choreo.actors", ["choreo.agents.nets", "choreo.launch", "choreo.launch.config",
+    assert violations("choreo.actors", ["choreo.agents.nets", "choreo.launch", "choreo.launch.runtime.config",
                                         "choreo.buffer.codec"]) == ["choreo.launch", "choreo.buffer.codec"]
     assert violations("choreo.learner", ["choreo.agents.nets", "ray", "ray._private"]) == ["ray"]
     assert violations("choreo.vocabulary", ["choreo", "choreo.vocabulary", "choreo.agents"]) == ["choreo.agents"]
     assert violations("choreo.agents", ["choreo.agentsx"]) == ["choreo.agentsx"]  # a prefix is not a package
+
+
+# ----------------------------------------------------------------------------- inside launch/
+#
+# launch/ is split by role: runtime/ (command line pieces, config, plan, builder, run core, loops,
+# Ray layer, run directory, snapshots, rollout, job runner), commands/ (what uses a snapshot or a
+# run) and bench/ (benchmarks); launch/cli.py is the entry point that dispatches to all of them.
+# Commands and benchmarks import the runtime, never the reverse, and no module imports itself back
+# through others. Every import counts, also those inside functions (lazy imports still close cycles).
+
+LAUNCH = ROOT / "launch"
+LAYERS = {"runtime": 0, "commands": 1, "bench": 2}
+"""A module may import its own layer and those below it (a lower number)."""
+
+
+def launch_modules() -> dict[str, Path]:
+    modules = {}
+    for path in LAUNCH.rglob("*.py"):
+        parts = list(path.relative_to(LAUNCH).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(["choreo.launch", *parts])] = path
+    return modules
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the modules of `sources` it imports (`from package import module` counts as the module)."""
+    graph = {}
+    for name, source in sources.items():
+        deps = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+                deps.update(t if t in sources else node.module for t in targets)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in sources and d != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                found.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+def layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[2]) if len(parts) > 2 else None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, deps in graph.items():
+        own = layer(module)
+        for dep in deps:
+            theirs = layer(dep)
+            if dep == "choreo.launch.cli" or (own is not None and theirs is not None and theirs > own):
+                bad.append(f"{module} -> {dep}")
+    return sorted(bad)
+
+
+def test_launch_has_no_import_cycle_and_the_runtime_imports_no_command():
+    graph = import_graph({name: path.read_text() for name, path in launch_modules().items()})
+    assert {"choreo.launch.runtime.config", "choreo.launch.commands.evaluate", "choreo.launch.bench.soak"} <= set(graph)
+    found = cycles(graph)
+    assert not found, "import cycles inside launch/:\n" + "\n".join(" -> ".join(c) for c in found)
+    bad = layering_violations(graph)
+    assert not bad, ("the runtime imports no command or benchmark, commands no benchmark, nothing the entry "
+                     "point:\n" + "\n".join(bad))
+
+
+def test_the_launch_checks_catch_cycles_and_inverted_imports():
+    sources = {
+        "choreo.launch.runtime.a": "from choreo.launch.runtime import b\n",
+        "choreo.launch.runtime.b": "def f():\n    from choreo.launch.runtime.a import x\n",
+        "choreo.launch.commands.c": "from choreo.launch.runtime.a import x\n",
+        "choreo.launch.runtime.d": "import choreo.launch.commands.c\n",
+    }
+    graph = import_graph(sources)
+    assert cycles(graph) == [["choreo.launch.runtime.a", "choreo.launch.runtime.b", "choreo.launch.runtime.a"]]
+    assert layering_violations(graph) == ["choreo.launch.runtime.d -> choreo.launch.commands.c"]

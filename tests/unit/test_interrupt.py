@@ -9,19 +9,19 @@ import time
 
 import pytest
 
-from choreo.launch import pretrain
+from choreo.launch.runtime import signals
 
 
 @pytest.fixture
 def handlers():
     """The handlers installed, from a clean state; this process's own handlers restored afterwards."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    pretrain.reset_interrupt()
-    pretrain.interrupt_on_sigterm()
+    signals.reset_interrupt()
+    signals.interrupt_on_sigterm()
     try:
         yield
     finally:
-        pretrain.reset_interrupt()
+        signals.reset_interrupt()
         for s, handler in saved.items():
             signal.signal(s, handler)
 
@@ -49,7 +49,7 @@ def test_first_signal_interrupts_and_a_second_one_only_says_the_run_is_stopping(
 def test_reset_makes_the_next_signal_interrupt_again(handlers, capfd):
     with pytest.raises(KeyboardInterrupt):
         _send(signal.SIGTERM)
-    pretrain.reset_interrupt()
+    signals.reset_interrupt()
     with pytest.raises(KeyboardInterrupt):
         _send(signal.SIGINT)
     assert capfd.readouterr().err == ""

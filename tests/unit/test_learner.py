@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from choreo.agents.choreographer.agent import ChoreographerAgent
-from choreo.launch.bench_learner import random_batch
-from choreo.launch.config import load_config
+from choreo.launch.runtime.build import random_batch
+from choreo.launch.runtime.config import load_config
 from choreo.learner.learner import CHECKPOINT, BatchPrefetcher, Learner, load_torch_file
 
 

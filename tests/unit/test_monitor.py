@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from choreo.launch.monitor import Monitor, _duration, loss_note
+from choreo.launch.runtime.monitor import Monitor, _duration, loss_note
 
 
 def test_duration_units():

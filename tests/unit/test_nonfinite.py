@@ -18,8 +18,8 @@ from choreo.agents.choreographer.agent import ChoreographerAgent
 from choreo.agents.choreographer.rewards import RunningMagnitude
 from choreo.agents.choreographer.skills import SkillAutoEncoder
 from choreo.agents.config import ActorCriticConfig, ChoreographerConfig
-from choreo.launch.bench_learner import random_batch
-from choreo.launch.config import load_config
+from choreo.launch.runtime.build import random_batch
+from choreo.launch.runtime.config import load_config
 from choreo.learner.learner import CHECKPOINT, Learner, NonFiniteLossError
 
 NAN = float("nan")

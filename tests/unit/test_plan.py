@@ -11,7 +11,7 @@ import torch
 from choreo.actors.envs import make_env
 from choreo.actors.runner import EnvRunner
 from choreo.launch import cli
-from choreo.launch.plan import goal_rewards, summarise
+from choreo.launch.commands.plan import goal_rewards, summarise
 
 
 class Still:
@@ -67,8 +67,8 @@ def test_summary_of_episodes():
 
 
 def test_plan_refuses_what_it_cannot_run(tmp_path, capsys):
-    from choreo.launch.config import load_config
-    from choreo.launch.build import make_agent
+    from choreo.launch.runtime.config import load_config
+    from choreo.launch.runtime.build import make_agent
     from choreo.learner.snapshot import save_snapshot
 
     assert cli.main(["plan", "--snapshot", str(tmp_path / "none.pt"), "task=point_mass_nav"]) == 2

@@ -1,4 +1,4 @@
-"""Using a pretrained agent from Python (`choreo.load_snapshot`, launch/pretrained.py): one call
+"""Using a pretrained agent from Python (`choreo.load_snapshot`, launch/runtime/snapshot.py): one call
 from a snapshot file to the config, the agent with its weights, acting policies, environments and
 skill rollouts; clear errors naming what is wrong. Also: `--local` honours learner.threads, and
 `choreo pretrain` prints the run directory first. Tiny networks, a few steps."""
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import choreo
-from choreo.launch.build import env_shapes, make_agent
-from choreo.launch.config import ConfigError, load_config
-from choreo.launch.pretrained import Pretrained, rollout
+from choreo.launch.runtime.build import env_shapes, make_agent
+from choreo.launch.runtime.config import ConfigError, load_config
+from choreo.launch.runtime.snapshot import Pretrained, rollout
 from choreo.learner.snapshot import SnapshotError, save_snapshot
 
 CODES = 4
@@ -254,7 +254,7 @@ def test_rollout_restarts_episodes_and_reports_every_observation():
 
 
 def test_local_runs_take_the_learner_threads(tmp_path, monkeypatch):
-    from choreo.launch import local
+    from choreo.launch.runtime import local
 
     before = torch.get_num_threads()
     config = load_config(["tiny"], ["learner.threads=1"])
@@ -279,9 +279,9 @@ class Recorder(io.StringIO):
 
 
 def test_pretrain_prints_the_run_directory_first(tmp_path, monkeypatch):
-    from choreo.launch import local
+    from choreo.launch.runtime import local
     from choreo.launch.cli import main
-    from choreo.launch.pretrain import signals_stop_the_run
+    from choreo.launch.runtime.signals import signals_stop_the_run
 
     stdout = Recorder()
     monkeypatch.setattr(sys, "stdout", stdout)

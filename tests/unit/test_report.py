@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from choreo.launch import report as rep
+from choreo.launch.commands import report as rep
 from choreo.launch.cli import main
 
 SQRT3 = math.sqrt(3.0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import choreo.launch.ray_runtime as ray_runtime
-from choreo.launch.distributed import state_digest
-from choreo.launch.ray_runtime import ShardActor
+import choreo.launch.runtime.ray_runtime as ray_runtime
+from choreo.launch.runtime.distributed import state_digest
+from choreo.launch.runtime.ray_runtime import ShardActor
 from test_shard import simple_chunk  # tests/unit is on sys.path (rootdir-relative imports)
 
 

@@ -10,7 +10,7 @@ import pytest
 from gymnasium import spaces
 
 from choreo.actors.runner import EnvRunner, env_seed
-from choreo.launch.build import make_runner, random_steps_per_env
+from choreo.launch.runtime.build import make_runner, random_steps_per_env
 from choreo.vocabulary import derive_seed
 from choreo import vocabulary as B
 
@@ -316,7 +316,7 @@ def test_stats_counts_and_drains_episodes():
 
 
 def test_random_steps_per_env():
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     config = load_config(["tiny"], ["learner.seed_frames=1000", "num_actors=3", "envs_per_actor=2",
                                     "env.action_repeat=2"])
@@ -328,7 +328,7 @@ def test_random_steps_per_env():
 
 
 def test_real_env_with_choreographer_policy():
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     config = load_config(["tiny"], ["env.task=walker_walk", "envs_per_actor=2", "num_actors=1",
                                     "learner.seed_frames=40", "replay.chunk_length=10"])

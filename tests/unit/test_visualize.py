@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from choreo import vocabulary as B
-from choreo.launch.build import env_shapes
-from choreo.launch.config import ConfigError, load_config
+from choreo.launch.runtime.build import env_shapes
+from choreo.launch.runtime.config import ConfigError, load_config
 from choreo.launch.cli import main as cli_main
-from choreo.launch.monitor import Monitor
-from choreo.launch.visualize import (code_grid, code_images, codebook_plot, encode_gif, learner_media,
-                                     rollout_skills, run_visualize, skill_videos, write_gif, write_png)
+from choreo.launch.runtime.monitor import Monitor
+from choreo.launch.commands.visualize import run_visualize
+from choreo.launch.runtime.media import (code_grid, code_images, codebook_plot, encode_gif, learner_media, rollout_skills,
+                                         skill_videos, write_gif, write_png)
 
 CODES = 3
 

@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from choreo.launch.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner,
+from choreo.launch.runtime.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner,
                                  make_runner, make_sampler, make_shard)
-from choreo.launch.config import Config, eval_every, offline_only
-from choreo.launch.core import MAX_OUTSTANDING_BATCHES, RunCore
-from choreo.launch.visualize import MediaSchedule, training_media
+from choreo.launch.runtime.config import Config, eval_every, offline_only
+from choreo.launch.runtime.core import MAX_OUTSTANDING_BATCHES, RunCore
+from choreo.launch.runtime.media import MediaSchedule, training_media
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 REPLAY_DIR = "replay"
@@ -31,7 +31,7 @@ STATS_SECONDS = 5.0
 @contextlib.contextmanager
 def learner_threads(config: Config) -> Iterator[int]:
     """Torch's CPU threads set to `config.learner.threads` (0: all cores), as the Ray learner
-    sets them (launch/distributed.py); the previous count comes back afterwards. Yields the count."""
+    sets them (launch/runtime/distributed.py); the previous count comes back afterwards. Yields the count."""
     import torch
 
     previous = torch.get_num_threads()

@@ -1,6 +1,6 @@
 """`choreo bench pretrain`: end-to-end speed of a whole pretraining on an embedded Ray.
 
-Runs `choreo pretrain` (launch.distributed.drive: environment workers, replay shards and the
+Runs `choreo pretrain` (launch.runtime.distributed.drive: environment workers, replay shards and the
 learner as Ray actors on a loopback Ray) with the given presets (default tiny: tiny networks,
 walker from states, 2 workers, 1 shard) and overrides, in a temporary run directory that is
 deleted afterwards (kept under --logdir when given). Measured from the driver's first loop turn
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     """The options and the resolved config (ConfigError for a bad preset or key=value)."""
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     args = _parser().parse_args(argv)
     args.preset = args.preset or list(DEFAULT_PRESETS)
@@ -121,9 +121,9 @@ def drive_in_new_run(config: Any, logdir: str | None, on_tick: Any, prefix: str,
     """A pretraining on an embedded Ray in a new run directory under `logdir`, or under a temporary
     directory (named with `prefix`) that is deleted afterwards. Returns the driver and the run dir.
     as_json: the run's own lines go to stderr, so that stdout holds only the JSON figures."""
-    from choreo.launch.config import save_config
-    from choreo.launch.distributed import drive
-    from choreo.launch.pretrain import new_run_dir
+    from choreo.launch.runtime.config import save_config
+    from choreo.launch.runtime.distributed import drive
+    from choreo.launch.runtime.rundir import new_run_dir
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     root = Path(logdir) if logdir else Path(tempfile.mkdtemp(prefix=prefix))
@@ -168,7 +168,7 @@ def run_once(config: Any, logdir: str | None, seconds: float | None = None, as_j
 def compare_learners(args: argparse.Namespace, config: Any, as_json: bool) -> int:
     """The same pretraining with one learner and with `args.learners` ranks (best of --repeats each):
     frames/s, updates/s and sequences trained per second (updates x ranks' batches)."""
-    from choreo.launch.config import group_batch_size
+    from choreo.launch.runtime.config import group_batch_size
 
     figures = {}
     for world in (1, args.learners):

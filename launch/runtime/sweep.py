@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from choreo.launch.config import Config
+from choreo.launch.runtime.config import Config
 
 VIEW_SECONDS = 2.0
 """Seconds between two updates of the progress view (30 when not on a terminal)."""
@@ -52,7 +52,7 @@ class RunActor:
     def run(self) -> int:
         import ray
 
-        from choreo.launch.distributed import Driver
+        from choreo.launch.runtime.distributed import Driver
 
         self.driver = Driver(ray, self.config, self.run_dir, resume=False)
         if self.stopped:
@@ -79,7 +79,7 @@ def run_sweep(runs: list[tuple[Config, Path]], address: str | None = None, paral
               stream: TextIO | None = None) -> int:
     """Runs every (config, run directory) on Ray, side by side as resources allow; returns 0 when
     all finished, 1 when any failed, 130 when a signal stopped them."""
-    from choreo.launch.ray_runtime import connect_ray, shutdown_ray, start_local_ray
+    from choreo.launch.runtime.ray_runtime import connect_ray, shutdown_ray, start_local_ray
 
     stream = stream or sys.stderr
     if address:
@@ -90,7 +90,7 @@ def run_sweep(runs: list[tuple[Config, Path]], address: str | None = None, paral
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from choreo.launch.pretrain import signals_stop_the_run
+    from choreo.launch.runtime.signals import signals_stop_the_run
 
     gpu_cluster = ray.cluster_resources().get("GPU", 0) > 0
     actor_cls = ray.remote(num_cpus=0.01, max_concurrency=4, max_restarts=0)(RunActor)

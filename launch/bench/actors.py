@@ -27,7 +27,7 @@ TINY = "tiny"
 
 
 def _config(task: str, obs: str, envs: int, seed_frames: int = 0):
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     presets = [TINY] + (["pixels"] if obs == "pixels" else [])
     return load_config(presets, [f"env.task={task}", f"envs_per_actor={envs}", f"learner.seed_frames={seed_frames}",
@@ -65,7 +65,7 @@ def measure_raw(config, steps: int, repeats: int = 3, seed: int = 0) -> tuple[fl
 def measure_runner(config, steps: int, repeats: int = 3) -> tuple[float, float]:
     """Agent steps/s of one in-process runner; its random seed phase covers the timed steps when
     `config.learner.seed_frames` says so (see `_config`), else the policy acts throughout."""
-    from choreo.launch.build import make_runner
+    from choreo.launch.runtime.build import make_runner
 
     n = config.envs_per_actor
     calls = max(1, steps // n)
@@ -85,7 +85,7 @@ def measure_runner(config, steps: int, repeats: int = 3) -> tuple[float, float]:
 def measure_ray(config, steps: int, actors: int, repeats: int = 3) -> tuple[float, float]:
     import ray
 
-    from choreo.launch.ray_runtime import remote_runner_class
+    from choreo.launch.runtime.ray_runtime import remote_runner_class
 
     n = config.envs_per_actor
     calls = max(1, steps // n)
@@ -166,7 +166,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
         report("EnvRunner, tiny policy", n, 0, measure_runner(_config(args.task, args.obs, n), args.steps, args.repeats))
 
     if actor_counts:
-        from choreo.launch.ray_runtime import shutdown_ray, start_local_ray
+        from choreo.launch.runtime.ray_runtime import shutdown_ray, start_local_ray
 
         start_local_ray(num_cpus=args.num_cpus)
         try:

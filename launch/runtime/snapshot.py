@@ -26,20 +26,20 @@ one code per environment (`[N]` integers in 0..num_skills - 1), DADS one skill v
 environment (`[N, D]`; discrete skills also as `[N]` indices). With mode "mode" (the default)
 acting is deterministic: the posterior latent is each categorical's mode and the action the mean.
 
-`rollout` is the loop underneath, for any acting policy and state (`launch/visualize.py` plays its
+`rollout` is the loop underneath, for any acting policy and state (`launch/runtime/media.py` plays its
 skill videos with it).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from choreo.launch.config import Config, ConfigError
+from choreo.launch.runtime.config import Config, ConfigError
 from choreo.vocabulary import derive_seed
 
 MODES = ("sample", "mode")
@@ -181,7 +181,6 @@ def load_snapshot(path: str | os.PathLike, *overrides: str, device: str = "cpu",
     acting policies, environments and skill rollouts on demand (see `Pretrained`). Raises
     SnapshotError (file missing, damaged, not a snapshot, or an agent that does not fit the
     overrides) or ConfigError (a bad override), naming the file."""
-    from choreo.launch.visualize import load_agent, snapshot_config
     from choreo.learner.snapshot import SnapshotError
     from choreo.learner.snapshot import load_snapshot as read_snapshot
 
@@ -266,3 +265,32 @@ def rollout(policy: Any, envs: Sequence[Any], state: Any, steps: int, mode: str 
 
 
 __all__ = ["Pretrained", "load_snapshot", "rollout"]
+
+
+def snapshot_config(saved: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """The run config a snapshot holds, with `key=value` overrides (any key) applied, validated."""
+    from choreo.launch.runtime.config import ConfigError, from_dict
+
+    try:
+        from_dict(saved)
+    except ConfigError as e:
+        raise ConfigError(f"the snapshot's config: {e}") from None
+    return from_dict(saved, overrides)
+
+
+def load_agent(config: Config, snapshot: Path, device: str = "cpu", data: Mapping[str, Any] | None = None) -> Any:
+    """An agent of `config` on `device` with the weights of `snapshot` (SnapshotError, naming the
+    file and the keys that differ, when it does not fit). data: the snapshot already read."""
+    from choreo.agents.registry import make_agent
+    from choreo.launch.runtime.build import env_shapes
+    from choreo.launch.runtime.config import snapshot_shape_keys
+    from choreo.learner.snapshot import check_compatible, load_snapshot
+
+    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device=device)
+    if data is None:
+        data = load_snapshot(snapshot, expected=agent.state_dict(), config=config,
+                             shape_keys=snapshot_shape_keys(config))
+    else:
+        check_compatible(data, agent.state_dict(), snapshot, config, snapshot_shape_keys(config))
+    agent.load_state_dict(data["agent"])
+    return agent

@@ -25,31 +25,10 @@ import numpy as np
 import torch
 
 from choreo import vocabulary as B
+from choreo.launch.runtime.build import random_batch
 
 # Walker's shapes: 24-dim states, 6-dim actions; pixels are 3 x 64 x 64.
 STATE_DIM, ACTION_DIM = 24, 6
-
-
-def random_batch(rng: np.random.Generator, obs_shape: tuple[int, ...], batch: int, length: int,
-                 reward_scale: float = 0.0, action_dim: int = ACTION_DIM, skill_dim: int = 0) -> dict[str, np.ndarray]:
-    if len(obs_shape) == 3:
-        obs = rng.integers(0, 256, (batch, length, *obs_shape), dtype=np.uint8)
-    else:
-        obs = rng.standard_normal((batch, length, *obs_shape), dtype=np.float32)
-    is_first = np.zeros((batch, length), bool)
-    is_first[:, 0] = True
-    out = {
-        B.OBSERVATION: obs,
-        B.ACTION: rng.uniform(-1, 1, (batch, length, action_dim)).astype(np.float32),
-        B.REWARD: (reward_scale * rng.random((batch, length))).astype(np.float32),
-        B.IS_FIRST: is_first,
-    }
-    if skill_dim:  # DADS: the skill held and the behaviour log-probability of every step
-        out[B.DISCOUNT] = np.ones((batch, length), np.float32)
-        out[B.POLICY_VERSION] = np.zeros((batch, length), np.int64)
-        out[B.SKILL_VECTOR] = rng.uniform(-1, 1, (batch, length, skill_dim)).astype(np.float32)
-        out[B.BEHAVIOUR_LOGP] = rng.normal(size=(batch, length)).astype(np.float32)
-    return out
 
 
 def _peak_rss_mb() -> float:
@@ -77,7 +56,7 @@ def _measure(agent, batches: list[dict], warmup: int, label: str) -> dict[str, f
 
 def run(rest: list[str], as_json: bool = False) -> int:
     from choreo.agents.registry import make_agent
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     p = argparse.ArgumentParser(prog="choreo bench learner")
     p.add_argument("--obs", choices=["states", "pixels"], default="states")

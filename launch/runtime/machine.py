@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from choreo.launch.config import Config, available_presets
+from choreo.launch.runtime.config import Config, available_presets
 
 CALIBRATION_UPDATES = 3
 """Timed updates (after one untimed) of the start-up estimate."""
@@ -51,8 +51,8 @@ def seconds_per_update(config: Config, updates: int = CALIBRATION_UPDATES) -> fl
     import torch
 
     from choreo.agents.registry import make_agent
-    from choreo.launch.bench_learner import random_batch
-    from choreo.launch.build import env_shapes
+    from choreo.launch.runtime.build import random_batch
+    from choreo.launch.runtime.build import env_shapes
 
     obs_shape, action_dim = env_shapes(config)
     agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device=config.learner.device)

@@ -1,6 +1,6 @@
 """`choreo bench soak`: a long pretraining on an embedded Ray while processes are SIGKILLed.
 
-Runs `choreo pretrain` (launch.distributed.drive) with the tiny model (default: 4 workers, 2 replay
+Runs `choreo pretrain` (launch.runtime.distributed.drive) with the tiny model (default: 4 workers, 2 replay
 shards, a checkpoint every minute so that a restarted shard has one to load, total_frames so large
 that the run never finishes by itself) in a temporary run directory (kept under --logdir), for
 --minutes. Counted from the driver's first loop turn (after Ray's start and the actors'
@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from choreo.launch.bench_pretrain import _positive, drive_in_new_run
+from choreo.launch.bench.pretrain import _positive, drive_in_new_run
 
 PROG = "choreo bench soak"
 DEFAULT_PRESETS = ["tiny"]
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     """The options and the resolved config (ConfigError for a bad preset or key=value)."""
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     args = _parser().parse_args(argv)
     args.preset = args.preset or list(DEFAULT_PRESETS)

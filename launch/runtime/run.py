@@ -4,116 +4,16 @@ the loop of the mode (the same loops, local or on Ray, for both)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import re
-import signal
 import time
-import zipfile
 from pathlib import Path
 
-from choreo.launch.config import (RESUME_OVERRIDES, Config, ConfigError, check_run_name, from_yaml_file, load_config,
-                           save_config, with_overrides)
-from choreo.learner.learner import CHECKPOINT
-
-
-RUN_FILES = ("config.yaml", CHECKPOINT, "replay", "snapshots", "tensorboard", "placement.json")
-"""What a run writes into its directory; any of them marks the directory as taken."""
-
-
-def _listing(names: list[str], run_dir: Path, limit: int = 8) -> str:
-    shown = [n + ("/" if (run_dir / n).is_dir() else "") for n in names[:limit]]
-    return ", ".join(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def default_run_name(config: Config) -> str:
-    """<task>-<algo>-<time>, with every character outside [A-Za-z0-9._-] of the task as '_'
-    (a gym id such as gym:ale_py:ALE/Pong-v5 holds ':' and '/')."""
-    task = re.sub(r"[^A-Za-z0-9._-]+", "_", config.env.task).strip("._") or "run"
-    return f"{task}-{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def new_run_dir(config: Config, logdir: str | None) -> Path:
-    """Create the run directory <logdir>/<run_name> and return its resolved path. Refuses (ConfigError,
-    nothing created or changed) a run_name that is not one plain name, a path that resolves outside
-    logdir (a symbolic link), a file in its place, and a directory that is not empty, so that two runs
-    never mix and no earlier run's file is overwritten."""
-    check_run_name(config.run_name)
-    root = Path(logdir or config.logdir).expanduser()
-    name = config.run_name or default_run_name(config)
-    if not config.run_name:  # a generated name never collides: runs started within a second get -2, -3, ...
-        base, n = name, 1
-        while (root / name).exists() or (root / name).is_symlink():
-            n += 1
-            name = f"{base}-{n}"
-    given = root / name
-    try:
-        root_resolved = root.resolve()
-        run_dir = given.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop
-        raise ConfigError(f"run directory {given}: cannot resolve the path ({e})") from None
-    if run_dir == root_resolved or not run_dir.is_relative_to(root_resolved):
-        raise ConfigError(f"run directory {given} resolves to {run_dir}, outside logdir {root_resolved} "
-                          f"(a symbolic link?); runs are written only inside logdir: choose another run_name")
-    if root_resolved.exists() and not root_resolved.is_dir():
-        raise ConfigError(f"logdir {root} is not a directory")
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise ConfigError(f"run directory {run_dir} exists and is not a directory; choose another run_name")
-        try:
-            present = sorted(p.name for p in run_dir.iterdir())
-        except OSError as e:
-            raise ConfigError(f"run directory {run_dir} cannot be read: {e.strerror}") from None
-        if CHECKPOINT in present:
-            raise ConfigError(f"run directory {run_dir} already holds a run (it has {CHECKPOINT}); continue it with "
-                              f"`choreo pretrain --resume {run_dir}` or choose another run_name")
-        taken = [n for n in present if n in RUN_FILES]
-        if taken:
-            raise ConfigError(
-                f"run directory {run_dir} holds a run that stopped before its first checkpoint (it has "
-                f"{_listing(taken, run_dir)} but no {CHECKPOINT}); --resume needs {CHECKPOINT}, and a new run "
-                f"is not mixed into an old one: choose another run_name (or move that directory away yourself)"
-            )
-        if present:
-            raise ConfigError(f"run directory {run_dir} is not empty (it holds {_listing(present, run_dir)}); "
-                              f"a run starts only in a new or empty directory: choose another run_name")
-    else:
-        try:
-            run_dir.mkdir(parents=True)
-        except FileExistsError:
-            raise ConfigError(f"run directory {run_dir} was created by someone else just now; "
-                              f"choose another run_name") from None
-        except OSError as e:
-            raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-    return run_dir
-
-
-def resumable_run_dir(path: str | os.PathLike) -> Path:
-    """The resolved run directory to continue, after checking that it holds config.yaml and a
-    complete checkpoint. Errors name the directory and what is missing; nothing is changed."""
-    given = Path(path).expanduser()
-    if not given.exists():
-        raise ConfigError(f"cannot resume {given}: no such directory")
-    if not given.is_dir():
-        raise ConfigError(f"cannot resume {given}: it is not a directory (give the run directory, "
-                          f"e.g. runs/<run>, not a file in it)")
-    run_dir = given.resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"cannot resume {run_dir}: it holds no config.yaml, so it is not a run directory "
-                          f"(choreo pretrain writes <logdir>/<run_name>/config.yaml when a run starts)")
-    checkpoint = run_dir / CHECKPOINT
-    if not checkpoint.is_file():
-        raise ConfigError(f"cannot resume {run_dir}: it holds no {CHECKPOINT}: the run stopped before its first "
-                          f"checkpoint (written every learner.checkpoint_minutes, at each snapshot and when a run "
-                          f"ends), so there is nothing to continue; start a new run with another run_name")
-    try:  # torch checkpoints are zip archives: a truncated one has no central directory
-        with zipfile.ZipFile(checkpoint) as archive:
-            archive.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ConfigError(f"cannot resume {run_dir}: {CHECKPOINT} is damaged or not a checkpoint ({e}); "
-                          f"nothing was changed") from None
-    return run_dir
+from choreo.launch.runtime.config import (RESUME_OVERRIDES, Config, ConfigError, from_yaml_file, load_config, save_config,
+                                          with_overrides)
+from choreo.launch.runtime.rundir import new_run_dir, resumable_run_dir
+from choreo.launch.runtime.signals import interrupt_on_sigterm
 
 
 def pretrain(args: argparse.Namespace) -> int:
@@ -152,7 +52,7 @@ def check_snapshot(config: Config) -> None:
     """Refuse, before anything starts, a snapshot that does not fit the run (another domain,
     observation type, action size or network size): the message names the file and what differs."""
     from choreo.agents.registry import make_agent
-    from choreo.launch.build import env_shapes, load_pretrained
+    from choreo.launch.runtime.build import env_shapes, load_pretrained
     from choreo.learner.snapshot import SnapshotError
 
     agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device="cpu")
@@ -166,7 +66,7 @@ def check_dataset_before_start(config: Config) -> None:
     """A dataset folder that is missing, empty or has a broken manifest is refused before the run
     directory is made."""
     from choreo.buffer.dataset import DatasetError
-    from choreo.launch.build import check_dataset
+    from choreo.launch.runtime.build import check_dataset
 
     try:
         check_dataset(config)
@@ -199,7 +99,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
         overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
         presets = list(args.preset)
         if getattr(args, "fit_machine", False):
-            from choreo.launch.machine import fitted_presets
+            from choreo.launch.runtime.machine import fitted_presets
 
             presets, fitted = fitted_presets(presets, overrides)
         config = load_config(presets, mode_overrides(args, mode) + overrides)
@@ -219,7 +119,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     # would otherwise come before them.
     first = f"run directory: {run_dir}"
     if fitted:  # what the run is and how long it takes here, on the same first line
-        from choreo.launch.machine import first_line
+        from choreo.launch.runtime.machine import first_line
 
         first += f"; {first_line(config, fitted)}"
     print(f"{first}\nTensorBoard:   tensorboard --logdir {run_dir} --host 127.0.0.1", flush=True)
@@ -230,10 +130,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
 
     try:
         if args.local:
-            from choreo.launch.local import run_local
+            from choreo.launch.runtime.local import run_local
 
             return run_local(config, run_dir, resume=bool(args.resume))
-        from choreo.launch.distributed import run_distributed
+        from choreo.launch.runtime.distributed import run_distributed
 
         return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
     except DatasetError as e:  # e.g. no episode of the dataset fits the task (each file was named above)
@@ -260,7 +160,7 @@ def _split(text: str | None, what: str, kind: type) -> list:
 
 def run_many(args: argparse.Namespace, mode: str) -> int:
     """`--tasks a,b --seeds 0,1,2`: one run per (task, seed), each in `<logdir>/<run_name>/<task>-seed<seed>`,
-    side by side on Ray (launch/sweep.py)."""
+    side by side on Ray (launch/runtime/sweep.py)."""
     if args.local or args.resume:
         raise ConfigError("--tasks/--seeds start many runs side by side on Ray: drop --local and --resume "
                           "(continue one run of them with --resume <its run directory>)")
@@ -294,58 +194,6 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
     print(f"{len(runs)} runs ({len(tasks)} tasks x {len(seeds)} seeds) in {parent}\n"
           f"TensorBoard:   tensorboard --logdir {parent} --host 127.0.0.1\n"
           f"results:       choreo report {parent}", flush=True)
-    from choreo.launch.sweep import run_sweep
+    from choreo.launch.runtime.sweep import run_sweep
 
     return run_sweep(runs, address=args.address, parallel=args.parallel)
-
-
-_stopping = False
-"""Set by the first SIGTERM or SIGINT: the run is stopping (writing its final checkpoint)."""
-
-ALREADY_STOPPING = "already stopping: writing the final checkpoint ... (kill -KILL {pid} to stop without it)"
-
-
-def interrupt_on_sigterm() -> None:
-    """A scheduler's or a user's SIGTERM, like Ctrl-C (SIGINT), ends the run with a final
-    checkpoint: the first of them raises KeyboardInterrupt in the main thread; any later one, while
-    the run is stopping and writing that checkpoint, only says so on stderr, so that a second
-    signal (schedulers and impatient users send several) cannot cut the checkpoint short.
-    (Call again after `ray.init`, which installs a SIGTERM handler of its own.)"""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
-
-
-@contextlib.contextmanager
-def signals_stop_the_run():
-    """`interrupt_on_sigterm` for the duration of a run started in a longer-lived process (tests,
-    benchmarks): the previous handlers come back afterwards, and the next run's first signal
-    raises again."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    interrupt_on_sigterm()
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        reset_interrupt()
-
-
-def reset_interrupt() -> None:
-    """Forget an earlier signal: the next SIGTERM or SIGINT raises KeyboardInterrupt again (tests)."""
-    global _stopping
-    _stopping = False
-
-
-def _raise_interrupt(signum, frame) -> None:
-    global _stopping
-    if _stopping:
-        # os.write, not print: the handler may run while the main thread is inside a write to
-        # sys.stderr, and a buffered stream refuses a reentrant call.
-        message = ALREADY_STOPPING.format(pid=os.getpid()) + "\n"
-        try:
-            os.write(2, message.encode())
-        except OSError:
-            pass
-        return
-    _stopping = True
-    raise KeyboardInterrupt

@@ -24,8 +24,8 @@ import torch
 def run(rest: list[str], as_json: bool = False) -> int:
     from choreo.agents.planning import CodebookPlanningPolicy, DadsPlanningPolicy
     from choreo.agents.registry import make_agent
-    from choreo.launch.build import env_shapes
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.build import env_shapes
+    from choreo.launch.runtime.config import load_config
 
     p = argparse.ArgumentParser(prog="choreo bench plan")
     p.add_argument("--algo", choices=["dads", "choreographer"], default="dads")

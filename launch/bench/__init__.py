@@ -6,15 +6,15 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = {
-    "envs": "choreo.launch.bench_envs",
-    "learner": "choreo.launch.bench_learner",
-    "replay": "choreo.launch.bench_replay",
-    "actors": "choreo.launch.bench_actors",
-    "pretrain": "choreo.launch.bench_pretrain",
-    "soak": "choreo.launch.bench_soak",
-    "dataset": "choreo.launch.bench_dataset",
-    "plan": "choreo.launch.bench_plan",
-    "learning": "choreo.launch.bench_learning",
+    "envs": "choreo.launch.bench.envs",
+    "learner": "choreo.launch.bench.learner",
+    "replay": "choreo.launch.bench.replay",
+    "actors": "choreo.launch.bench.actors",
+    "pretrain": "choreo.launch.bench.pretrain",
+    "soak": "choreo.launch.bench.soak",
+    "dataset": "choreo.launch.bench.dataset",
+    "plan": "choreo.launch.bench.plan",
+    "learning": "choreo.launch.bench.learning",
 }
 
 

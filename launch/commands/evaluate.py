@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from choreo.launch.config import Config
+from choreo.launch.runtime.config import Config
+from choreo.launch.runtime.jobs import run_tasks
 from choreo.vocabulary import derive_seed
 
 EVAL_ENVS = 10
@@ -54,7 +55,7 @@ def plan_jobs(config: Config, episodes: int, goals: list[int] | None) -> list[tu
 def run_job(config: Config, weights: dict | None, episodes: int, index: int, behaviour: str) -> dict[str, Any]:
     """One job's episodes: the run's environments seeded for job `index`, the policy with
     `weights` (None: uniform random actions), sampled actions."""
-    from choreo.launch.build import make_runner
+    from choreo.launch.runtime.build import make_runner
 
     runner = make_runner(config, runner_id=index, seed=derive_seed(config.seed, "zero_shot"), behaviour=behaviour,
                          mode="sample", num_envs=min(episodes, EVAL_ENVS), random_steps=0, freeze_gc=False)
@@ -90,7 +91,7 @@ def summarise(task: str, jobs: list[dict[str, Any]], threshold: float) -> dict[s
 def snapshot_weights(config: Config) -> tuple[dict, int]:
     """The acting weights of `config.snapshot` (checked against this run's agent) and its frames."""
     from choreo.agents.registry import make_agent
-    from choreo.launch.build import env_shapes, load_pretrained
+    from choreo.launch.runtime.build import env_shapes, load_pretrained
 
     agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device="cpu")
     snapshot = load_pretrained(config, agent)
@@ -150,46 +151,10 @@ def evaluate(config: Config, run_dir: Path, episodes: int, behaviour: str, goals
     return summary
 
 
-def run_tasks(fn: Any, calls: list[tuple], address: str | None, results: list, progress: Any,
-              command: str) -> list[dict[str, Any]]:
-    """`fn(*call)` for every call as Ray tasks of one CPU each (Ray queues what does not fit and
-    retries a task whose process died), on the cluster at `address` or an embedded Ray; results in
-    call order. A task that raised ends the command with its error."""
-    from choreo.launch.ray_runtime import connect_ray, shutdown_ray, start_local_ray
-
-    if address:
-        connect_ray(address)
-    else:
-        start_local_ray(num_cpus=os.cpu_count() or 1)
-    import ray
-
-    try:
-        task = ray.remote(num_cpus=1, max_retries=3)(fn)
-        # Large arguments (acting weights) go to the object store once, not once per task.
-        shared: dict[int, Any] = {}
-        refs = []
-        for i, call in enumerate(calls):
-            pending_args = [shared.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in call]
-            refs.append((task.remote(*pending_args), i))
-        pending = dict(refs)
-        done = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
-                done += 1
-            progress(done)
-    except ray.exceptions.RayTaskError as exc:  # a job's environment or policy raised, after its retries
-        raise SystemExit(f"{command}: a job failed: {str(exc).strip().splitlines()[-1]}") from None
-    finally:
-        shutdown_ray()
-    return results
-
-
 def evaluate_command(args: Any) -> int:
     """`choreo evaluate --snapshot FILE task=TASK [--episodes N] [--skill-every N] [--policy random]`."""
-    from choreo.launch.config import ConfigError, load_config, save_config
-    from choreo.launch.pretrain import new_run_dir
+    from choreo.launch.runtime.config import ConfigError, load_config, save_config
+    from choreo.launch.runtime.rundir import new_run_dir
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     if args.policy == "skills" and not args.snapshot:

@@ -5,8 +5,8 @@
           +----------------------- acting weights (object store, versioned) ---------------------+
 
 This is the Ray layer: it places the actors, dispatches their calls and recovers dead processes.
-What to do next, what to count and what to print is the run core's (`launch/core.py`), and the
-roles are made by the builder (`launch/build.py`) inside each actor, as in the single-process loop.
+What to do next, what to count and what to print is the run core's (`launch/runtime/core.py`), and the
+roles are made by the builder (`launch/runtime/build.py`) inside each actor, as in the single-process loop.
 `Driver.run` is the whole data flow: a worker gets its next `collect` call only when the core's
 limiter lets it insert; its chunks go from its process straight to its shard (`route`), the driver
 fetching only the call's small summary; the learner gets the batches the limiter grants, draws them
@@ -45,14 +45,14 @@ import numpy as np
 
 from choreo.buffer.client import route
 from choreo.buffer.dataset import LoadSummary
-from choreo.launch.build import (check_dataset, env_shapes, loads_dataset, make_agent, make_learner, make_sampler, report_dataset,
+from choreo.launch.runtime.build import (check_dataset, env_shapes, loads_dataset, make_agent, make_learner, make_sampler, report_dataset,
                                  shard_args)
-from choreo.launch.config import Config, eval_every, offline_only, rank_batch_size
-from choreo.launch.core import RunCore, RunStopped
-from choreo.launch.learner_group import LearnerGroup
-from choreo.launch.local import REPLAY_DIR
-from choreo.launch.visualize import MediaSchedule, training_media
-from choreo.launch.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
+from choreo.launch.runtime.config import Config, eval_every, offline_only, rank_batch_size
+from choreo.launch.runtime.core import RunCore, RunStopped
+from choreo.launch.runtime.learner_group import LearnerGroup
+from choreo.launch.runtime.local import REPLAY_DIR
+from choreo.launch.runtime.media import MediaSchedule, training_media
+from choreo.launch.runtime.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
 
 STATS_SECONDS = 5.0
@@ -82,7 +82,7 @@ class LearnerActor:
     writes due snapshots, and returns the batches trained on, metrics, counters and the newest
     weights' reference. Batches not trained on yet stay granted for the next call.
 
-    One rank of a learner group (`launch/learner_group.py`) when learner.num_learners > 1: it joins
+    One rank of a learner group (`launch/runtime/learner_group.py`) when learner.num_learners > 1: it joins
     the group's process group at `address` before it builds the agent, draws its own batches of
     `rank_batch_size` from every shard, and trains in step with the other ranks; rank 0 publishes
     the weights and writes snapshots and checkpoints."""
@@ -285,7 +285,7 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
-    from choreo.launch.pretrain import signals_stop_the_run
+    from choreo.launch.runtime.signals import signals_stop_the_run
 
     with signals_stop_the_run():  # after ray.init, which installs a SIGTERM handler of its own
         try:
@@ -307,7 +307,7 @@ class Driver:
         self.exit_code = -1
         self.replay_dir = str(run_dir / REPLAY_DIR)
         # Workers spread over the cluster's nodes, shards go round-robin over them; the learner
-        # takes a GPU when there is one. A run of several side by side (launch/sweep.py) runs in a
+        # takes a GPU when there is one. A run of several side by side (launch/runtime/sweep.py) runs in a
         # placement group that reserved all of it: every actor goes into the group's bundle.
         self.group = ray.util.get_current_placement_group()
         offline = offline_only(config)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from choreo.launch.config import Config, ConfigError
+from choreo.launch.runtime.config import Config, ConfigError
 from choreo.vocabulary import derive_seed
 
 PLAN_ENVS = 10
@@ -77,7 +77,7 @@ def run_job(config: Config, snapshot: str, episodes: int, index: int, policy: st
 
     from choreo.actors.envs import make_env_from_config
     from choreo.actors.runner import EnvRunner, env_seed
-    from choreo.launch.visualize import load_agent
+    from choreo.launch.runtime.snapshot import load_agent
 
     torch.set_num_threads(1)
     root = derive_seed(config.seed, "plan")
@@ -134,7 +134,7 @@ def plan(config: Config, snapshot: Path, run_dir: Path, episodes: int, policy: s
             results[i] = run_job(config, str(snapshot), n, i, policy)
             progress(i + 1)
     else:
-        from choreo.launch.evaluate import run_tasks
+        from choreo.launch.runtime.jobs import run_tasks
 
         results = run_tasks(run_job, [(config, str(snapshot), n, i, policy) for i, n in enumerate(sizes)],
                             address, results, progress, "choreo plan")
@@ -160,9 +160,9 @@ def plan(config: Config, snapshot: Path, run_dir: Path, episodes: int, policy: s
 def plan_command(args: argparse.Namespace) -> int:
     """`choreo plan --snapshot FILE task=TASK [--episodes N] [--policy plan|random] [key=value ...]`."""
     from choreo.learner.learner import load_torch_file
-    from choreo.launch.config import save_config
-    from choreo.launch.pretrain import new_run_dir
-    from choreo.launch.visualize import load_agent, snapshot_config
+    from choreo.launch.runtime.config import save_config
+    from choreo.launch.runtime.rundir import new_run_dir
+    from choreo.launch.runtime.snapshot import load_agent, snapshot_config
     from choreo.learner.snapshot import SnapshotError
 
     os.environ.setdefault("MUJOCO_GL", "egl")

@@ -42,8 +42,8 @@ def write_dataset(directory: Path, episodes: int, seed: int = 0) -> int:
 
 
 def run(rest: list[str], as_json: bool = False) -> int:
-    from choreo.launch.build import env_shapes, load_dataset_part, make_shard, shard_args
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.build import env_shapes, load_dataset_part, make_shard, shard_args
+    from choreo.launch.runtime.config import load_config
 
     p = argparse.ArgumentParser(prog="choreo bench dataset")
     p.add_argument("--obs", choices=["states", "pixels"], default="states",
@@ -71,7 +71,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
 
         import ray
 
-        from choreo.launch.ray_runtime import ShardActor, shutdown_ray, start_local_ray
+        from choreo.launch.runtime.ray_runtime import ShardActor, shutdown_ray, start_local_ray
 
         counts = [int(x) for x in args.shards.split(",") if x.strip()]
         start_local_ray(num_cpus=max(counts) + 1)

@@ -39,7 +39,7 @@ from choreo.agents.config import AgentConfig
 from choreo.buffer.config import DatasetConfig, ReplayConfig
 from choreo.learner.config import LearnerConfig
 
-CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 GROUPS = ("suite", "size", "algo", "mode")
 """Preset groups, in composition order after base."""
 
@@ -64,7 +64,7 @@ class EvalConfig:
 class MonitorConfig:
     media_every: int = 10000
     """Learner updates between TensorBoard pictures (decoded skill codes, codebook plot, code
-    usage histogram; see launch/visualize.py `learner_media`); 0: none."""
+    usage histogram; see launch/commands/visualize.py `learner_media`); 0: none."""
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@
 - `code_grid`: every code decoded into an image (pixel agents).
 - `codebook_plot`: code usage and a 2-D projection of the codes with a set of model states.
 - `learner_media`: what the learner can draw cheaply from a training batch, for TensorBoard.
-- `run_visualize` (`choreo visualize --snapshot FILE`): all of the above from a snapshot, written
-  as `skill_XX.gif`, `codes.png` (pixel agents) and `codebook.png`.
+- `choreo visualize --snapshot FILE` (launch/commands/visualize.py) writes all of the above from a
+  snapshot.
 
 Decisions:
 - A code's image: the skill decoder maps code e_k to a deterministic state h_k = dec(e_k) (the state
@@ -33,7 +33,7 @@ Decisions:
   skill k is reset with a seed derived from (config.seed, "visualize", k), so its episode starts
   the same way in any grouping of skills; the skill policy acts in mode "mode" (the posterior
   latent's mode, the mean action), which draws nothing at random, so a skill's video is the same
-  whichever skills it is played with. The loop is `launch.pretrained.rollout`.
+  whichever skills it is played with. The loop is `launch.runtime.snapshot.rollout`.
 
 Pillow writes the GIFs; it merges identical consecutive frames into one longer frame, so a GIF of
 a motionless scene may hold fewer frames than given (its playing time is the same).
@@ -41,7 +41,6 @@ a motionless scene may hold fewer frames than given (its playing time is the sam
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import math
@@ -56,7 +55,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from choreo import vocabulary as B
-from choreo.launch.config import Config
+from choreo.launch.runtime.config import Config
 from choreo.vocabulary import derive_seed
 
 if TYPE_CHECKING:
@@ -377,7 +376,7 @@ def rollout_skills(config: Config, agent: Any, steps: int, skills: Sequence[int]
     (skills done, skills) after each group."""
     from choreo.actors.envs import make_env_from_config
     from choreo.agents.registry import make_policy
-    from choreo.launch.pretrained import rollout
+    from choreo.launch.runtime.snapshot import rollout
 
     _check_skills(agent)
     if steps < 1:
@@ -437,97 +436,7 @@ def skill_videos(config: Config, snapshot_or_agent: Any, steps: int, skills: Seq
     snapshot, loaded into an agent built from `config` (on `device`) after checking that it fits."""
     agent = snapshot_or_agent
     if isinstance(agent, (str, os.PathLike)):
+        from choreo.launch.runtime.snapshot import load_agent
+
         agent = load_agent(config, Path(agent), device=device)
     return compose_videos(agent, rollout_skills(config, agent, steps, skills, envs_at_once, seed))
-
-
-# ----------------------------------------------------------------------------- snapshots
-
-
-def snapshot_config(saved: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
-    """The run config a snapshot holds, with `key=value` overrides (any key) applied, validated."""
-    from choreo.launch.config import ConfigError, from_dict
-
-    try:
-        from_dict(saved)
-    except ConfigError as e:
-        raise ConfigError(f"the snapshot's config: {e}") from None
-    return from_dict(saved, overrides)
-
-
-def load_agent(config: Config, snapshot: Path, device: str = "cpu", data: Mapping[str, Any] | None = None) -> Any:
-    """An agent of `config` on `device` with the weights of `snapshot` (SnapshotError, naming the
-    file and the keys that differ, when it does not fit). data: the snapshot already read."""
-    from choreo.agents.registry import make_agent
-    from choreo.launch.build import env_shapes
-    from choreo.launch.config import snapshot_shape_keys
-    from choreo.learner.snapshot import check_compatible, load_snapshot
-
-    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device=device)
-    if data is None:
-        data = load_snapshot(snapshot, expected=agent.state_dict(), config=config,
-                             shape_keys=snapshot_shape_keys(config))
-    else:
-        check_compatible(data, agent.state_dict(), snapshot, config, snapshot_shape_keys(config))
-    agent.load_state_dict(data["agent"])
-    return agent
-
-
-def run_visualize(snapshot: Path, out: Path | None = None, overrides: Sequence[str] = (),
-                  steps: int = DEFAULT_STEPS, fps: float = FPS, device: str = "cpu",
-                  stream: TextIO | None = None) -> Path:
-    """Writes into `out` (default: `visualize/` next to the snapshot) a GIF of every skill
-    (`skill_XX.gif`), the decoded codes (`codes.png`, pixel agents) and the codebook plot
-    (`codebook.png`, over the posterior states of the skill videos); the config is the one saved in
-    the snapshot, with `key=value` overrides (e.g. `env.task=walker_run`, same domain). Prints
-    progress and a last line naming the folder; returns it."""
-    from choreo.learner.snapshot import load_snapshot
-
-    stream = stream or sys.stdout
-    snapshot = Path(snapshot).expanduser()
-    data = load_snapshot(snapshot)
-    config = snapshot_config(data["config"], overrides)
-    out = snapshot.parent / "visualize" if out is None else Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    agent = load_agent(config, snapshot, device=device, data=data)
-    _check_skills(agent)
-    k = agent.skills.num_codes
-    print(f"{snapshot} ({data['frames']:,} frames): {k} skills on {config.env.task} from {config.env.obs}, "
-          f"{steps} steps each", file=stream, flush=True)
-    start = time.monotonic()
-
-    def progress(done: int, total: int) -> None:
-        print(f"played {done}/{total} skills ({time.monotonic() - start:,.0f} s)", file=stream, flush=True)
-
-    rollouts = rollout_skills(config, agent, steps, progress=progress)
-    width = max(2, len(str(k - 1)))
-    for skill, video in zip(rollouts.skills, compose_videos(agent, rollouts)):
-        write_gif(out / f"skill_{skill:0{width}d}.gif", video, fps)
-    print(f"wrote {len(rollouts.skills)} skill GIFs", file=stream, flush=True)
-    if is_pixel_agent(agent):
-        write_png(out / "codes.png", code_grid(agent))
-    codebook_plot(agent, rollouts.deter.reshape(-1, rollouts.deter.shape[-1]), path=out / "codebook.png")
-    print(f"visualizations in {out}", file=stream, flush=True)
-    return out
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(args: argparse.Namespace) -> int:
-    """`choreo visualize --snapshot FILE [--out DIR] [--steps N] [key=value ...]`."""
-    from choreo.launch.config import ConfigError
-    from choreo.learner.snapshot import SnapshotError
-
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-    snapshot = Path(args.snapshot).expanduser()
-    if not snapshot.is_file():
-        raise ConfigError(f"--snapshot {snapshot}: no such file")
-    try:
-        run_visualize(snapshot, Path(args.out) if args.out else None, list(getattr(args, "overrides", [])),
-                      args.steps)
-    except SnapshotError as e:
-        raise ConfigError(str(e)) from None
-    return 0

@@ -1,6 +1,6 @@
 """The run core: what every loop decides, without Ray.
 
-A loop (`launch/local.py` in one process, `launch/distributed.py` on Ray) moves data and calls
+A loop (`launch/runtime/local.py` in one process, `launch/runtime/distributed.py` on Ray) moves data and calls
 roles; the core decides and counts:
 - the counters: frames collected, updates trained, the weight version the workers act with;
 - the rate limiter's accounting: a worker's call reserves its steps before it is dispatched
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from choreo.launch.build import make_limiter
-from choreo.launch.config import Config, eval_every, group_batch_size, offline_only
-from choreo.launch.monitor import Monitor, Pace, loss_note
+from choreo.launch.runtime.build import make_limiter
+from choreo.launch.runtime.config import Config, eval_every, group_batch_size, offline_only
+from choreo.launch.runtime.monitor import Monitor, Pace, loss_note
 
 MAX_OUTSTANDING_BATCHES = 4
 """Batches granted to the learner and not yet trained on: enough for its prefetch queue to stay
@@ -306,7 +306,7 @@ class RunCore:
         scalars.update(self.ratio_scalars())
         scalars["learner/weight_version"] = self.version
         scalars["learner/updates"] = self.updates
-        # over the last RATE_WINDOW seconds at least (launch/monitor.py), however often this is called
+        # over the last RATE_WINDOW seconds at least (launch/runtime/monitor.py), however often this is called
         scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
             monitor.rates(self.frames, self.updates)
         scalars.update(extra or {})

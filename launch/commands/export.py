@@ -20,9 +20,9 @@ import numpy as np
 from choreo.buffer.codec import CodecError
 from choreo.buffer.dataset import MANIFEST, DatasetError, export_episodes
 from choreo.buffer.shard import CheckpointMismatchError
-from choreo.launch.build import make_shard
-from choreo.launch.config import ConfigError, from_yaml_file, offline_only
-from choreo.launch.local import REPLAY_DIR
+from choreo.launch.runtime.build import make_shard
+from choreo.launch.runtime.config import ConfigError, from_yaml_file, offline_only
+from choreo.launch.runtime.local import REPLAY_DIR
 
 
 def replay_episodes(run_dir: Path) -> tuple[int, Iterator[dict[str, np.ndarray]]]:

@@ -232,9 +232,9 @@ def calibrate(timed: int = 3, common: Sequence[str] = ()) -> Costs:
     seconds; they are paid for here, untimed. `common`: overrides of every run."""
     import torch
 
-    from choreo.launch.bench_learner import random_batch
-    from choreo.launch.build import env_shapes, make_agent
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.build import random_batch
+    from choreo.launch.runtime.build import env_shapes, make_agent
+    from choreo.launch.runtime.config import load_config
 
     start = time.perf_counter()
     rng = np.random.default_rng(SEED)
@@ -316,9 +316,9 @@ class Watchdog:
 
 
 def stop_on_signals() -> contextlib.AbstractContextManager:
-    """SIGTERM and SIGINT raise KeyboardInterrupt, as in `choreo pretrain` (launch/pretrain.py);
+    """SIGTERM and SIGINT raise KeyboardInterrupt, as in `choreo pretrain` (launch/runtime/run.py);
     signal handlers can only be set in the main thread, elsewhere nothing changes."""
-    from choreo.launch.pretrain import signals_stop_the_run
+    from choreo.launch.runtime.signals import signals_stop_the_run
 
     if threading.current_thread() is not threading.main_thread():
         return contextlib.nullcontext()
@@ -398,7 +398,7 @@ class Bench:
     # ------------------------------------------------------------------ training runs
 
     def base_config(self, overrides: Sequence[str]) -> Any:
-        from choreo.launch.config import load_config
+        from choreo.launch.runtime.config import load_config
 
         return load_config([PRESET], [*overrides, *self.common])
 
@@ -416,9 +416,10 @@ class Bench:
         """One run of `plan` (`choreo pretrain` or `choreo finetune`, `--local`) in
         `<logdir>/<name>/`, its output in logs/<name>.log. Returns what it did: frames, updates,
         seconds, its snapshot (pretraining), whether the watchdog cut it short."""
-        from choreo.launch.config import save_config
-        from choreo.launch.local import run_local
-        from choreo.launch.pretrain import check_snapshot, new_run_dir
+        from choreo.launch.runtime.config import save_config
+        from choreo.launch.runtime.local import run_local
+        from choreo.launch.runtime.rundir import new_run_dir
+        from choreo.launch.runtime.run import check_snapshot
         from choreo.learner.learner import CHECKPOINT, load_torch_file
         from choreo.learner.snapshot import save_snapshot
 
@@ -685,9 +686,9 @@ def spread(positions: np.ndarray) -> dict[str, Any]:
 
 def torso_positions(policy: Any, state: Any, envs: Sequence[Any], steps: int, mode: str,
                     seeds: Sequence[int]) -> np.ndarray:
-    """Plays `envs` with `policy` for `steps` steps (`choreo.launch.pretrained.rollout`) and
+    """Plays `envs` with `policy` for `steps` steps (`choreo.launch.runtime.snapshot.rollout`) and
     returns the walker torso's (x, height) at every observation `[N, steps + 1, 2]`."""
-    from choreo.launch.pretrained import rollout
+    from choreo.launch.runtime.snapshot import rollout
 
     out = np.empty((len(envs), steps + 1, 2))
 
@@ -703,7 +704,7 @@ def torso_positions(policy: Any, state: Any, envs: Sequence[Any], steps: int, mo
 def stage_diversity(b: Bench, allot: float, section: dict[str, Any]) -> None:
     from choreo.actors.envs import env_spec
     from choreo.actors.random_policy import UniformRandomPolicy
-    from choreo.launch.pretrained import load_snapshot
+    from choreo.launch.runtime.snapshot import load_snapshot
     from choreo.vocabulary import derive_seed
 
     if b.walker_snapshot is None or not b.walker_snapshot.is_file():
@@ -740,7 +741,7 @@ def stage_diversity(b: Bench, allot: float, section: dict[str, Any]) -> None:
 
 def visualize(b: Bench, steps: int) -> dict[str, Any]:
     """`choreo visualize` of the walker snapshot into visualize/ (GIFs of every skill, codebook.png)."""
-    from choreo.launch.visualize import run_visualize
+    from choreo.launch.commands.visualize import run_visualize
 
     out = b.out / "visualize"
     b.say(f"{b.stage}: choreo visualize, {steps} steps per skill")
@@ -785,9 +786,9 @@ def spread_goals(n: int) -> list[int]:
 def zero_shot(b: Bench, task: str, overrides: Sequence[str], snapshot: Path | None, episodes: int,
               goals: list[int] | None) -> dict[str, Any]:
     """`choreo evaluate --local` of the snapshot's skills (or, without one, random actions)."""
-    from choreo.launch.config import save_config
-    from choreo.launch.evaluate import evaluate, snapshot_weights
-    from choreo.launch.pretrain import new_run_dir
+    from choreo.launch.runtime.config import save_config
+    from choreo.launch.commands.evaluate import evaluate, snapshot_weights
+    from choreo.launch.runtime.rundir import new_run_dir
 
     policy = "skills" if snapshot else "random"
     name = f"{task}-zero-shot-{policy}"
@@ -863,7 +864,7 @@ def finetune_plan(b: Bench, seconds: float, overrides: Sequence[str]) -> RunPlan
 
 
 def stage_finetune(b: Bench, allot: float, section: dict[str, Any]) -> None:
-    from choreo.launch import report
+    from choreo.launch.commands import report
 
     if b.walker_snapshot is None or not b.walker_snapshot.is_file():
         raise StageSkipped("needs the walker snapshot of stage 1 (resampling), which did not come")
@@ -941,10 +942,10 @@ def plan_episodes(seconds: float) -> int:
 def zero_shot_plan(b: Bench, name: str, snapshot: Path, episodes: int, policy: str,
                    extra: Sequence[str] = ()) -> dict[str, Any]:
     """`choreo plan --local` of a snapshot on point_mass_nav (`policy` "plan" or "random")."""
-    from choreo.launch.config import save_config
-    from choreo.launch.plan import plan
-    from choreo.launch.pretrain import new_run_dir
-    from choreo.launch.visualize import snapshot_config
+    from choreo.launch.runtime.config import save_config
+    from choreo.launch.commands.plan import plan
+    from choreo.launch.runtime.rundir import new_run_dir
+    from choreo.launch.runtime.snapshot import snapshot_config
     from choreo.learner.learner import load_torch_file
 
     data = load_torch_file(snapshot)
@@ -1099,7 +1100,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
 def new_results(minutes: float, stages: Sequence[str], command: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from choreo.launch.config import load_config
+    from choreo.launch.runtime.config import load_config
 
     learner = load_config([PRESET], WALKER).learner
 

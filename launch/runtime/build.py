@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from choreo import vocabulary as B
 from choreo.actors.random_policy import UniformRandomPolicy
 from choreo.actors.runner import EnvRunner, env_seed
 from choreo.buffer.client import ReplayClient
@@ -25,7 +26,7 @@ from choreo.buffer.dataset import (MANIFEST, STREAM_BASE, DatasetError, EpisodeS
                                    load_into, missing_from_manifest, read_manifest, split_files)
 from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.config import Config, offline_only
+from choreo.launch.runtime.config import Config, offline_only
 from choreo.vocabulary import derive_seed
 
 
@@ -145,7 +146,7 @@ def load_pretrained(config: Config, agent: Any) -> dict[str, Any]:
     """`config.snapshot`, checked against `agent` (a fresh one of this run): a snapshot of
     another domain, observation type, action size or network size raises SnapshotError naming
     the file and what differs."""
-    from choreo.launch.config import snapshot_shape_keys
+    from choreo.launch.runtime.config import snapshot_shape_keys
     from choreo.learner.snapshot import load_snapshot
 
     return load_snapshot(config.snapshot, expected=agent.state_dict(), config=config,
@@ -286,3 +287,28 @@ def make_learner(config: Config, agent: Any, sample: Callable[[], Any], publish:
 
     return Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=prefetch, run_config=config,
                    snapshots_by_updates=offline_only(config), collective=getattr(agent, "collective", SOLO))
+
+
+def random_batch(rng: np.random.Generator, obs_shape: tuple[int, ...], batch: int, length: int,
+                 reward_scale: float = 0.0, action_dim: int = 6, skill_dim: int = 0) -> dict[str, np.ndarray]:
+    """A batch `[batch, length, ...]` of random data of the given shapes (uint8 images for 3-D
+    observations), for timing and testing the learner without environments (default: Walker's 6-dim
+    actions)."""
+    if len(obs_shape) == 3:
+        obs = rng.integers(0, 256, (batch, length, *obs_shape), dtype=np.uint8)
+    else:
+        obs = rng.standard_normal((batch, length, *obs_shape), dtype=np.float32)
+    is_first = np.zeros((batch, length), bool)
+    is_first[:, 0] = True
+    out = {
+        B.OBSERVATION: obs,
+        B.ACTION: rng.uniform(-1, 1, (batch, length, action_dim)).astype(np.float32),
+        B.REWARD: (reward_scale * rng.random((batch, length))).astype(np.float32),
+        B.IS_FIRST: is_first,
+    }
+    if skill_dim:  # DADS: the skill held and the behaviour log-probability of every step
+        out[B.DISCOUNT] = np.ones((batch, length), np.float32)
+        out[B.POLICY_VERSION] = np.zeros((batch, length), np.int64)
+        out[B.SKILL_VECTOR] = rng.uniform(-1, 1, (batch, length, skill_dim)).astype(np.float32)
+        out[B.BEHAVIOUR_LOGP] = rng.normal(size=(batch, length)).astype(np.float32)
+    return out

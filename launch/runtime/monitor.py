@@ -129,7 +129,7 @@ class Monitor:
         TensorBoard's image dashboard plays (torch's `add_video` needs moviepy; this needs Pillow)."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from choreo.launch.visualize import encode_gif
+        from choreo.launch.runtime.media import encode_gif
 
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -142,7 +142,7 @@ class Monitor:
     def media(self, items: Mapping[str, np.ndarray], step: int, fps: float = 20.0) -> None:
         """Writes each of `items` by its form: `[H, W, 3]` uint8 as an image, `[T, H, W, 3]`
         uint8 as a video, anything else as a histogram of its values (e.g. the dict that
-        `launch.visualize.learner_media` returns)."""
+        `launch.commands.visualize.learner_media` returns)."""
         for tag, value in items.items():
             value = np.asarray(value)
             if value.dtype == np.uint8 and value.ndim == 3 and value.shape[-1] == 3:

@@ -60,7 +60,7 @@ import uuid
 import warnings
 from typing import Any
 
-from choreo.launch.build import make_eval_runner, make_runner
+from choreo.launch.runtime.build import make_eval_runner, make_runner
 from choreo.buffer.codec import CodecError
 from choreo.buffer.shard import CheckpointMismatchError, ReplayShard
 
@@ -361,7 +361,7 @@ class ShardActor(ReplayShard):
 
     def load_dataset(self) -> dict[str, Any]:
         """Loads this shard's part of the run's dataset; returns the load's summary as a dict."""
-        from choreo.launch.build import load_dataset_part
+        from choreo.launch.runtime.build import load_dataset_part
 
         config, index, obs_shape, action_dim = self.dataset
         return load_dataset_part(config, self, index, obs_shape, action_dim).to_dict()
