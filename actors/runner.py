@@ -1,5 +1,7 @@
 """The environment worker: steps a batch of environments with one batched policy call per step and
-cuts each environment's stream of steps into fixed-length chunks for the replay.
+cuts each environment's stream of steps into fixed-length chunks for the replay. The stepping is
+the one rollout's (`choreo.actors.rollout`): a `Stepper` carries the stream from one `step()` to the
+next, and `evaluate` plays whole episodes with `rollout`.
 
 Row layout (see choreo/vocabulary.py): row t holds observation[t] and the decision that LED TO it:
 action[t], the skill held when choosing it and the version of the weights that chose it. A reset
@@ -35,6 +37,7 @@ import gymnasium
 import numpy as np
 
 from choreo import vocabulary as B
+from choreo.actors.rollout import Stepper, rollout
 from choreo.vocabulary import derive_seed
 
 Chunk = dict[str, np.ndarray]
@@ -61,27 +64,25 @@ class EnvRunner:
 
     def __init__(self, envs: list[gymnasium.Env], policy: Any, chunk_length: int, runner_id: int, seed: int,
                  random_steps: int = 0, mode: str = "sample") -> None:
-        if not envs:
-            raise ValueError("EnvRunner needs at least one environment")
         if chunk_length < 1:
             raise ValueError(f"chunk_length must be at least 1, got {chunk_length}")
         if random_steps < 0:
             raise ValueError(f"random_steps must be >= 0, got {random_steps}")
-        self.envs = list(envs)
+        if not envs:
+            raise ValueError("EnvRunner needs at least one environment")
+        # The stream's stepping: observations, is_first, the policy's state, the last step's rewards
+        # and flags, the running episodes' returns; the rows below are written from its arrays.
+        self._stepper = Stepper(envs, policy, mode)
+        self.envs = self._stepper.envs
         self.policy = policy
         self.chunk_length = int(chunk_length)
         self.runner_id = int(runner_id)
         self.seed = int(seed)
         self.mode = mode
         n = len(self.envs)
-        space = self.envs[0].observation_space
-        self.obs_shape: tuple[int, ...] = tuple(space.shape)
-        self.obs_dtype = np.dtype(np.uint8 if space.dtype == np.uint8 else np.float32)
-        self.action_dim = int(np.prod(self.envs[0].action_space.shape))
-        for env in self.envs[1:]:
-            if tuple(env.observation_space.shape) != self.obs_shape or \
-                    int(np.prod(env.action_space.shape)) != self.action_dim:
-                raise ValueError("all environments of a runner must have the same observation and action spaces")
+        self.obs_shape: tuple[int, ...] = self._stepper.obs_shape
+        self.obs_dtype = self._stepper.obs_dtype
+        self.action_dim = self._stepper.action_dim
         self.action_repeat = int(getattr(self.envs[0].unwrapped, "action_repeat", 1))
         self.stream_ids = [self.runner_id * n + i for i in range(n)]
         self._rng = np.random.default_rng(derive_seed(self.seed, "runner", self.runner_id, "random_actions"))
@@ -106,20 +107,10 @@ class EnvRunner:
         self._pos = np.zeros(n, np.int64)
         self._aligned = True  # all environments at the same row position
         self._env_index = np.arange(n)
-        self._step_reward = np.zeros(n, np.float32)
         self._step_discount = np.ones(n, np.float32)
-        self._step_last = np.zeros(n, bool)
-        self._step_terminal = np.zeros(n, bool)
-
-        # What the policy sees next: the latest observation of every env and whether it is a reset.
-        self._obs = np.zeros((n, *self.obs_shape), self.obs_dtype)
-        self._is_first = np.ones(n, bool)
-        self._state = policy.initial_state(n)
         self._fresh_policy_state = False
         self._zero_action = np.zeros(self.action_dim, np.float32)
 
-        self._ep_return = [0.0] * n
-        self._ep_length = [0] * n
         self._finished: list[tuple[float, int]] = []
         # Navigation tasks report the x-y position (`info["xy"]`): how far each episode moved.
         self._start_xy: list[np.ndarray | None] = [None] * n
@@ -130,10 +121,10 @@ class EnvRunner:
         self._stats_time = time.perf_counter()
 
         self._pending: list[tuple[int, Chunk]] = []
-        for i, env in enumerate(self.envs):
-            obs, info = env.reset(seed=env_seed(self.seed, self.runner_id, i))
-            self._start_xy[i] = info.get("xy")
-            self._begin_episode(i, obs)  # with chunk_length 1 these rows come out of the first step()
+        self._stepper.reset([env_seed(self.seed, self.runner_id, i) for i in range(n)])
+        for i in range(n):
+            self._start_xy[i] = self._stepper.infos[i].get("xy")
+            self._begin_episode(i)  # with chunk_length 1 these rows come out of the first step()
 
     # ------------------------------------------------------------------ rows and chunks
 
@@ -160,22 +151,23 @@ class EnvRunner:
 
     def _write_step_rows(self, actions: np.ndarray, skills: np.ndarray | int, version: int,
                          extras: dict[str, np.ndarray] | None = None) -> None:
-        """The agent-step rows of all environments: observations from `self._obs`, rewards and
-        flags from the step arrays. While every environment is at the same row position (always,
-        when episodes have equal lengths) this is one slice assignment per key."""
+        """The agent-step rows of all environments: observations, rewards and flags from the
+        stepper's arrays. While every environment is at the same row position (always, when
+        episodes have equal lengths) this is one slice assignment per key."""
         if self._aligned:
             t = int(self._pos[0])
             rows = (slice(None), t)
         else:
             rows = (self._env_index, self._pos)
-        self._obs_buf[rows] = self._obs
+        stepper = self._stepper
+        self._obs_buf[rows] = stepper.observation
         self._act_buf[rows] = actions
-        self._rew_buf[rows] = self._step_reward
-        np.logical_not(self._step_terminal, out=self._step_discount)
+        self._rew_buf[rows] = stepper.reward
+        np.logical_not(stepper.terminal, out=self._step_discount)
         self._disc_buf[rows] = self._step_discount
         self._first_buf[rows] = False
-        self._last_buf[rows] = self._step_last
-        self._term_buf[rows] = self._step_terminal
+        self._last_buf[rows] = stepper.last
+        self._term_buf[rows] = stepper.terminal
         self._skill_buf[rows] = skills
         self._ver_buf[rows] = version
         for key, buf in self._extra_bufs.items():
@@ -205,12 +197,9 @@ class EnvRunner:
             **{key: buf[i].copy() for key, buf in self._extra_bufs.items()},
         }
 
-    def _begin_episode(self, i: int, obs: np.ndarray) -> None:
-        self._write(i, obs, self._zero_action, 0.0, 1.0, True, False, False, -1, -1)
-        self._obs[i] = obs
-        self._is_first[i] = True
-        self._ep_return[i] = 0.0
-        self._ep_length[i] = 0
+    def _begin_episode(self, i: int) -> None:
+        """The reset row of environment i, whose stepper has just restarted it."""
+        self._write(i, self._stepper.observation[i], self._zero_action, 0.0, 1.0, True, False, False, -1, -1)
 
     # ------------------------------------------------------------------ stepping
 
@@ -218,6 +207,7 @@ class EnvRunner:
         """One agent step of every environment; returns the `(stream_id, chunk)` pairs completed
         (by this step, or by the first reset rows on the first call)."""
         n = len(self.envs)
+        stepper = self._stepper
         if self._random_left > 0:
             actions = self._rng.uniform(-1.0, 1.0, (n, self.action_dim)).astype(np.float32)
             skills: np.ndarray | int = -1
@@ -228,37 +218,22 @@ class EnvRunner:
                 self._fresh_policy_state = True
         else:
             if self._fresh_policy_state:
-                self._state = self.policy.initial_state(n)
-                self._is_first[:] = True
+                stepper.fresh_state()
                 self._fresh_policy_state = False
-            actions, self._state, extras = self.policy.act(self._obs, self._is_first, self._state, self.mode)
-            actions = np.asarray(actions, np.float32).reshape(n, self.action_dim)
+            actions, extras = stepper.act()
             skills = extras["skill"] if extras and "skill" in extras else -1
             version = int(self.policy.version)
 
-        done: list[int] = []
-        reward_out, last_out, term_out = self._step_reward, self._step_last, self._step_terminal
-        for i, env in enumerate(self.envs):
-            obs, reward, terminated, truncated, info = env.step(actions[i])
-            self._obs[i] = obs
-            reward = float(reward)
-            reward_out[i] = reward
-            term_out[i] = terminated
-            last_out[i] = terminated or truncated
-            self._ep_return[i] += reward
-            self._ep_length[i] += 1
-            if terminated or truncated:
-                done.append(i)
-                if self._start_xy[i] is not None and "xy" in info:
-                    self._displacements.append(np.asarray(info["xy"], np.float64) - self._start_xy[i])
+        done = stepper.step(actions)
         self._write_step_rows(actions, skills, version, extras)
-        self._is_first[:] = False
         for i in done:
-            self._finished.append((self._ep_return[i], self._ep_length[i]))
+            info = stepper.infos[i]
+            if self._start_xy[i] is not None and "xy" in info:
+                self._displacements.append(np.asarray(info["xy"], np.float64) - self._start_xy[i])
+            self._finished.append((stepper.episode_return[i], stepper.episode_length[i]))
             self._episodes += 1
-            obs, info = self.envs[i].reset()
-            self._start_xy[i] = info.get("xy")
-            self._begin_episode(i, obs)
+            self._start_xy[i] = stepper.restart(i).get("xy")
+            self._begin_episode(i)
         if done and len(done) < n:
             self._aligned = bool(np.all(self._pos == self._pos[0]))
         self._agent_steps += n
@@ -283,52 +258,15 @@ class EnvRunner:
         the environment's own random stream."""
         if episodes < 1:
             raise ValueError(f"episodes must be at least 1, got {episodes}")
-        n = len(self.envs)
-        quota = [len(range(i, episodes, n)) for i in range(n)]  # episodes each env plays
-        returns: list[list[float]] = [[] for _ in range(n)]
-        peaks: list[list[float]] = [[] for _ in range(n)]
-        paths: list[list[list]] = [[] for _ in range(n)]  # finished episodes' positions, per env
-        goals: list[list] = [[] for _ in range(n)]
-        resets = [env.reset() for env in self.envs]
-        obs = np.stack([o for o, _ in resets]).astype(self.obs_dtype)
-        path = [[info.get("xy")] for _, info in resets]  # the running episode's positions
-        goal = [info.get("goal") for _, info in resets]
-        first = np.ones(n, bool)
-        running = np.array([q > 0 for q in quota])
-        total = np.zeros(n)
-        peak = np.full(n, -np.inf)
-        state = self.policy.initial_state(n)
-        while running.any():
-            actions, state, _ = self.policy.act(obs, first, state, self.mode)
-            actions = np.asarray(actions, np.float32).reshape(n, self.action_dim)
-            first[:] = False
-            for i in np.flatnonzero(running):
-                obs[i], reward, terminated, truncated, info = self.envs[i].step(actions[i])
-                total[i] += float(reward)
-                peak[i] = max(peak[i], float(reward))
-                if positions:
-                    path[i].append(info.get("xy"))
-                if terminated or truncated:
-                    returns[i].append(float(total[i]))
-                    peaks[i].append(float(peak[i]))
-                    paths[i].append(path[i])
-                    goals[i].append(goal[i])
-                    total[i], peak[i] = 0.0, -np.inf
-                    if len(returns[i]) == quota[i]:
-                        running[i] = False
-                    else:
-                        obs[i], info = self.envs[i].reset()
-                        path[i], goal[i] = [info.get("xy")], info.get("goal")
-                        first[i] = True
-        order = [(i, k) for k in range(max(quota)) for i in range(n) if k < quota[i]]  # episode order
-        out: dict[str, list] = {"returns": [returns[i][k] for i, k in order],
-                                "max_rewards": [peaks[i][k] for i, k in order]}
+        played = rollout(self.policy, self.envs, episodes=episodes, mode=self.mode,
+                         record=("xy", "goals") if positions else ())
+        out: dict[str, list] = {"returns": played["returns"], "max_rewards": played["max_rewards"]}
         if positions:
-            if any(p is None for i, k in order for p in paths[i][k]):
+            if "xy" not in played:
                 task = getattr(self.envs[0].unwrapped, "task_id", "the task")
                 raise ValueError(f"{task} reports no x-y position (info['xy']): positions are for navigation tasks")
-            out["xy"] = [np.asarray(paths[i][k], np.float64).tolist() for i, k in order]
-            out["goals"] = [np.asarray(goals[i][k], np.float64).tolist() for i, k in order]
+            out["xy"] = [xy.tolist() for xy in played["xy"]]
+            out["goals"] = [np.asarray(goal, np.float64).tolist() for goal in played["goals"]]
         return out
 
     def skip_random_steps(self) -> None:

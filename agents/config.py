@@ -1,6 +1,6 @@
 """Typed settings of the algorithms.
 
-Every field carries a docstring (the string literal under it); `launch.config` reads them to
+Every field carries a docstring (the string literal under it); `launch.runtime.config` reads them to
 explain keys and a test checks none is missing. Defaults are the reference implementation's
 sizes (the `paper` preset); `configs/size/tiny.yaml` shrinks them for tests.
 """
@@ -134,6 +134,31 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
+class PlannerConfig:
+    horizon: int = 1
+    """H_P: skill segments in a plan (paper App. A.5: 1 for dense rewards, 4 for sparse ones)."""
+    hold: int = 10
+    """H_Z: model steps each skill of a plan is held (10 dense, 25 sparse)."""
+    candidates: int = 50
+    """K: plans sampled per refinement iteration, simulated as one batch (50 dense, 200 sparse).
+    Choreographer's 64 codes with H_P = 1 are searched exhaustively once K >= 64."""
+    iterations: int = 10
+    """R: refinement iterations of the plan distribution."""
+    gamma: float = 10.0
+    """MPPI temperature: plans are weighted by softmax(gamma * return). Depends on the reward's
+    scale."""
+    variance: float = 1.5
+    """Continuous skills: variance of the Gaussian plans are sampled from around the current mean
+    (the reference's covariance 1.5 I); samples are clipped to the prior's support [-1, 1]."""
+    smoothing: float = 0.0
+    """Continuous skills: sampled plans are smoothed, z_i <- beta z_{i-1} + (1 - beta) z_i
+    (the reference's smoothing_beta; 0.9 for sparse rewards, 0 switches it off)."""
+    mix: float = 0.5
+    """Discrete skills and codes: weight of the refined categorical per segment against the previous
+    one, p <- mix * p_weighted + (1 - mix) * p_previous (1: no memory of the previous iteration)."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     """The DreamerV2-style world model."""
@@ -146,4 +171,8 @@ class AgentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """What fine-tuning trains."""
     dads: DadsConfig = field(default_factory=DadsConfig)
-    """DADS (algo=dads): skill dynamics, the DADS reward, SAC and the skill-space planner."""
+    """DADS (algo=dads): skill dynamics, the DADS reward and SAC."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """Zero-shot model-predictive control in skill space (MPPI, `choreo plan`), of either
+    algorithm: over DADS's skills with its skill dynamics, or over Choreographer's codes with its
+    world model."""

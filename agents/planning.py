@@ -1,22 +1,28 @@
 """Zero-shot model-predictive control over sequences of skills, as acting policies (DADS paper
-Sec. 4 and Algorithm 2; reference brief sections 3 and 7(b)). Nothing is trained at test time:
-a task reward, given by the caller, is computed on the observations a model PREDICTS for each
-candidate plan of skills, and the skill actor executes the chosen skill.
+Sec. 4, Algorithm 2 and App. A.5; reference brief sections 3 and 7(b)). Nothing is trained at test
+time: a task reward, given by the caller, is computed on the observations a model PREDICTS for each
+candidate plan of skills, and the algorithm's skill actor executes the chosen skill.
+
+One MPPI over one small interface, `SkillModel`, that each algorithm implements:
+    DadsSkillModel      (agents/dads/skill_model.py) skills continuous in [-1, 1]^D or D discrete
+                        ones; each candidate rolled forward with skill dynamics q's mixture mean.
+    CodebookSkillModel  (agents/choreographer/skill_model.py) Choreographer's codes; each candidate
+                        imagined in the world model with the skill actor conditioned on its codes,
+                        decoded to observations.
 
 Policies (the acting interface of every worker: `initial_state(n)`, `act(observation,
 is_first, state, mode) -> (action [N, A] float32, state, extras {"skill": [N] int32})`,
 `load_weights`, `version`):
-    DadsPlanningPolicy      MPPI over DADS skills (continuous in [-1, 1]^D, or discrete), each
-                            candidate rolled forward with skill dynamics q's mixture mean.
-    CodebookPlanningPolicy  MPPI over Choreographer's codebook: each candidate imagined in the
-                            world model with the skill actor conditioned on its codes, decoded to
-                            observations.
-    RandomSkillPolicy       the baseline: a skill drawn from the prior (DADS: U(-1, 1)^D or a
-                            uniform one-hot; Choreographer: a uniform code), by the same executor.
-All three hold a skill for H_Z = `PlannerConfig.hold` agent steps per environment and choose a new
-one when an environment's skill has been held H_Z steps or the environment starts an episode
+    PlanningPolicy          MPPI over the skills of any SkillModel.
+    DadsPlanningPolicy      PlanningPolicy over a DadsAgent's skill model.
+    CodebookPlanningPolicy  PlanningPolicy over a ChoreographerAgent's skill model.
+    RandomSkillPolicy       the baseline: a skill drawn from the prior (continuous: U(-1, 1)^D;
+                            discrete skills and codes: a uniform one-hot), by the same executor.
+All of them hold a skill for H_Z = `PlannerConfig.hold` agent steps per environment and choose a
+new one when an environment's skill has been held H_Z steps or the environment starts an episode
 (`is_first`); between those steps the skill stays. They take the learner-side agent (loaded from a
-snapshot by the caller), not acting weights: planning needs q or the world model's decoder.
+snapshot by the caller), not acting weights: planning needs q or the world model's decoder. Their
+settings default to the agent's `cfg.planner` (the run config's `agent.planner`).
 
 The reward contract (`RewardFn`):
 
@@ -29,8 +35,10 @@ H = H_P * H_Z (segment i of a plan covers t in [i * H_Z, (i + 1) * H_Z)). `env` 
 so that per-environment goals bind as `goals[env]` (e.g. navigation:
 `-(observations[..., :2] - goals[env][:, None, None]).norm(dim=-1)`). A plan's return is the sum
 of its H rewards; MPPI weighs plans by softmax(gamma * (return - max return)), so gamma depends on
-the reward's scale. The function is called once per refinement iteration, on all M * K candidates
-at once, on the agent's device, under `torch.inference_mode()`.
+the reward's scale. A non-finite return (a model or a reward that diverged) counts as the worst
+one: such a plan gets no weight while any plan's return is finite. The function is called once per
+refinement iteration, on all M * K candidates at once, on the agent's device, under
+`torch.inference_mode()`.
 
 What the observations are:
 - DADS: q rolls its own state space forward (`DadsConfig.dynamics_dims`, e.g. the x-y
@@ -40,19 +48,21 @@ What the observations are:
   observations as they are; pixels as float images scaled to [-0.5, 0.5] (then the candidates'
   images take M * K * H * C * 64 * 64 floats: keep K and H small).
 
-Planning (the batched form of `choreo.agents.dads.planner`'s update rules, over M environments at
-once: every model call takes all M * K candidates; the loops run over refinement iterations and
-model steps only, never over candidates or environments):
-- Continuous skills: per environment and segment a Gaussian N(mu_i, variance I); samples clipped to
-  [-1, 1] and optionally smoothed; mu_i = sum_k w_k z_{k,i}. The skill to execute is mu_1 (the
-  reference's expected primitive).
-- Discrete skills and codes: a categorical per environment and segment, refined as
-  p_i <- mix * sum_k w_k 1[z_{k,i} = c] + (1 - mix) * p_i; the skill to execute is the most
-  likely code of the first segment. With `exhaustive` (default) and when there are at most K plans
-  (num_codes ** H_P <= K, e.g. 64 codes with H_P = 1 and K = 64), every plan is scored once
-  instead and the best one executed (the reference's `eval_planning`, with H_Z-step rollouts).
-- Warm start: after each plan the executed segment is dropped and a fresh one (the prior's centre,
-  or uniform) appended; a new episode restarts from the prior.
+Planning, over M environments at once: every model call takes all M * K candidates; the loops run
+over refinement iterations and model steps only, never over candidates or environments.
+- Continuous skills (`mppi_continuous`): per environment and segment a Gaussian N(mu_i, variance
+  I); each iteration samples K plans, clips them to the prior's support [-1, 1], optionally smooths
+  them (z_i <- beta z_{i-1} + (1 - beta) z_i), and sets mu_i = sum_k w_k z_{k,i} with
+  w = softmax(gamma (R - max R)). The skill to execute is mu_1 (the reference's expected
+  primitive). mu starts at the prior's centre 0 (the reference draws it at random).
+- Discrete skills and codes (`mppi_discrete`): a categorical per environment and segment, starting
+  uniform, refined as p_i <- mix * sum_k w_k 1[z_{k,i} = c] + (1 - mix) * p_i; plans reach the
+  model as one-hot vectors. The skill to execute is the most likely code of the first segment.
+  With `exhaustive` (default) and when there are at most K plans (num_codes ** H_P <= K, e.g. 64
+  codes with H_P = 1 and K = 64), every plan is scored once instead and the best one executed (the
+  reference's `eval_planning`, with H_Z-step rollouts).
+- Warm start (`shift`): after each plan the executed segment is dropped and a fresh one (the
+  prior's centre, or uniform) appended; a new episode restarts from the prior.
 - Model rollouts are deterministic: q's mixture mean; in the world model the skill actor's mean
   action and (by default) the most likely latent of each prior step (`imagination="sample"`
   samples the latents, as the skill actor's training did). The executor acts with its mean action
@@ -63,7 +73,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -71,10 +81,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from choreo.agents.choreographer.agent import ChoreographerAgent
-from choreo.agents.dads.agent import DadsAgent, policy_input
-from choreo.agents.dads.config import PlannerConfig
+from choreo.agents.choreographer.skill_model import CodebookSkillModel
+from choreo.agents.config import PlannerConfig
+from choreo.agents.dads.agent import DadsAgent
 from choreo.agents.dads.rewards import sample_prior
-from choreo.agents.world_model import State
+from choreo.agents.dads.skill_model import DadsSkillModel
 
 RewardFn = Callable[[Tensor, Tensor], Tensor]
 """reward_fn(observations [M, K, H, *obs_shape], env [M] int64) -> rewards [M, K, H]; see the
@@ -85,7 +96,57 @@ ReturnsFn = Callable[[Tensor], Tensor]
 MODES = ("sample", "mode")
 
 
-# ----------------------------------------------------------------------------- batched MPPI
+class SkillModel(Protocol):
+    """What planning needs of an algorithm. N environments act; a plan is made for M of them at
+    a time, K candidate plans each. The context of an environment is whatever the model predicts
+    from (an observation, a posterior state); contexts index like tensors along environments."""
+
+    skill_type: Literal["continuous", "discrete"]
+    """Continuous skills in [-1, 1]^D, or D discrete ones planned as one-hot vectors."""
+    skill_dim: int
+    """D: the skill vector's size, or the number of discrete skills (codes)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live."""
+        ...
+
+    def initial_state(self, n: int) -> Any:
+        """The model's recurrent state of n environments (None when it has none)."""
+        ...
+
+    def observe(self, observation: Tensor, is_first: Tensor, state: Any,
+                generator: torch.Generator | None) -> tuple[Any, Any]:
+        """`observation [N, *obs_shape]`, `is_first [N]` -> (contexts [N], model state)."""
+        ...
+
+    def imagine(self, start: Any, plans: Tensor, hold: int, generator: torch.Generator | None) -> Tensor:
+        """Predicted observations `[M, K, H_P * hold, *obs_shape]` of `plans [M, K, H_P, D]` from
+        the contexts `start [M]`, each segment's skill held `hold` model steps."""
+        ...
+
+    def act(self, context: Any, state: Any, skill: Tensor, sample: bool,
+            generator: torch.Generator | None) -> tuple[Tensor, Any]:
+        """The executor's actions `[N, A]` for `skill [N, D]` (sampled, or its mean action), and
+        the model state after acting."""
+        ...
+
+    def acting_weights(self) -> dict[str, np.ndarray]:
+        """The agent's acting weights (`agent.policy_weights()`), to recognise them in `load_weights`."""
+        ...
+
+
+def skill_model(agent: Any, **kwargs: Any) -> SkillModel:
+    """The skill model of a learner-side agent (DadsAgent or ChoreographerAgent); kwargs go to the
+    model (Choreographer: `imagination`)."""
+    if isinstance(agent, DadsAgent):
+        return DadsSkillModel(agent, **kwargs)
+    if isinstance(agent, ChoreographerAgent):
+        return CodebookSkillModel(agent, **kwargs)
+    raise TypeError(f"planning needs a DadsAgent or a ChoreographerAgent, got {type(agent).__name__}")
+
+
+# ----------------------------------------------------------------------------- MPPI
 
 
 def _weights(returns: Tensor, gamma: float) -> Tensor:
@@ -100,13 +161,12 @@ def _best(returns: Tensor) -> Tensor:
     return torch.where(torch.isfinite(returns), returns, float("-inf")).amax(-1)
 
 
-def mppi_continuous_batched(returns_fn: ReturnsFn, mean: Tensor, cfg: PlannerConfig,
-                            generator: torch.Generator | None = None, low: float = -1.0,
-                            high: float = 1.0) -> tuple[Tensor, Tensor]:
+def mppi_continuous(returns_fn: ReturnsFn, mean: Tensor, cfg: PlannerConfig,
+                    generator: torch.Generator | None = None, low: float = -1.0,
+                    high: float = 1.0) -> tuple[Tensor, Tensor]:
     """Refine Gaussian plans over skills in [low, high]^D for M environments at once, from the
-    means `[M, H_P, D]` (the warm start). Returns the refined means `[M, H_P, D]` and the best
-    return of the last iteration's candidates `[M]`. With M = 1 the same draws and update as
-    `planner.mppi_continuous`."""
+    means `[M, H_P, D]` (the warm start). Returns the refined means `[M, H_P, D]` (the skill to
+    execute is `[:, 0]`) and the best finite return of the last iteration's candidates `[M]`."""
     m, horizon, dim = mean.shape
     std = cfg.variance ** 0.5
     best = mean.new_full((m,), float("-inf"))
@@ -124,12 +184,12 @@ def mppi_continuous_batched(returns_fn: ReturnsFn, mean: Tensor, cfg: PlannerCon
     return mean, best
 
 
-def mppi_discrete_batched(returns_fn: ReturnsFn, probs: Tensor, cfg: PlannerConfig,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def mppi_discrete(returns_fn: ReturnsFn, probs: Tensor, cfg: PlannerConfig,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Refine per-segment categoricals over C codes for M environments at once, from `probs
     [M, H_P, C]` (the warm start). Plans reach `returns_fn` as one-hot vectors `[M, K, H_P, C]`.
-    Returns the refined probabilities `[M, H_P, C]` and the best return of the last iteration's
-    candidates `[M]`. With M = 1 the same draws and update as `planner.mppi_discrete`."""
+    Returns the refined probabilities `[M, H_P, C]` (the code to execute is the most likely of
+    `[:, 0]`) and the best finite return of the last iteration's candidates `[M]`."""
     m, horizon, num_codes = probs.shape
     best = probs.new_full((m,), float("-inf"))
     for _ in range(cfg.iterations):
@@ -155,7 +215,8 @@ def all_code_plans(num_codes: int, horizon: int, device: torch.device | str | No
 def exhaustive_discrete(returns_fn: ReturnsFn, m: int, num_codes: int, horizon: int,
                         device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """Score every plan of `horizon` codes once for M environments; returns the best plan of each
-    as one-hot probabilities `[M, H_P, C]` and its return `[M]`."""
+    as one-hot probabilities `[M, H_P, C]` and its return `[M]` (plans with non-finite returns
+    lose to any finite one)."""
     codes = all_code_plans(num_codes, horizon, device)  # [P, H_P]
     plans = F.one_hot(codes, num_codes).float().expand(m, *codes.shape, num_codes)
     returns = returns_fn(plans)  # [M, P]
@@ -164,159 +225,10 @@ def exhaustive_discrete(returns_fn: ReturnsFn, m: int, num_codes: int, horizon: 
     return F.one_hot(codes[index], num_codes).float(), best
 
 
-def _shift(plan: Tensor, fill: Tensor) -> Tensor:
-    """Warm start: drop the executed first segment of `plan [M, H_P, X]`, append `fill [X]`."""
+def shift(plan: Tensor, fill: Tensor) -> Tensor:
+    """Warm start for the next plan: drop the executed first segment of `plan [M, H_P, X]` and
+    append `fill [X]` (zeros for continuous means, uniform probabilities for categoricals)."""
     return torch.cat([plan[:, 1:], fill.to(plan).expand(plan.shape[0], 1, plan.shape[-1])], 1)
-
-
-# ----------------------------------------------------------------------------- skill models
-
-
-def _device(agent: torch.nn.Module) -> torch.device:
-    return next(agent.parameters()).device
-
-
-class DadsSkillModel:
-    """DADS as a skill model: the context of an environment is its observation; q predicts,
-    the SAC actor executes (see the module docstring)."""
-
-    def __init__(self, agent: DadsAgent) -> None:
-        self.agent = agent
-        self.cfg = agent.cfg.dads
-        self.skill_type = self.cfg.skill_type
-        self.skill_dim = self.cfg.skill_dim
-        q = agent.dynamics
-        self.state_dims = q.state_dims
-        self.whole = tuple(q.state_dims) == tuple(range(agent.obs_shape[0]))
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.agent)
-
-    def initial_state(self, n: int) -> None:
-        return None
-
-    def observe(self, observation: Tensor, is_first: Tensor, state: None,
-                generator: torch.Generator | None) -> tuple[Tensor, None]:
-        """`[N, O]` -> (context [N, O] float32, model state)."""
-        return observation.float(), None
-
-    def imagine(self, context: Tensor, rows: Tensor, plans: Tensor, hold: int,
-                generator: torch.Generator | None) -> Tensor:
-        """Predicted observations `[M, K, H, O]` of plans `[M, K, H_P, D]` from the observations of
-        environments `rows [M]`: each segment's skill held `hold` steps of q's mixture mean."""
-        start = context[rows]  # [M, O]
-        m, k = plans.shape[:2]
-        state = self.agent.dynamics.project(start).unsqueeze(1).expand(m, k, -1)  # [M, K, S]
-        states = []
-        for i in range(plans.shape[2]):
-            skill = plans[:, :, i]
-            for _ in range(hold):
-                state = self.agent.skill_dynamics_step(state, skill)
-                states.append(state)
-        predicted = torch.stack(states, 2)  # [M, K, H, S]
-        if self.whole:
-            return predicted
-        out = start[:, None, None, :].expand(m, k, predicted.shape[2], -1).clone()
-        out[..., list(self.state_dims)] = predicted
-        return out
-
-    def act(self, context: Tensor, skill: Tensor, sample: bool, generator: torch.Generator | None) -> Tensor:
-        """Actions `[N, A]` of the SAC actor for skills `[N, D]`: a sample, or tanh(mean)."""
-        dist = self.agent.sac.policy(policy_input(context, skill, self.cfg))
-        return dist.sample(generator) if sample else dist.mode
-
-    def acted(self, state: None, action: Tensor) -> None:
-        return None
-
-    def acting_weights(self) -> dict[str, np.ndarray]:
-        return self.agent.policy_weights()
-
-
-@dataclass
-class LatentState:
-    """Choreographer's per-environment model state `[N, ...]`, as ChoreographerPolicy's."""
-
-    latent: State
-    """The posterior state of the latest observation (after `observe`), or of the one before."""
-    prev_action: Tensor
-    """[N, A] the action that led to the next observation."""
-
-
-class CodebookSkillModel:
-    """Choreographer as a skill model: the context of an environment is its posterior RSSM state
-    (filtered as ChoreographerPolicy does); candidates are imagined with the skill actor
-    conditioned on their codes and decoded; the skill actor executes (module docstring).
-    imagination: "mode" (the most likely latent of each prior step) or "sample"."""
-
-    def __init__(self, agent: ChoreographerAgent, imagination: Literal["mode", "sample"] = "mode") -> None:
-        if imagination not in ("mode", "sample"):
-            raise ValueError(f"imagination must be 'mode' or 'sample', got {imagination!r}")
-        self.agent = agent
-        self.imagination = imagination
-        self.skill_type = "discrete"
-        self.skill_dim = agent.cfg.choreographer.num_codes
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.agent)
-
-    def initial_state(self, n: int) -> LatentState:
-        device = self.device
-        return LatentState(self.agent.wm.rssm.initial(n, device), torch.zeros(n, self.agent.action_dim, device=device))
-
-    def observe(self, observation: Tensor, is_first: Tensor, state: LatentState,
-                generator: torch.Generator | None) -> tuple[State, LatentState]:
-        """Filter `observation [N, *obs_shape]` into the posterior; the state is reset where
-        `is_first [N]` is set. Returns (context: the posterior `[N]`, model state)."""
-        wm = self.agent.wm
-        # Deterministic with deterministic imagination: the latent's mode, as the skill policy in "mode".
-        latent = wm.rssm.posterior_step(state.latent, state.prev_action, wm.encode(observation), is_first, generator,
-                                        sample=self.imagination == "sample")
-        return latent, LatentState(latent, state.prev_action)
-
-    def imagine(self, context: State, rows: Tensor, plans: Tensor, hold: int,
-                generator: torch.Generator | None) -> Tensor:
-        """Decoded observations `[M, K, H, *obs_shape]` of plans `[M, K, H_P, C]` (one-hot codes),
-        imagined from the posteriors of environments `rows [M]`, batched over M * K."""
-        wm, actor = self.agent.wm, self.agent.skill_ac
-        rssm = wm.rssm
-        m, k, horizon, num_codes = plans.shape
-        state = context[rows].map(lambda t: t.repeat_interleave(k, 0))  # [M * K], environment-major
-        feat = rssm.feature(state)
-        feats = []
-        for i in range(horizon):
-            code = plans[:, :, i].reshape(m * k, num_codes)
-            for _ in range(hold):
-                action = actor.policy(feat, code).mode
-                state = rssm.img_step(state, action, generator)
-                if self.imagination == "mode":
-                    state = State(state.deter, F.one_hot(state.logits.argmax(-1), rssm.classes).to(state.deter),
-                                  state.logits)
-                feat = rssm.feature(state)
-                feats.append(feat)
-        observations = wm.decoder(torch.stack(feats, 1))  # [M * K, H, *obs_shape]
-        return observations.reshape(m, k, *observations.shape[1:])
-
-    def act(self, context: State, skill: Tensor, sample: bool, generator: torch.Generator | None) -> Tensor:
-        """Actions `[N, A]` of the skill actor conditioned on one-hot codes `[N, C]`."""
-        dist = self.agent.skill_ac.policy(self.agent.wm.rssm.feature(context), skill)
-        return dist.sample(generator) if sample else dist.mode
-
-    def acted(self, state: LatentState, action: Tensor) -> LatentState:
-        return LatentState(state.latent, action)
-
-    def acting_weights(self) -> dict[str, np.ndarray]:
-        return self.agent.policy_weights()
-
-
-def skill_model(agent: Any, **kwargs: Any) -> DadsSkillModel | CodebookSkillModel:
-    """The skill model of a learner-side agent (DadsAgent or ChoreographerAgent)."""
-    if isinstance(agent, DadsAgent):
-        return DadsSkillModel(agent, **kwargs)
-    if isinstance(agent, ChoreographerAgent):
-        return CodebookSkillModel(agent, **kwargs)
-    raise TypeError(f"planning needs a DadsAgent or a ChoreographerAgent, got {type(agent).__name__}")
 
 
 # ----------------------------------------------------------------------------- policies
@@ -341,11 +253,10 @@ class SkillPlanState:
 
 
 class SkillSequencePolicy:
-    """Holds a skill per environment for `hold` steps and executes it with the agent's skill
+    """Holds a skill per environment for `hold` steps and executes it with the skill model's
     actor; `choose` decides the new skills (planning or random). See the module docstring."""
 
-    def __init__(self, model: DadsSkillModel | CodebookSkillModel, hold: int, horizon: int, seed: int,
-                 version: int) -> None:
+    def __init__(self, model: SkillModel, hold: int, horizon: int, seed: int, version: int) -> None:
         if hold < 1 or horizon < 1:
             raise ValueError(f"planner hold and horizon must be at least 1, got {hold} and {horizon}")
         self.model = model
@@ -384,7 +295,8 @@ class SkillSequencePolicy:
 
     def choose(self, context: Any, rows: Tensor, warm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """New skills `[M, D]`, warm starts `[M, H_P, D]` and predicted returns `[M]` for the
-        environments `rows [M]`, from their warm starts `[M, H_P, D]`."""
+        environments `rows [M]`, from their warm starts `[M, H_P, D]`; `context` holds every
+        environment's."""
         raise NotImplementedError
 
     @torch.inference_mode()
@@ -408,19 +320,19 @@ class SkillSequencePolicy:
             warm = warm.index_copy(0, rows, new_warm.to(warm.dtype))
             predicted = predicted.index_copy(0, rows, new_return.to(predicted.dtype))
             steps = torch.where(due, 0, steps)
-        action = self.model.act(context, skill, mode == "sample", self.generator)
-        new_state = SkillPlanState(self.model.acted(model_state, action), skill, warm, steps + 1, due, predicted)
+        action, model_state = self.model.act(context, model_state, skill, mode == "sample", self.generator)
+        new_state = SkillPlanState(model_state, skill, warm, steps + 1, due, predicted)
         index = skill.argmax(-1) if self.discrete else torch.full_like(steps, -1)
         return (action.float().cpu().numpy(), new_state, {"skill": index.to(torch.int32).cpu().numpy()})
 
 
-class SkillPlanningPolicy(SkillSequencePolicy):
-    """MPPI over sequences of skills with the skill model's predictions, scored by `reward_fn`
+class PlanningPolicy(SkillSequencePolicy):
+    """MPPI over sequences of the skill model's skills with its predictions, scored by `reward_fn`
     (module docstring). exhaustive: score every plan once when there are at most K of them
-    (discrete skills)."""
+    (discrete skills). version: reported until `load_weights` sets another."""
 
-    def __init__(self, model: DadsSkillModel | CodebookSkillModel, reward_fn: RewardFn, planner_cfg: PlannerConfig,
-                 seed: int = 0, exhaustive: bool = True, version: int = -1) -> None:
+    def __init__(self, model: SkillModel, reward_fn: RewardFn, planner_cfg: PlannerConfig, seed: int = 0,
+                 exhaustive: bool = True, version: int = -1) -> None:
         for key in ("candidates", "iterations"):
             if getattr(planner_cfg, key) < 1:
                 raise ValueError(f"planner {key} must be at least 1, got {getattr(planner_cfg, key)}")
@@ -429,9 +341,10 @@ class SkillPlanningPolicy(SkillSequencePolicy):
         self.cfg = planner_cfg
         self.exhaustive = exhaustive and self.discrete and self.skill_dim ** self.horizon <= planner_cfg.candidates
 
-    def plan_returns(self, context: Any, rows: Tensor, plans: Tensor) -> Tensor:
-        """Predicted returns `[M, K]` of plans `[M, K, H_P, D]` for the environments `rows [M]`."""
-        observations = self.model.imagine(context, rows, plans, self.hold, self.generator)
+    def plan_returns(self, start: Any, rows: Tensor, plans: Tensor) -> Tensor:
+        """Predicted returns `[M, K]` of plans `[M, K, H_P, D]` from the contexts `start [M]` of
+        the environments `rows [M]`."""
+        observations = self.model.imagine(start, plans, self.hold, self.generator)
         rewards = self.reward_fn(observations, rows)
         expected = (*plans.shape[:2], self.horizon * self.hold)
         if tuple(rewards.shape) != expected:
@@ -441,58 +354,59 @@ class SkillPlanningPolicy(SkillSequencePolicy):
         return rewards.float().sum(-1)
 
     def choose(self, context: Any, rows: Tensor, warm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        start = context[rows]
+
         def returns_fn(plans: Tensor) -> Tensor:
-            return self.plan_returns(context, rows, plans)
+            return self.plan_returns(start, rows, plans)
 
         if not self.discrete:
-            mean, best = mppi_continuous_batched(returns_fn, warm, self.cfg, self.generator)
-            return mean[:, 0], _shift(mean, torch.zeros(self.skill_dim)), best
+            mean, best = mppi_continuous(returns_fn, warm, self.cfg, self.generator)
+            return mean[:, 0], shift(mean, torch.zeros(self.skill_dim)), best
         if self.exhaustive:
             probs, best = exhaustive_discrete(returns_fn, len(rows), self.skill_dim, self.horizon, warm.device)
         else:
-            probs, best = mppi_discrete_batched(returns_fn, warm, self.cfg, self.generator)
+            probs, best = mppi_discrete(returns_fn, warm, self.cfg, self.generator)
         skill = F.one_hot(probs[:, 0].argmax(-1), self.skill_dim).float()
-        return skill, _shift(probs, torch.full((self.skill_dim,), 1.0 / self.skill_dim)), best
+        return skill, shift(probs, torch.full((self.skill_dim,), 1.0 / self.skill_dim)), best
 
 
-class DadsPlanningPolicy(SkillPlanningPolicy):
+class DadsPlanningPolicy(PlanningPolicy):
     """MPPI in DADS's skill space with q's predictions, executed by the SAC actor (module
-    docstring). planner_cfg: default the agent's `cfg.dads.planner` (the paper's dense-reward
+    docstring). planner_cfg: default the agent's `cfg.planner` (defaults: the paper's dense-reward
     settings H_P = 1, H_Z = 10, K = 50, R = 10, gamma = 10)."""
 
     def __init__(self, agent: DadsAgent, reward_fn: RewardFn, planner_cfg: PlannerConfig | None = None,
                  seed: int = 0, exhaustive: bool = True) -> None:
         if not isinstance(agent, DadsAgent):
             raise TypeError(f"DadsPlanningPolicy needs a DadsAgent, got {type(agent).__name__}")
-        super().__init__(DadsSkillModel(agent), reward_fn, planner_cfg or agent.cfg.dads.planner, seed, exhaustive,
+        super().__init__(DadsSkillModel(agent), reward_fn, planner_cfg or agent.cfg.planner, seed, exhaustive,
                          int(agent.updates))
 
 
-class CodebookPlanningPolicy(SkillPlanningPolicy):
+class CodebookPlanningPolicy(PlanningPolicy):
     """MPPI over Choreographer's codebook with the world model's imagination, executed by the
-    skill actor (module docstring). planner_cfg: default `PlannerConfig()` (H_P = 1, H_Z = 10,
-    K = 50, R = 10, gamma = 10; with 64 codes and H_P = 1 raise K to 64 for an exhaustive search).
-    imagination: "mode" or "sample" latents in the imagined rollouts."""
+    skill actor (module docstring). planner_cfg: default the agent's `cfg.planner` (defaults:
+    H_P = 1, H_Z = 10, K = 50, R = 10, gamma = 10; with 64 codes and H_P = 1 raise K to 64 for an
+    exhaustive search). imagination: "mode" or "sample" latents in the imagined rollouts."""
 
     def __init__(self, agent: ChoreographerAgent, reward_fn: RewardFn, planner_cfg: PlannerConfig | None = None,
                  seed: int = 0, exhaustive: bool = True, imagination: Literal["mode", "sample"] = "mode") -> None:
         if not isinstance(agent, ChoreographerAgent):
             raise TypeError(f"CodebookPlanningPolicy needs a ChoreographerAgent, got {type(agent).__name__}")
-        super().__init__(CodebookSkillModel(agent, imagination), reward_fn, planner_cfg or PlannerConfig(), seed,
+        super().__init__(CodebookSkillModel(agent, imagination), reward_fn, planner_cfg or agent.cfg.planner, seed,
                          exhaustive, int(agent.updates))
 
 
 class RandomSkillPolicy(SkillSequencePolicy):
-    """The baseline of the planning policies: a skill drawn from the prior (DADS: U(-1, 1)^D or a
-    uniform one-hot; Choreographer: a uniform code) held `planner_cfg.hold` steps per
-    environment (and redrawn at every episode start), executed by the same skill actor.
-    planner_cfg: default as the planning policy of the agent's kind."""
+    """The baseline of the planning policies: a skill drawn from the prior (continuous: U(-1, 1)^D;
+    discrete skills and codes: a uniform one-hot) held `planner_cfg.hold` steps per environment
+    (and redrawn at every episode start), executed by the same skill actor. planner_cfg: default
+    the agent's `cfg.planner`."""
 
     def __init__(self, agent: DadsAgent | ChoreographerAgent, planner_cfg: PlannerConfig | None = None,
                  seed: int = 0) -> None:
         model = skill_model(agent)
-        if planner_cfg is None:
-            planner_cfg = agent.cfg.dads.planner if isinstance(agent, DadsAgent) else PlannerConfig()
+        planner_cfg = planner_cfg or agent.cfg.planner
         super().__init__(model, planner_cfg.hold, planner_cfg.horizon, seed, int(agent.updates))
 
     def choose(self, context: Any, rows: Tensor, warm: Tensor) -> tuple[Tensor, Tensor, Tensor]:

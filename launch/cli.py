@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", default=None, metavar="FILE", help="pretraining snapshot whose skills to evaluate")
     p.add_argument("--policy", choices=["skills", "random"], default="skills",
                    help="the snapshot's skills (a random one per episode) or uniform random actions")
-    p.add_argument("--episodes", type=int, default=100, help="episodes (per goal on Meta-World; default 100)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="episodes (per goal on Meta-World), short for eval.episodes=N (default 100; tiny: 2)")
     p.add_argument("--skill-every", type=int, default=0, metavar="N",
                    help="draw a new random skill every N steps (default: one per episode)")
     p.add_argument("--goals", default=None, help="Meta-World goal indices to evaluate, e.g. 0,1,2 (default: all 50)")
@@ -154,14 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="zero-shot: plan over sequences of a snapshot's skills toward navigation goals "
                                      "(task=point_mass_nav or ant_nav)")
     p.add_argument("--snapshot", required=True, metavar="FILE", help="pretraining snapshot (DADS or Choreographer)")
-    p.add_argument("--episodes", type=int, default=50, help="episodes, each with a goal of its own (default 50)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="episodes, each with a goal of its own, short for eval.episodes=N (default 50; a tiny "
+                        "snapshot: 2)")
     p.add_argument("--policy", choices=["plan", "random"], default="plan",
                    help="the planner, or random skills held as long (the baseline)")
     p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
     p.add_argument("--local", action="store_true", help="run the episodes in this process, without Ray")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="e.g. task=point_mass_nav agent.dads.planner.candidates=200 env.goal_reward=sparse")
+                   help="e.g. task=point_mass_nav agent.planner.candidates=200 env.goal_reward=sparse")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's replay as a dataset of per-episode .npz files with checksums")

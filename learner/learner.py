@@ -19,10 +19,10 @@ import torch
 
 from choreo.agents.collective import SOLO, Collective
 from choreo.learner.config import LearnerConfig
+from choreo.learner.files import CHECKPOINT, SNAPSHOTS, snapshot_name
 from choreo.learner.snapshot import atomic_torch_save, save_snapshot
 
 Batch = Mapping[str, np.ndarray]
-CHECKPOINT = "checkpoint.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -247,7 +247,7 @@ class Learner:
         if self.collective.rank != 0:  # rank 0 writes the group's snapshot
             self.snapshots_written.update(due)
             return None
-        path = save_snapshot(self.run_dir / "snapshots" / f"snapshot_{max(due)}{suffix}.pt", self.agent.state_dict(),
+        path = save_snapshot(self.run_dir / SNAPSHOTS / snapshot_name(max(due), suffix), self.agent.state_dict(),
                              self.run_config or {}, frames, self.updates)
         self.snapshots_written.update(due)
         return path

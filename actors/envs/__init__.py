@@ -243,6 +243,16 @@ def make_env_from_config(cfg: EnvConfig, seed: int) -> gymnasium.Env:
     )
 
 
+def env_shapes(cfg: EnvConfig) -> tuple[tuple[int, ...], int]:
+    """The observation shape and action size of the environment `cfg` describes (one is built to
+    read them)."""
+    env = make_env_from_config(cfg, seed=0)
+    try:
+        return tuple(env.observation_space.shape), math.prod(env.action_space.shape)
+    finally:
+        env.close()
+
+
 def physics_renderer(cfg: EnvConfig):
     """A function from simulator states [T, P] to the task's pixel observations [T, 3, S, S]
     uint8, rendered by one environment of `cfg` built for pixels (kept for every call): how pixel

@@ -1,5 +1,5 @@
-"""DADS (Sharma et al., 2020): skill dynamics, the DADS intrinsic reward, SAC, and model-predictive
-planning in skill space.
+"""DADS (Sharma et al., 2020): skill dynamics, the DADS intrinsic reward, SAC, and the skill model
+that zero-shot planning in skill space (`choreo.agents.planning`) predicts with.
 
 Importing this package is cheap (no torch): `choreo.agents.config` imports `DadsConfig` from it,
 and the command line reads configs without loading torch. The agent and policy classes load on
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from choreo.agents.dads.config import SHAPE_KEYS, DadsConfig, PlannerConfig
+from choreo.agents.dads.config import SHAPE_KEYS, DadsConfig
 from choreo.agents.registry import register
 
 if TYPE_CHECKING:
@@ -48,4 +48,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DadsAgent", "DadsConfig", "DadsPolicy", "PlannerConfig", "SHAPE_KEYS", "make_agent", "make_policy"]
+__all__ = ["DadsAgent", "DadsConfig", "DadsPolicy", "SHAPE_KEYS", "make_agent", "make_policy"]

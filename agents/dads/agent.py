@@ -225,7 +225,7 @@ class DadsAgent(nn.Module):
                 for name, t in self.sac.actor.state_dict().items()}
 
     def skill_dynamics_step(self, state: Tensor, skill: Tensor) -> Tensor:
-        """One deterministic step of q for the planner (`planner.StepFn`): `[K, S], [K, D] -> [K, S]`,
-        in q's state space (see `self.dynamics.project`)."""
+        """One deterministic step of q for planning (`skill_model.DadsSkillModel`):
+        `[..., S], [..., D] -> [..., S]`, in q's state space (see `self.dynamics.project`)."""
         with torch.no_grad():
             return self.dynamics.predict(state, skill)

@@ -1,39 +1,16 @@
-"""Typed settings of DADS (Sharma et al., ICLR 2020) and of its planner in skill space.
+"""Typed settings of DADS (Sharma et al., ICLR 2020). The planner in skill space, one for both
+algorithms, has its settings in `AgentConfig.planner` (`agent.planner.*`).
 
 Defaults follow the reference implementation's Ant off-policy configuration ("off-DADS") where the
 paper and the released configs disagree (see ../shared/reference/dads-reference-code.md): L = 100
 prior samples (the paper says 500), widths 512, skill dimension 2 (the x-y prior's). Every field
-carries a docstring (the string literal under it), which `launch.config` reads.
+carries a docstring (the string literal under it), which `launch.runtime.config` reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
-
-
-@dataclass(frozen=True)
-class PlannerConfig:
-    horizon: int = 1
-    """H_P: skill segments in a plan (paper App. A.5: 1 for dense rewards, 4 for sparse ones)."""
-    hold: int = 10
-    """H_Z: model steps each skill of a plan is held (10 dense, 25 sparse)."""
-    candidates: int = 50
-    """K: plans sampled per refinement iteration, simulated as one batch (50 dense, 200 sparse)."""
-    iterations: int = 10
-    """R: refinement iterations of the plan distribution."""
-    gamma: float = 10.0
-    """MPPI temperature: plans are weighted by softmax(gamma * return). Depends on the reward's
-    scale."""
-    variance: float = 1.5
-    """Continuous skills: variance of the Gaussian plans are sampled from around the current mean
-    (the reference's covariance 1.5 I); samples are clipped to the prior's support [-1, 1]."""
-    smoothing: float = 0.0
-    """Continuous skills: sampled plans are smoothed, z_i <- beta z_{i-1} + (1 - beta) z_i
-    (the reference's smoothing_beta; 0.9 for sparse rewards, 0 switches it off)."""
-    mix: float = 0.5
-    """Discrete skills: weight of the refined categorical per segment against the previous one,
-    p <- mix * p_weighted + (1 - mix) * p_previous (1: no memory of the previous iteration)."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +86,6 @@ class DadsConfig:
     """Upper clip of the actor's log standard deviation."""
     sac_steps: int = 1
     """SAC steps (critic, actor, temperature, targets) per update, each on the whole batch."""
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    """Model-predictive control in skill space (MPPI), for zero-shot tasks."""
 
 
 SHAPE_KEYS = (

@@ -5,8 +5,8 @@ from the prior (U(-1, 1)^D, or a uniform one-hot for discrete skills) at every e
 (`is_first`), unless a skill was given to `initial_state` (or set on the policy, `DadsPolicy(...,
 skill=...)` or `set_skills(...)`, for callers that make states with `initial_state(n)` alone, such
 as the EnvRunner), which is then held across episodes.
-Planning in skill space (planner.py) executes its skill the same way: a new
-`initial_state(n, skill=z)` each time it replans (the state holds nothing but the skills).
+Planning in skill space (`choreo.agents.planning`, with `dads.skill_model`) executes its skills with
+the same actor, from the learner-side agent.
 
 Behaviours: DADS has one acting policy, the skill-conditioned actor; "explore", "skill" and "meta"
 (the names the launcher asks for when pretraining, looking at a skill, fine-tuning or

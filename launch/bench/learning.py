@@ -112,7 +112,7 @@ MW_GOAL_SET = 1
 DADS = ["algo=dads", "env.task=point_mass_nav", "agent.dads.hidden=128", "agent.dads.prior_samples=32"]
 """DADS on the point mass as measured by hand in the README (a minute of pretraining plans well)."""
 CHOREO_NAV = ["env.task=point_mass_nav"]
-CODEBOOK_PLANNER = ["agent.dads.planner.candidates=64"]
+CODEBOOK_PLANNER = ["agent.planner.candidates=64"]
 """Planning over 64 codes with H_P = 1: K >= the number of codes tries every code."""
 NO_PICTURES = ["monitor.media_every=0"]
 """The runs write no TensorBoard pictures (they cost seconds each); stage 2 draws them once."""
@@ -416,11 +416,11 @@ class Bench:
         """One run of `plan` (`choreo pretrain` or `choreo finetune`, `--local`) in
         `<logdir>/<name>/`, its output in logs/<name>.log. Returns what it did: frames, updates,
         seconds, its snapshot (pretraining), whether the watchdog cut it short."""
-        from choreo.launch.runtime.config import save_config
         from choreo.launch.runtime.local import run_local
-        from choreo.launch.runtime.rundir import new_run_dir
+        from choreo.launch.runtime.plan import resolve_plan
+        from choreo.launch.runtime.rundir import RunDir
         from choreo.launch.runtime.run import check_snapshot
-        from choreo.learner.learner import CHECKPOINT, load_torch_file
+        from choreo.learner.learner import load_torch_file
         from choreo.learner.snapshot import save_snapshot
 
         logdir = logdir or self.runs
@@ -434,7 +434,7 @@ class Bench:
         else:
             sized += [f"eval.every_frames={plan.eval_every}", f"eval.episodes={plan.eval_episodes}"]
         config = self.base_config([*overrides, *sized, *NO_PICTURES, *extra, f"logdir={logdir}", f"run_name={name}"])
-        if config.mode == "finetune" and not config.from_scratch:
+        if resolve_plan(config).start == "snapshot":
             check_snapshot(config)
         self.say(f"{self.stage}: {name}: {plan.frames:,} frames ({plan.warm * ar:,} warm-up), ~{plan.updates:,} "
                  f"updates, ~{fmt_s(plan.seconds)}")
@@ -443,10 +443,9 @@ class Bench:
         run_dir = None
         with self.logged(name), Heartbeat(self.say, name, plan.seconds), Watchdog(limit) as dog:
             try:
-                run_dir = new_run_dir(config, str(logdir))
-                save_config(config, run_dir, exclusive=True)
+                run_dir = RunDir.create(config, logdir)
                 with stop_on_signals():
-                    rc = run_local(config, run_dir)
+                    rc = run_local(config, run_dir.path)
             except KeyboardInterrupt:
                 if not dog.fired:
                     raise
@@ -456,24 +455,23 @@ class Bench:
             raise KeyboardInterrupt  # the user's Ctrl-C or a SIGTERM: the bench stops
         if rc not in (0, 130):
             raise RuntimeError(f"run {name} ended with exit code {rc}; see {self.rel(self.logs / (name + '.log'))}")
-        if run_dir is None or not (run_dir / CHECKPOINT).is_file():
+        if run_dir is None or not run_dir.checkpoint.is_file():
             raise RuntimeError(f"run {name} was stopped after {fmt_s(seconds)} before it wrote a checkpoint")
-        state = load_torch_file(run_dir / CHECKPOINT)
+        state = load_torch_file(run_dir.checkpoint)
         frames, updates = int(state["counters"]["frames"]), int(state["updates"])
         snapshot = None
         if kind != "finetune":
-            snapshots = sorted((run_dir / "snapshots").glob("snapshot_*.pt"), key=lambda p: p.stat().st_mtime)
+            snapshots = run_dir.snapshot_files()
             if snapshots:
                 snapshot = snapshots[-1]
             else:  # cut short before its last frame: its final checkpoint is the snapshot
-                snapshot = save_snapshot(run_dir / "snapshots" / f"snapshot_{frames}.pt", state["agent"], config,
-                                         frames, updates)
+                snapshot = save_snapshot(run_dir.snapshot(frames), state["agent"], config, frames, updates)
         cut = dog.fired
         if not cut:  # a run cut short says nothing reliable about the update's cost
             self.costs.observe(kind, seconds, plan)
         self.say(f"{self.stage}: {name}: {'cut short by the watchdog at' if cut else 'done,'} {frames:,} frames, "
                  f"{updates:,} updates in {fmt_s(seconds)} (load average {os.getloadavg()[0]:.1f})")
-        return {"name": name, "run_dir": self.rel(run_dir), "frames": frames, "planned_frames": plan.frames,
+        return {"name": name, "run_dir": self.rel(run_dir.path), "frames": frames, "planned_frames": plan.frames,
                 "load_1m": os.getloadavg()[0],
                 "warm_frames": plan.warm * ar, "updates": updates, "seconds": seconds,
                 "planned_seconds": plan.seconds, "cut_short": cut, "snapshot": self.rel(snapshot),
@@ -590,7 +588,9 @@ def read_curves(run_dir: Path, tags: Sequence[str], log_every: int) -> dict[str,
     metrics are written every `log_every` updates, so the k-th point is update k x log_every."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    from choreo.launch.runtime.rundir import RunDir
+
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     present = set(events.Tags().get("scalars", []))
     return {tag: [[(i + 1) * log_every, float(e.value)] for i, e in enumerate(events.Scalars(tag))]
@@ -686,9 +686,9 @@ def spread(positions: np.ndarray) -> dict[str, Any]:
 
 def torso_positions(policy: Any, state: Any, envs: Sequence[Any], steps: int, mode: str,
                     seeds: Sequence[int]) -> np.ndarray:
-    """Plays `envs` with `policy` for `steps` steps (`choreo.launch.runtime.snapshot.rollout`) and
+    """Plays `envs` with `policy` for `steps` steps (`choreo.actors.rollout.rollout`) and
     returns the walker torso's (x, height) at every observation `[N, steps + 1, 2]`."""
-    from choreo.launch.runtime.snapshot import rollout
+    from choreo.actors.rollout import rollout
 
     out = np.empty((len(envs), steps + 1, 2))
 
@@ -697,7 +697,7 @@ def torso_positions(policy: Any, state: Any, envs: Sequence[Any], steps: int, mo
             x, _, z = env.unwrapped.physics.named.data.xpos["torso"]
             out[i, t] = (x, z)
 
-    rollout(policy, envs, state, steps, mode, seeds, on_act=record)
+    rollout(policy, envs, steps, state=state, mode=mode, seeds=seeds, record=(), on_act=record)
     return out
 
 
@@ -786,21 +786,20 @@ def spread_goals(n: int) -> list[int]:
 def zero_shot(b: Bench, task: str, overrides: Sequence[str], snapshot: Path | None, episodes: int,
               goals: list[int] | None) -> dict[str, Any]:
     """`choreo evaluate --local` of the snapshot's skills (or, without one, random actions)."""
-    from choreo.launch.runtime.config import save_config
-    from choreo.launch.commands.evaluate import evaluate, snapshot_weights
-    from choreo.launch.runtime.rundir import new_run_dir
+    from choreo.launch.commands.evaluate import evaluate
+    from choreo.launch.runtime.rundir import RunDir
+    from choreo.launch.runtime.snapshot import Snapshot
 
     policy = "skills" if snapshot else "random"
     name = f"{task}-zero-shot-{policy}"
     extra = ([f"snapshot={snapshot.resolve()}", f"agent.choreographer.random_skill_every={SKILL_EVERY}"]
              if snapshot else [])
     config = b.base_config(["mode=evaluate", *overrides, *extra, f"logdir={b.runs}", f"run_name={name}"])
-    run_dir = new_run_dir(config, str(b.runs))
-    save_config(config, run_dir, exclusive=True)
+    run_dir = RunDir.create(config, b.runs)
     with b.logged(name) as log, keep_threads():
         summary = evaluate(config, run_dir, episodes, "meta" if snapshot else "random", goals, local=True,
-                           stream=log, snapshot=snapshot_weights(config) if snapshot else None)
-    summary["run_dir"] = b.rel(run_dir)
+                           stream=log, snapshot=Snapshot.open(config.snapshot, config=config) if snapshot else None)
+    summary["run_dir"] = b.rel(run_dir.path)
     return summary
 
 
@@ -914,11 +913,10 @@ def stage_finetune(b: Bench, allot: float, section: dict[str, Any]) -> None:
 
 def read_eval_curve(run_dir: Path) -> list[list[float]]:
     """[[frame, mean return], ...] of a run's eval.jsonl."""
-    path = Path(run_dir) / "eval.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [[int(r["frame"]), float(r["mean_return"])] for r in sorted(rows, key=lambda r: r["frame"])]
+    from choreo.launch.runtime.rundir import RunDir
+
+    records = sorted(RunDir(run_dir).read_evals(), key=lambda r: r.frame)
+    return [[r.frame, r.mean_return] for r in records]
 
 
 def judge_finetune(section: dict[str, Any], task: str = "walker_stand") -> dict[str, Any]:
@@ -942,21 +940,17 @@ def plan_episodes(seconds: float) -> int:
 def zero_shot_plan(b: Bench, name: str, snapshot: Path, episodes: int, policy: str,
                    extra: Sequence[str] = ()) -> dict[str, Any]:
     """`choreo plan --local` of a snapshot on point_mass_nav (`policy` "plan" or "random")."""
-    from choreo.launch.runtime.config import save_config
     from choreo.launch.commands.plan import plan
-    from choreo.launch.runtime.rundir import new_run_dir
-    from choreo.launch.runtime.snapshot import snapshot_config
-    from choreo.learner.learner import load_torch_file
+    from choreo.launch.runtime.rundir import RunDir
+    from choreo.launch.runtime.snapshot import Snapshot
 
-    data = load_torch_file(snapshot)
     run_name = f"{name}-{policy}"
-    config = snapshot_config(data.get("config") or {}, ["dataset.dir=", "dataset.collect=false", f"run_name={run_name}",
-                                                       f"logdir={b.runs}", "env.task=point_mass_nav", *extra])
-    run_dir = new_run_dir(config, str(b.runs))
-    save_config(config, run_dir, exclusive=True)
+    config = Snapshot.open(snapshot, ["dataset.dir=", "dataset.collect=false", f"run_name={run_name}",
+                                      f"logdir={b.runs}", "env.task=point_mass_nav", *extra]).config
+    run_dir = RunDir.create(config, b.runs)
     with b.logged(run_name) as log, keep_threads():
         summary = plan(config, snapshot, run_dir, episodes, policy, local=True, stream=log)
-    summary["run_dir"] = b.rel(run_dir)
+    summary["run_dir"] = b.rel(run_dir.path)
     return summary
 
 

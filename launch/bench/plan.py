@@ -1,7 +1,7 @@
 """`choreo bench plan`: milliseconds per planning step of `choreo plan`, for DADS (MPPI over
 continuous skills with the skill dynamics) and for Choreographer (over its codebook skills with the
 world model's imagination), at their reference sizes and the paper's planner settings (K = 50
-candidates, R = 10 iterations, H_P = 1 segment held H_Z = 10 steps; `agent.dads.planner.*` to
+candidates, R = 10 iterations, H_P = 1 segment held H_Z = 10 steps; `agent.planner.*` to
 change them).
 
 The agent has random weights (the cost does not depend on them) and plans for N environments of
@@ -33,7 +33,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
     p.add_argument("--plans", type=int, default=5, help="timed planning steps")
     p.add_argument("--preset", default="paper", help="size preset (paper or tiny)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. task=ant_nav agent.dads.planner.candidates=200")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. task=ant_nav agent.planner.candidates=200")
     args = p.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,7 +42,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
     obs_shape, action_dim = env_shapes(config)
     agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device="cpu")
     agent.eval()
-    cfg = config.agent.dads.planner
+    cfg = config.agent.planner
     goals = torch.zeros(args.envs, 2)
 
     def reward(observations: torch.Tensor, env: torch.Tensor) -> torch.Tensor:

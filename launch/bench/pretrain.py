@@ -121,16 +121,14 @@ def drive_in_new_run(config: Any, logdir: str | None, on_tick: Any, prefix: str,
     """A pretraining on an embedded Ray in a new run directory under `logdir`, or under a temporary
     directory (named with `prefix`) that is deleted afterwards. Returns the driver and the run dir.
     as_json: the run's own lines go to stderr, so that stdout holds only the JSON figures."""
-    from choreo.launch.runtime.config import save_config
     from choreo.launch.runtime.distributed import drive
-    from choreo.launch.runtime.rundir import new_run_dir
+    from choreo.launch.runtime.rundir import RunDir
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     root = Path(logdir) if logdir else Path(tempfile.mkdtemp(prefix=prefix))
     if logdir:
         config = dataclasses.replace(config, logdir=str(logdir))
-    run_dir = new_run_dir(config, str(root))
-    save_config(config, run_dir)
+    run_dir = RunDir.create(config, root).path
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             return drive(config, run_dir, on_tick=on_tick), run_dir

@@ -20,10 +20,7 @@ flags) and `zero_shot.json` (the summary) in a run directory of their own.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from choreo.launch.runtime.config import Config
-from choreo.launch.runtime.jobs import run_tasks
+from choreo.launch.runtime.jobs import run_jobs
+from choreo.launch.runtime.rundir import RunDir
+from choreo.launch.runtime.snapshot import Snapshot
 from choreo.vocabulary import derive_seed
 
 EVAL_ENVS = 10
@@ -88,86 +87,42 @@ def summarise(task: str, jobs: list[dict[str, Any]], threshold: float) -> dict[s
     return summary
 
 
-def snapshot_weights(config: Config) -> tuple[dict, int]:
-    """The acting weights of `config.snapshot` (checked against this run's agent) and its frames."""
-    from choreo.agents.registry import make_agent
-    from choreo.launch.runtime.build import env_shapes, load_pretrained
-
-    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device="cpu")
-    snapshot = load_pretrained(config, agent)
-    agent.load_state_dict(snapshot["agent"])
-    return agent.policy_weights(), int(snapshot["frames"])
-
-
-def evaluate(config: Config, run_dir: Path, episodes: int, behaviour: str, goals: list[int] | None = None,
-             local: bool = False, address: str | None = None, stream=None,
-             snapshot: tuple[dict, int] | None = None) -> dict[str, Any]:
+def evaluate(config: Config, run_dir: str | os.PathLike, episodes: int, behaviour: str,
+             goals: list[int] | None = None, local: bool = False, address: str | None = None, stream=None,
+             snapshot: Snapshot | None = None) -> dict[str, Any]:
     """Runs the jobs (on Ray unless `local`), writes the results into `run_dir`, returns the summary.
-    snapshot: `snapshot_weights(config)` when the caller has it already."""
-    stream = stream or sys.stderr
+    snapshot: `config.snapshot` opened with `config`, when the caller has it already."""
     if behaviour == "random":
         weights, frames = None, 0
     else:
-        weights, frames = snapshot or snapshot_weights(config)
+        snapshot = snapshot or Snapshot.open(config.snapshot, config=config)
+        weights, frames = snapshot.policy_weights(), snapshot.frames
     jobs = plan_jobs(config, episodes, goals)
     start = time.monotonic()
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
-
-    interactive, last = stream.isatty(), [-math.inf]
-
-    def progress(done: int) -> None:
-        elapsed = time.monotonic() - start
-        if done < len(jobs) and elapsed - last[0] < (1.0 if interactive else 10.0):
-            return
-        last[0] = elapsed
-        left = elapsed / done * (len(jobs) - done) if done else math.inf
-        line = (f"{done}/{len(jobs)} jobs  {sum(len(r['returns']) for r in results if r):,} episodes  "
-                f"{elapsed:,.0f} s" + (f"  left {left:,.0f} s" if done else ""))
-        stream.write("\r" + line.ljust(60) if interactive else line + "\n")
-        stream.flush()
-
-    if local:
-        for i, (job_config, n) in enumerate(jobs):
-            results[i] = run_job(job_config, weights, n, i, behaviour)
-            progress(i + 1)
-    else:
-        calls = [(c, weights, n, i, behaviour) for i, (c, n) in enumerate(jobs)]
-        results = run_tasks(run_job, calls, address, results, progress, "choreo evaluate")
-    if interactive:
-        stream.write("\n")
+    results = run_jobs(run_job, [(c, weights, n, i, behaviour) for i, (c, n) in enumerate(jobs)], local=local,
+                       address=address, sizes=[n for _, n in jobs], label="choreo evaluate", stream=stream)
     seconds = time.monotonic() - start
 
     threshold = config.agent.choreographer.reward_gate
-    with open(run_dir / "zero_shot.jsonl", "w") as f:
-        for r in results:
-            f.write(json.dumps({"task": config.env.task, "policy": behaviour, "goal": r["goal"],
-                                "returns": r["returns"], "max_rewards": r["max_rewards"],
-                                "found": [m >= threshold for m in r["max_rewards"]]}) + "\n")
+    records = [{"task": config.env.task, "policy": behaviour, "goal": r["goal"], "returns": r["returns"],
+                "max_rewards": r["max_rewards"], "found": [m >= threshold for m in r["max_rewards"]]} for r in results]
     summary = {**summarise(config.env.task, results, threshold), "policy": "random" if behaviour == "random"
                else "skills", "snapshot": config.snapshot or None, "snapshot_frames": frames, "seconds": seconds}
-    tmp = run_dir / "zero_shot.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "zero_shot.json")
+    RunDir(run_dir).write_results("zero_shot", records, summary)
     return summary
 
 
 def evaluate_command(args: Any) -> int:
     """`choreo evaluate --snapshot FILE task=TASK [--episodes N] [--skill-every N] [--policy random]`."""
-    from choreo.launch.runtime.config import ConfigError, load_config, save_config
-    from choreo.launch.runtime.rundir import new_run_dir
+    from choreo.launch.runtime.config import ConfigError, load_config
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     if args.policy == "skills" and not args.snapshot:
         raise ConfigError("choreo evaluate needs --snapshot FILE (a pretraining snapshot) to evaluate its skills, "
                           "or --policy random for the random-action baseline")
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes must be at least 1, got {args.episodes}")
-    overrides = ["mode=evaluate"]
+    overrides = ["mode=evaluate"] + ([] if args.episodes is None else [f"eval.episodes={args.episodes}"])
     if args.policy == "skills":
-        snapshot = Path(args.snapshot).expanduser()
-        if not snapshot.is_file():
-            raise ConfigError(f"--snapshot {snapshot}: no such file")
-        overrides.append(f"snapshot={snapshot.resolve()}")
+        overrides.append(f"snapshot={Path(args.snapshot).expanduser().resolve()}")
     if args.skill_every:
         overrides.append(f"agent.choreographer.random_skill_every={args.skill_every}")
     overrides += ["env." + o if o.startswith("task=") else o for o in args.overrides]
@@ -188,13 +143,13 @@ def evaluate_command(args: Any) -> int:
         from choreo.learner.snapshot import SnapshotError
 
         try:
-            snapshot = snapshot_weights(config)  # a snapshot that does not fit is refused before anything starts
+            snapshot = Snapshot.open(config.snapshot, config=config)
+            snapshot.policy_weights()  # a snapshot that does not fit is refused before anything starts
         except SnapshotError as e:
             raise ConfigError(str(e)) from None
-    run_dir = new_run_dir(config, args.logdir)
-    save_config(config, run_dir, exclusive=True)
+    run_dir = RunDir.create(config, args.logdir)
     print(f"run directory: {run_dir}")
-    summary = evaluate(config, run_dir, args.episodes, behaviour, goals, local=args.local, address=args.address,
+    summary = evaluate(config, run_dir, config.eval.episodes, behaviour, goals, local=args.local, address=args.address,
                        snapshot=snapshot)
     what = "random actions" if behaviour == "random" else f"the skills of {config.snapshot}"
     line = (f"{config.env.task}, {what}: {summary['episodes_found']:,} of {summary['episodes']:,} episodes found "

@@ -21,26 +21,26 @@ from choreo.buffer.codec import CodecError
 from choreo.buffer.dataset import MANIFEST, DatasetError, export_episodes
 from choreo.buffer.shard import CheckpointMismatchError
 from choreo.launch.runtime.build import make_shard
-from choreo.launch.runtime.config import ConfigError, from_yaml_file, offline_only
-from choreo.launch.runtime.local import REPLAY_DIR
+from choreo.launch.runtime.config import ConfigError
+from choreo.launch.runtime.plan import resolve_plan
+from choreo.launch.runtime.rundir import RunDir
 
 
-def replay_episodes(run_dir: Path) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+def replay_episodes(path: str | Path) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(shards, the episodes of every shard of the run's last replay checkpoint, shard by shard,
     oldest first). Raises ConfigError naming the run and what is missing."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (it holds no config.yaml)")
-    config = from_yaml_file(run_dir / "config.yaml")
-    if offline_only(config):
+    run_dir = RunDir.open(path)
+    config = run_dir.read_config()
+    if not resolve_plan(config).workers:
         raise ConfigError(f"{run_dir} trained on the dataset {config.dataset.dir} alone: its replay is that dataset, "
                           f"and it saved none")
     shards = []
     for i in range(config.num_shards):
         shard = make_shard(config, i)
         try:
-            shard.load(run_dir / REPLAY_DIR)
+            shard.load(run_dir.replay)
         except FileNotFoundError:
-            raise ConfigError(f"{run_dir} holds no replay checkpoint {shard.checkpoint_path(run_dir / REPLAY_DIR)}: "
+            raise ConfigError(f"{run_dir} holds no replay checkpoint {shard.checkpoint_path(run_dir.replay)}: "
                               f"a run saves its replay at each checkpoint (learner.checkpoint_minutes) and when it "
                               f"stops") from None
         except (CodecError, CheckpointMismatchError) as e:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from choreo.launch.runtime.config import Config, ConfigError
+from choreo.launch.runtime.jobs import run_jobs
+from choreo.launch.runtime.rundir import EvalRecord, RunDir
 from choreo.vocabulary import derive_seed
 
 PLAN_ENVS = 10
@@ -62,7 +62,7 @@ def planning_policy(config: Config, agent: Any, envs: list, policy: str, seed: i
     world model) bound to the goals of `envs`, or (policy "random") random skills held as long."""
     from choreo.agents.planning import CodebookPlanningPolicy, DadsPlanningPolicy, RandomSkillPolicy
 
-    cfg = config.agent.dads.planner
+    cfg = config.agent.planner
     if policy == "random":
         return RandomSkillPolicy(agent, cfg, seed=seed)
     cls = DadsPlanningPolicy if config.algo == "dads" else CodebookPlanningPolicy
@@ -77,13 +77,13 @@ def run_job(config: Config, snapshot: str, episodes: int, index: int, policy: st
 
     from choreo.actors.envs import make_env_from_config
     from choreo.actors.runner import EnvRunner, env_seed
-    from choreo.launch.runtime.snapshot import load_agent
+    from choreo.launch.runtime.snapshot import Snapshot
 
     torch.set_num_threads(1)
     root = derive_seed(config.seed, "plan")
     envs = [make_env_from_config(config.env, seed=env_seed(root, index, i)) for i in range(min(episodes, PLAN_ENVS))]
     try:
-        agent = load_agent(config, Path(snapshot))
+        agent = Snapshot.open(snapshot, config=config).make_agent()
         agent.eval()
         planner = planning_policy(config, agent, envs, policy, derive_seed(root, "job", index))
         runner = EnvRunner(envs, planner, chunk_length=1, runner_id=index, seed=root, mode="mode")
@@ -116,81 +116,51 @@ def summarise(jobs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[st
                       "mean_return": ret, "return_se": ret_se, "final_distance": final}
 
 
-def plan(config: Config, snapshot: Path, run_dir: Path, episodes: int, policy: str, local: bool = False,
-         address: str | None = None, stream=None) -> dict[str, Any]:
+def plan(config: Config, snapshot: Path, run_dir: str | os.PathLike, episodes: int, policy: str,
+         local: bool = False, address: str | None = None, stream=None) -> dict[str, Any]:
     """Runs the jobs (on Ray unless `local`), writes the results into `run_dir`, returns the summary."""
-    stream = stream or sys.stderr
     sizes = [JOB_EPISODES] * (episodes // JOB_EPISODES) + ([episodes % JOB_EPISODES] if episodes % JOB_EPISODES else [])
     start = time.monotonic()
-    results: list[dict[str, Any] | None] = [None] * len(sizes)
-
-    def progress(done: int) -> None:
-        played = sum(len(r["returns"]) for r in results if r)
-        stream.write(f"{done}/{len(sizes)} jobs  {played:,}/{episodes:,} episodes  {time.monotonic() - start:,.0f} s\n")
-        stream.flush()
-
-    if local:
-        for i, n in enumerate(sizes):
-            results[i] = run_job(config, str(snapshot), n, i, policy)
-            progress(i + 1)
-    else:
-        from choreo.launch.runtime.jobs import run_tasks
-
-        results = run_tasks(run_job, [(config, str(snapshot), n, i, policy) for i, n in enumerate(sizes)],
-                            address, results, progress, "choreo plan")
+    results = run_jobs(run_job, [(config, str(snapshot), n, i, policy) for i, n in enumerate(sizes)], local=local,
+                       address=address, sizes=sizes, label="choreo plan", stream=stream)
     records, summary = summarise(results)
     seconds = time.monotonic() - start
-    with open(run_dir / "plan.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
     mode = "plan" if policy == "plan" else "plan_random"
     summary = {"task": config.env.task, "algo": config.algo, "policy": policy, "snapshot": str(snapshot),
-               "goal_reward": config.env.goal_reward, "planner": dataclasses.asdict(config.agent.dads.planner),
+               "goal_reward": config.env.goal_reward, "planner": dataclasses.asdict(config.agent.planner),
                **summary, "seconds": seconds}
-    tmp = run_dir / "plan.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "plan.json")
-    with open(run_dir / "eval.jsonl", "w") as f:  # for `choreo report`, beside fine-tuning runs of the task
-        f.write(json.dumps({"task": config.env.task, "seed": config.seed, "frame": 0,
-                            "mean_return": summary["mean_return"], "returns": [r["return"] for r in records],
-                            "mode": mode, "normalised_distance": summary["normalised_distance"]}) + "\n")
+    out = RunDir(run_dir)
+    out.write_results("plan", records, summary)
+    # For `choreo report`, beside fine-tuning runs of the task: no frame or update on the task yet.
+    out.append_eval(EvalRecord.of(config.env.task, config.seed, 0, 0, mode, [r["return"] for r in records],
+                                  normalised_distance=summary["normalised_distance"]))
     return summary
 
 
 def plan_command(args: argparse.Namespace) -> int:
     """`choreo plan --snapshot FILE task=TASK [--episodes N] [--policy plan|random] [key=value ...]`."""
-    from choreo.learner.learner import load_torch_file
-    from choreo.launch.runtime.config import save_config
-    from choreo.launch.runtime.rundir import new_run_dir
-    from choreo.launch.runtime.snapshot import load_agent, snapshot_config
+    from choreo.launch.runtime.snapshot import Snapshot
     from choreo.learner.snapshot import SnapshotError
 
     os.environ.setdefault("MUJOCO_GL", "egl")
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes must be at least 1, got {args.episodes}")
     snapshot = Path(args.snapshot).expanduser().resolve()
-    if not snapshot.is_file():
-        raise ConfigError(f"--snapshot {snapshot}: no such file")
-    try:
-        data = load_torch_file(snapshot)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     # The snapshot's own config (its algorithm and sizes), on the task and with the planner asked for.
     # run_name: a name of its own (<task>-<algo>-<time>), not the pretraining run's.
     overrides = ["dataset.dir=", "dataset.collect=false", "run_name="]
-    overrides += ["env." + o if o.startswith("task=") else o for o in args.overrides]
-    config = snapshot_config(data.get("config") or {}, overrides)
-    if args.logdir:
-        config = dataclasses.replace(config, logdir=args.logdir)
-    _check_navigation(config)
+    overrides += [] if args.episodes is None else [f"eval.episodes={args.episodes}"]
+    overrides += list(args.overrides)
     try:
-        load_agent(config, snapshot, data=data)  # refused before anything starts when it does not fit
+        opened = Snapshot.open(snapshot, overrides, mode="plan")
+        config = opened.config
+        if args.logdir:
+            config = dataclasses.replace(config, logdir=args.logdir)
+        _check_navigation(config)
+        opened.with_config(config).make_agent()  # refused before anything starts when it does not fit
     except SnapshotError as e:
         raise ConfigError(str(e)) from None
-    run_dir = new_run_dir(config, args.logdir)
-    save_config(config, run_dir, exclusive=True)
+    run_dir = RunDir.create(config, args.logdir)
     print(f"run directory: {run_dir}")
-    summary = plan(config, snapshot, run_dir, args.episodes, args.policy, local=args.local, address=args.address)
+    summary = plan(config, snapshot, run_dir, config.eval.episodes, args.policy, local=args.local, address=args.address)
     what = "random skills" if args.policy == "random" else f"planning over the skills of {snapshot.name}"
     print(f"{config.env.task}, {what}: normalised distance {summary['normalised_distance']:.3f} "
           f"+- {summary['normalised_distance_se']:.3f}, return {summary['mean_return']:.1f}, final distance "

@@ -1,8 +1,10 @@
 """`choreo report`: the URL benchmark report over fine-tuning run directories.
 
-Each run directory holds an `eval.jsonl`, one evaluation per line:
+Each run directory holds an `eval.jsonl`, one evaluation per line, in the one format of
+`launch/runtime/rundir.py` (`EvalRecord`) whichever command wrote it (a fine-tuning run, `choreo plan`):
 
-    {"task": "walker_stand", "seed": 0, "frame": 10000, "mean_return": 812.3, "returns": [...], "mode": "finetune"}
+    {"task": "walker_stand", "seed": 0, "frame": 10000, "updates": 2500, "mean_return": 812.3, "returns": [...],
+     "mode": "finetune"}
 
 A run is the evaluations of one (task, seed, mode); its final return is the `mean_return` at its
 largest frame. Per task and mode the report gives the final return and the normalised score
@@ -14,7 +16,6 @@ scipy: rliable does not import next to numpy 2). matplotlib is needed for `--plo
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -25,12 +26,11 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 from scipy.stats import trim_mean
 
+from choreo.launch.runtime.rundir import EVAL_MODES, EvalRecordError, RunDir, read_eval_records
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-EVAL_FILE = "eval.jsonl"
-MODES = ("finetune", "scratch", "zero_shot", "plan", "plan_random")
-DEFAULT_MODE = "finetune"
 MATPLOTLIB_PIN = "matplotlib==3.11.2"  # the version pyproject.toml pins
 
 EXPERT_SCORES: dict[str, float] = {
@@ -83,75 +83,31 @@ def find_eval_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]
         elif path.is_file():
             files.setdefault(path.resolve(), path)
         else:
-            found = sorted(path.rglob(EVAL_FILE))
+            found = sorted(path.rglob(RunDir.EVAL))
             if not found:
-                skipped.append(f"{path}: no {EVAL_FILE}")
+                skipped.append(f"{path}: no {RunDir.EVAL}")
                 continue
             for f in found:
                 files.setdefault(f.resolve(), f)
-            skipped += [f"{c.parent}: no {EVAL_FILE}" for c in sorted(path.rglob("config.yaml"))
-                        if not (c.parent / EVAL_FILE).exists()]
+            skipped += [f"{c.parent}: no {RunDir.EVAL}" for c in sorted(path.rglob(RunDir.CONFIG))
+                        if not RunDir(c.parent).eval_file.exists()]
     return list(files.values()), skipped
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: object) -> int | None:
-    """value as an int when it is a whole number (10000 or 10000.0), else None."""
-    if _finite(value) and float(value).is_integer():
-        return int(value)
-    return None
-
-
-def parse_line(text: str, where: str) -> tuple[str, int, str, int, float]:
-    """(task, seed, mode, frame, mean_return) of one line, or a ReportError that starts with
-    `where` (file:line) and says what is wrong."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ReportError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in ("task", "seed", "frame", "mean_return") if k not in obj]
-    if missing:
-        raise ReportError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    task, mode = obj["task"], obj.get("mode", DEFAULT_MODE)
-    if not isinstance(task, str) or not task:
-        raise ReportError(f"{where}: task must be a non-empty string, got {task!r}")
-    if mode not in MODES:
-        raise ReportError(f"{where}: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    seed, frame = _integer(obj["seed"]), _integer(obj["frame"])
-    if seed is None:
-        raise ReportError(f"{where}: seed must be an integer, got {obj['seed']!r}")
-    if frame is None or frame < 0:
-        raise ReportError(f"{where}: frame must be a non-negative integer, got {obj['frame']!r}")
-    if not _finite(obj["mean_return"]):
-        raise ReportError(f"{where}: mean_return must be a finite number, got {obj['mean_return']!r}")
-    returns = obj.get("returns", [])
-    if not isinstance(returns, list) or not all(_finite(r) for r in returns):
-        raise ReportError(f"{where}: returns must be a list of finite numbers, got {returns!r}"[:300])
-    return task, seed, mode, frame, float(obj["mean_return"])
 
 
 def read_eval_file(path: Path, notes: list[str] | None = None) -> list[Run]:
     """The runs one eval.jsonl holds (usually one). Blank lines are skipped; a frame evaluated twice
     (a resumed run) keeps the later line, with a note."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: cannot read ({e})") from None
+        records = read_eval_records(path)
+    except EvalRecordError as e:
+        raise ReportError(str(e)) from None
     runs: dict[tuple[str, int, str], Run] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        task, seed, mode, frame, value = parse_line(line, f"{path}:{number}")
-        run = runs.setdefault((task, seed, mode), Run(task, seed, mode, path))
-        if frame in run.curve and notes is not None:
-            notes.append(f"{path}:{number}: frame {frame} of {task} seed {seed} ({mode}) evaluated again "
-                         f"(first on line {run.lines[frame]}); the later value is used")
-        run.curve[frame], run.lines[frame] = value, number
+    for number, r in records:
+        run = runs.setdefault((r.task, r.seed, r.mode), Run(r.task, r.seed, r.mode, path))
+        if r.frame in run.curve and notes is not None:
+            notes.append(f"{path}:{number}: frame {r.frame} of {r.task} seed {r.seed} ({r.mode}) evaluated again "
+                         f"(first on line {run.lines[r.frame]}); the later value is used")
+        run.curve[r.frame], run.lines[r.frame] = r.mean_return, number
     return list(runs.values())
 
 
@@ -293,7 +249,7 @@ def summarise(runs: Sequence[Run], reps: int = 2000, seed: int = 0, notes: list[
     for run in runs:
         groups.setdefault((run.task, run.mode), []).append(run)
     tasks = []
-    for task, mode in sorted(groups, key=lambda k: (_task_order(k[0]), MODES.index(k[1]))):
+    for task, mode in sorted(groups, key=lambda k: (_task_order(k[0]), EVAL_MODES.index(k[1]))):
         members = sorted(groups[task, mode], key=lambda r: r.seed)
         expert = EXPERT_SCORES.get(task)
         finals = [r.final_return for r in members]
@@ -307,13 +263,13 @@ def summarise(runs: Sequence[Run], reps: int = 2000, seed: int = 0, notes: list[
     if raw:
         notes.append(f"no URLB expert score for {', '.join(raw)}: shown as raw returns and left out of the aggregates")
     aggregates = []
-    for mode in MODES:
+    for mode in EVAL_MODES:
         scored = [t for t in tasks if t.mode == mode and t.expert is not None]
         if not scored:
             continue
         by_task = [t.normalised_scores for t in scored]
         flat = np.concatenate(by_task)
-        rng = np.random.default_rng([seed, MODES.index(mode)])
+        rng = np.random.default_rng([seed, EVAL_MODES.index(mode)])
         iqm_ci, gap_ci = bootstrap_ci(by_task, [iqm, optimality_gap], reps, rng)
         aggregates.append(Aggregate(mode, len(scored), len(flat), float(iqm(flat)), iqm_ci,
                                     float(optimality_gap(flat)), gap_ci))
@@ -402,7 +358,7 @@ def plot(report: Report) -> Figure:
     from matplotlib.figure import Figure
 
     panels: dict[tuple[str, bool], list[TaskSummary]] = {}
-    for t in sorted(report.tasks, key=lambda t: (_task_order(t.task), MODES.index(t.mode))):
+    for t in sorted(report.tasks, key=lambda t: (_task_order(t.task), EVAL_MODES.index(t.mode))):
         panels.setdefault((t.task.split("_", 1)[0], t.expert is not None), []).append(t)
     n = len(panels) + bool(report.aggregates)
     cols = min(n, 3)
@@ -412,13 +368,13 @@ def plot(report: Report) -> Figure:
     axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax in axes[n:]:
         fig.delaxes(ax)
-    styles = {"finetune": "-", "scratch": "--", "zero_shot": ":"}
+    styles = {"finetune": "-", "scratch": "--"}  # any other mode: dotted
     for ax, ((domain, normalised), summaries) in zip(axes, panels.items(), strict=False):
         colours = {}
         for t in summaries:
             colour = colours.setdefault(t.task, f"C{len(colours) % 10}")
             frames, mean, se = learning_curve(t)
-            ax.plot(frames, mean, styles[t.mode], color=colour, marker="o" if len(frames) == 1 else None,
+            ax.plot(frames, mean, styles.get(t.mode, ":"), color=colour, marker="o" if len(frames) == 1 else None,
                     label=f"{t.task} ({t.mode})")
             ax.fill_between(frames, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(domain if normalised else f"{domain} (no expert score)")

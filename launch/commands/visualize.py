@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from choreo.launch.runtime.media import (DEFAULT_STEPS, FPS, _check_skills, code_grid, codebook_plot, compose_videos,
-                                         is_pixel_agent, rollout_skills, write_gif, write_png)
-from choreo.launch.runtime.snapshot import load_agent, snapshot_config
+import numpy as np
+
+from choreo.launch.runtime.jobs import run_jobs
+from choreo.launch.runtime.media import (DEFAULT_STEPS, ENVS_AT_ONCE, FPS, SkillRollouts, _check_skills, code_grid,
+                                         codebook_plot, compose_videos, is_pixel_agent, rollout_skills, write_gif,
+                                         write_png)
+from choreo.launch.runtime.snapshot import Snapshot
 
 
 def run_visualize(snapshot: Path, out: Path | None = None, overrides: Sequence[str] = (),
@@ -24,25 +27,23 @@ def run_visualize(snapshot: Path, out: Path | None = None, overrides: Sequence[s
     (`codebook.png`, over the posterior states of the skill videos); the config is the one saved in
     the snapshot, with `key=value` overrides (e.g. `env.task=walker_run`, same domain). Prints
     progress and a last line naming the folder; returns it."""
-    from choreo.learner.snapshot import load_snapshot
-
     stream = stream or sys.stdout
-    snapshot = Path(snapshot).expanduser()
-    data = load_snapshot(snapshot)
-    config = snapshot_config(data["config"], overrides)
+    opened = Snapshot.open(snapshot, overrides)
+    snapshot, config = opened.path, opened.config
+    agent = opened.make_agent(device)
+    _check_skills(agent)
     out = snapshot.parent / "visualize" if out is None else Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    agent = load_agent(config, snapshot, device=device, data=data)
-    _check_skills(agent)
     k = agent.skills.num_codes
-    print(f"{snapshot} ({data['frames']:,} frames): {k} skills on {config.env.task} from {config.env.obs}, "
+    print(f"{snapshot} ({opened.frames:,} frames): {k} skills on {config.env.task} from {config.env.obs}, "
           f"{steps} steps each", file=stream, flush=True)
-    start = time.monotonic()
-
-    def progress(done: int, total: int) -> None:
-        print(f"played {done}/{total} skills ({time.monotonic() - start:,.0f} s)", file=stream, flush=True)
-
-    rollouts = rollout_skills(config, agent, steps, progress=progress)
+    # A job plays one group of skills stepped together; a skill's video does not depend on its group.
+    groups = [list(range(start, min(start + ENVS_AT_ONCE, k))) for start in range(0, k, ENVS_AT_ONCE)]
+    parts = run_jobs(rollout_skills, [(config, agent, steps, group) for group in groups], local=True,
+                     sizes=[len(group) for group in groups], unit="skills", label="choreo visualize", stream=stream)
+    rollouts = SkillRollouts([skill for part in parts for skill in part.skills],
+                             np.concatenate([part.frames for part in parts]),
+                             np.concatenate([part.deter for part in parts]))
     width = max(2, len(str(k - 1)))
     for skill, video in zip(rollouts.skills, compose_videos(agent, rollouts)):
         write_gif(out / f"skill_{skill:0{width}d}.gif", video, fps)
@@ -65,12 +66,9 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-    snapshot = Path(args.snapshot).expanduser()
-    if not snapshot.is_file():
-        raise ConfigError(f"--snapshot {snapshot}: no such file")
     try:
-        run_visualize(snapshot, Path(args.out) if args.out else None, list(getattr(args, "overrides", [])),
-                      args.steps)
+        run_visualize(Path(args.snapshot), Path(args.out) if args.out else None,
+                      list(getattr(args, "overrides", [])), args.steps)
     except SnapshotError as e:
         raise ConfigError(str(e)) from None
     return 0

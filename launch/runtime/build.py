@@ -26,25 +26,20 @@ from choreo.buffer.dataset import (MANIFEST, STREAM_BASE, DatasetError, EpisodeS
                                    load_into, missing_from_manifest, read_manifest, split_files)
 from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.runtime.config import Config, offline_only
+from choreo.launch.runtime.config import Config
+from choreo.launch.runtime.plan import StartUp, resolve_plan
+from choreo.launch.runtime.snapshot import Snapshot
 from choreo.vocabulary import derive_seed
 
 
 def random_steps_per_env(config: Config, num_runners: int | None = None) -> int:
     """Random seed steps per environment: `ceil(seed_frames / (action_repeat x runners x envs_per_actor))`,
     so that all environments of the run together take at least `learner.seed_frames` frames of
-    random actions (none after a dataset was loaded). `num_runners` defaults to `config.num_actors`."""
-    if config.dataset.dir:
-        return 0  # the dataset is the warm-up
+    random actions (the plan's `seed_frames`: none after a dataset was loaded). `num_runners`
+    defaults to `config.num_actors`."""
     runners = config.num_actors if num_runners is None else num_runners
     per_step = config.env.action_repeat * runners * config.envs_per_actor
-    return math.ceil(config.learner.seed_frames / per_step)
-
-
-def worker_behaviour(config: Config) -> str:
-    """The policy the environment workers run: exploration when pretraining, the meta-controller
-    (random skills until the reward gate opens) when fine-tuning and in zero-shot evaluation."""
-    return "explore" if config.mode == "pretrain" else "meta"
+    return math.ceil(resolve_plan(config).seed_frames / per_step)
 
 
 def make_runner(config: Config, runner_id: int, seed: int | None = None, behaviour: str | None = None,
@@ -55,7 +50,7 @@ def make_runner(config: Config, runner_id: int, seed: int | None = None, behavio
     chunks of `config.replay.chunk_length` rows and `random_steps_per_env(config, num_runners)`
     random seed steps. `seed` is the run's root seed (default `config.seed`). `num_runners` is how
     many runners share the seed phase (default `config.num_actors`; 1 for a single-process run).
-    behaviour: the policy's (default: the run's, see `worker_behaviour`; "random": uniform random
+    behaviour: the policy's (default: the run plan's; "random": uniform random
     actions); num_envs and random_steps override `config.envs_per_actor` and the seed phase.
 
     freeze_gc: call `gc.freeze()` once everything is built, so that the cyclic garbage collector
@@ -76,7 +71,7 @@ def make_runner(config: Config, runner_id: int, seed: int | None = None, behavio
         policy = UniformRandomPolicy(action_dim, policy_seed)
     else:
         policy = make_policy(config.algo, obs_shape, action_dim, config.agent,
-                             behaviour=behaviour or worker_behaviour(config), seed=policy_seed)
+                             behaviour=behaviour or resolve_plan(config).behaviour, seed=policy_seed)
     if random_steps is None:
         random_steps = random_steps_per_env(config, num_runners)
     runner = EnvRunner(envs, policy, config.replay.chunk_length, runner_id, seed, random_steps=random_steps, mode=mode)
@@ -96,13 +91,9 @@ def make_eval_runner(config: Config) -> EnvRunner:
 
 def env_shapes(config: Config) -> tuple[tuple[int, ...], int]:
     """The observation shape and action size of the run's environment (one is built to read them)."""
-    from choreo.actors.envs import make_env_from_config
+    from choreo.actors.envs import env_shapes as shapes_of
 
-    env = make_env_from_config(config.env, seed=0)
-    try:
-        return tuple(env.observation_space.shape), int(np.prod(env.action_space.shape))
-    finally:
-        env.close()
+    return shapes_of(config.env)
 
 
 def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, start: bool = True,
@@ -116,10 +107,13 @@ def make_agent(config: Config, obs_shape: tuple[int, ...], action_dim: int, star
     group = {"collective": collective} if collective is not None and collective.active else {}
     agent = registered_agent(config.algo, obs_shape, action_dim, group_agent_config(config),
                              seed=derive_seed(config.seed, "learner"), device=device or config.learner.device, **group)
-    if start and config.mode == "finetune":
-        pretrained = None if config.from_scratch else load_pretrained(config, agent)["agent"]
+    plan = resolve_plan(config)
+    if start and plan.phase == "finetune":
+        pretrained = None
+        if plan.start == "snapshot":
+            pretrained = Snapshot.open(config.snapshot, config=config).state_for(agent)
         agent.start_finetuning(pretrained)
-    if offline_only(config):  # a phase, not state: set again when a checkpoint is loaded next
+    if plan.phase == "offline":  # a phase, not state: set again when a checkpoint is loaded next
         agent.start_offline()
     return agent
 
@@ -142,17 +136,6 @@ def group_agent_config(config: Config) -> Any:
         choreographer=dataclasses.replace(a.choreographer, skill_lr=a.choreographer.skill_lr * scale))
 
 
-def load_pretrained(config: Config, agent: Any) -> dict[str, Any]:
-    """`config.snapshot`, checked against `agent` (a fresh one of this run): a snapshot of
-    another domain, observation type, action size or network size raises SnapshotError naming
-    the file and what differs."""
-    from choreo.launch.runtime.config import snapshot_shape_keys
-    from choreo.learner.snapshot import load_snapshot
-
-    return load_snapshot(config.snapshot, expected=agent.state_dict(), config=config,
-                         shape_keys=snapshot_shape_keys(config))
-
-
 def shard_args(config: Config, index: int) -> tuple[int, int, str]:
     """(capacity, seed, name) of replay shard `index`: the run's capacity split evenly over
     `config.num_shards` shards (never below one sequence)."""
@@ -168,10 +151,10 @@ def make_limiter(config: Config, dataset_steps: int = 0) -> RateLimiter:
     """The samples-per-insert limiter. With a dataset loaded (`dataset_steps`), its steps are the
     warm-up: the ratio counts only what the workers collect after it, and an offline-only run has
     no ratio (nothing is inserted while it trains)."""
-    rc = config.replay
-    if not config.dataset.dir:
+    rc, plan = config.replay, resolve_plan(config)
+    if not plan.dataset:
         return RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
-    return RateLimiter(0.0 if offline_only(config) else rc.samples_per_insert, rc.tolerance, dataset_steps)
+    return RateLimiter(rc.samples_per_insert if plan.workers else 0.0, rc.tolerance, dataset_steps)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -211,14 +194,9 @@ def replay_saved(config: Config, replay_dir: Path) -> bool:
     return all((Path(replay_dir) / f"{shard_args(config, i)[2]}.msgpack").is_file() for i in range(config.num_shards))
 
 
-def loads_dataset(config: Config, resume: bool, replay_dir: Path) -> bool:
-    """Whether the run reads its dataset into replay now: a new run does; a resumed one finds it in
-    its replay checkpoint. An offline-only run's replay never changes, so it saves it once, at its
-    first checkpoint (rendering pixels from a dataset's physics states may take hours, and is not
-    redone on resume); resumed before then, it reads the dataset again."""
-    if not config.dataset.dir:
-        return False
-    return not resume or (offline_only(config) and not replay_saved(config, replay_dir))
+def startup(config: Config, resume: bool, replay_dir: Path) -> StartUp:
+    """What both loops do before their first step (`RunPlan.startup`), for a new run or a resumed one."""
+    return resolve_plan(config).startup(resume, replay_saved(config, replay_dir))
 
 
 def load_dataset(config: Config, shards: list[ReplayShard], obs_shape: tuple[int, ...], action_dim: int) -> int:
@@ -286,7 +264,7 @@ def make_learner(config: Config, agent: Any, sample: Callable[[], Any], publish:
     from choreo.learner.learner import Learner
 
     return Learner(agent, sample, publish, config.learner, Path(run_dir), prefetch=prefetch, run_config=config,
-                   snapshots_by_updates=offline_only(config), collective=getattr(agent, "collective", SOLO))
+                   snapshots_by_updates=resolve_plan(config).snapshots_by_updates, collective=getattr(agent, "collective", SOLO))
 
 
 def random_batch(rng: np.random.Generator, obs_shape: tuple[int, ...], batch: int, length: int,

@@ -2,7 +2,12 @@
 
 Composition order (later wins):
     configs/base.yaml -> configs/suite/<suite>.yaml -> configs/size/<size>.yaml
-    -> configs/algo/<algo>.yaml -> configs/mode/<mode>.yaml -> key=value overrides from the command line.
+    -> configs/algo/<algo>.yaml -> configs/mode/<mode>.yaml -> the presets' `when` rules
+    -> key=value overrides from the command line.
+A preset may hold `when:`, a list of rules `{<group>: <name>, ..., set: {<keys>}}`; once every group
+is chosen, the rules of every preset (in the group order above) whose groups all match are applied.
+That is how a size bounds every mode (tiny.yaml: `{mode: finetune, set: {learner: {total_frames:
+2000}}}` comes after the fine-tuning protocol's 100k frames) and how an algorithm adapts a size.
 The suite and size presets state Choreographer's protocol (the reference's sizes, one update every
 10 frames on 50x50 batches); an algorithm with a protocol of its own (DADS: 256 pairs per batch, a
 small replay, its own ratio) states it in its preset, which comes after them.
@@ -42,6 +47,8 @@ from choreo.learner.config import LearnerConfig
 CONFIG_DIR = Path(os.environ.get("CHOREO_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 GROUPS = ("suite", "size", "algo", "mode")
 """Preset groups, in composition order after base."""
+WHEN = "when"
+"""A preset's list of rules applied once every group is chosen (see the module's docstring)."""
 
 
 class ConfigError(ValueError):
@@ -75,7 +82,7 @@ class Config:
     """Observation suite; selects configs/suite/<suite>.yaml."""
     size: Literal["paper", "small", "tiny"] = "paper"
     """Model and run size; selects configs/size/<size>.yaml."""
-    mode: Literal["pretrain", "finetune", "evaluate"] = "pretrain"
+    mode: Literal["pretrain", "finetune", "evaluate", "plan"] = "pretrain"
     """What the run does (set by the command); selects configs/mode/<mode>.yaml."""
     snapshot: str = ""
     """Pretraining snapshot the run starts from (`choreo finetune` / `choreo evaluate --snapshot`)."""
@@ -302,12 +309,17 @@ def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[s
             choice[key] = value
 
     tree = load_yaml(CONFIG_DIR / "base.yaml")
+    rules: list[tuple[Path, dict]] = []
     for group in GROUPS:
         name = choice.get(group, tree.get(group, getattr(Config, group)))
         if name not in by_group[group]:
             raise ConfigError(f"config key '{group}': {name!r} is not one of {', '.join(by_group[group])}")
-        tree = _merge(tree, load_yaml(CONFIG_DIR / group / f"{name}.yaml"))
+        path = CONFIG_DIR / group / f"{name}.yaml"
+        preset = load_yaml(path)
+        rules += [(path, rule) for rule in _when_rules(preset, path)]
+        tree = _merge(tree, preset)
         tree[group] = name
+    tree = _apply_rules(tree, rules)
     for key, value in parsed:
         _set_dotted(tree, key, value)
     config = _build(Config, tree)
@@ -315,10 +327,78 @@ def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[s
     return config
 
 
+def _when_rules(preset: dict, path: Path) -> list[dict]:
+    """The `when` rules of a preset (removed from it), checked: each names groups and what it sets."""
+    rules = preset.pop(WHEN, None) or []
+    if not isinstance(rules, list):
+        raise ConfigError(f"{path}: '{WHEN}' must be a list of rules {{<group>: <name>, ..., set: {{...}}}}")
+    for rule in rules:
+        if not isinstance(rule, dict) or not isinstance(rule.get("set"), dict) \
+                or not set(rule) - {"set"} or not set(rule) - {"set"} <= set(GROUPS):
+            raise ConfigError(f"{path}: each '{WHEN}' rule names groups ({', '.join(GROUPS)}) and a mapping "
+                              f"'set', got {rule!r}")
+    return rules
+
+
+def _apply_rules(tree: dict, rules: list[tuple[Path, dict]], only_mode: str | None = None) -> dict:
+    """`tree` with the `set` of every rule whose groups all match tree's; only_mode: only the rules
+    about that mode (a saved config put into another mode keeps what its other rules made)."""
+    for _path, rule in rules:
+        groups = {k: v for k, v in rule.items() if k != "set"}
+        if only_mode is not None and groups.get("mode") != only_mode:
+            continue
+        if all(tree.get(group) == name for group, name in groups.items()):
+            tree = _merge(tree, rule["set"])
+    return tree
+
+
+def in_mode(config: Config, mode: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """A resolved config (a snapshot's, a run's) put into `mode`: the mode's preset and the rules
+    of its presets about that mode, then `key=value` overrides; validated. How the commands that
+    use a snapshot (evaluate, plan) take its sizes and their own budgets."""
+    tree = to_dict(config)
+    tree["mode"] = mode
+    path = CONFIG_DIR / "mode" / f"{mode}.yaml"
+    tree = _merge(tree, {k: v for k, v in load_yaml(path).items() if k != WHEN})
+    rules = []
+    for group in GROUPS:
+        preset_path = CONFIG_DIR / group / f"{tree[group]}.yaml"
+        if preset_path.is_file():
+            rules += [(preset_path, rule) for rule in _when_rules(load_yaml(preset_path), preset_path)]
+    tree = _apply_rules(tree, rules, only_mode=mode)
+    for key, value in (parse_override(o) for o in overrides):
+        _set_dotted(tree, key, value)
+    built = _build(Config, tree)
+    validate(built)
+    return built
+
+
+MOVED_SECTIONS = {"agent.dads.planner": "agent.planner"}
+"""Sections that moved, old key -> new key. Configs saved before the move (in run directories and
+snapshots) are read with the section at its new key; typed presets and overrides know the new key only."""
+
+
+def _moved_sections(tree: dict) -> dict:
+    """`tree` (a saved config, modified in place) with the MOVED_SECTIONS at their new keys."""
+    for old, new in MOVED_SECTIONS.items():
+        *parents, leaf = old.split(".")
+        node: Any = tree
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            section = node.pop(leaf)
+            *new_parents, new_leaf = new.split(".")
+            target = tree
+            for name in new_parents:
+                target = target.setdefault(name, {})
+            target.setdefault(new_leaf, section)
+    return tree
+
+
 def from_dict(data: typing.Mapping[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
     """A resolved config saved as a plain dict (a snapshot's, `to_dict`), with `key=value`
     overrides of any key applied, validated."""
-    tree = copy.deepcopy(dict(data))  # the overrides write into the nested dicts
+    tree = _moved_sections(copy.deepcopy(dict(data)))  # the overrides write into the nested dicts
     for key, value in (parse_override(o) for o in overrides):
         _set_dotted(tree, key, value)
     config = _build(Config, tree)
@@ -527,18 +607,6 @@ def group_batch_size(config: Config) -> int:
     return rank_batch_size(config) * config.learner.num_learners
 
 
-def eval_every(config: Config) -> int:
-    """Evaluations are due every this many frames (`eval.every_frames`), or updates in an
-    offline-only run (`eval.every_updates`); 0: none."""
-    return config.eval.every_updates if offline_only(config) else config.eval.every_frames
-
-
-def offline_only(config: Config) -> bool:
-    """A pretraining from a dataset alone: no environment workers; it ends after
-    learner.total_updates updates and counts its progress in updates."""
-    return bool(config.dataset.dir) and not config.dataset.collect
-
-
 # ----------------------------------------------------------------------------- output
 
 
@@ -561,7 +629,7 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_file(path: Path) -> Config:
     """Read a resolved config back, e.g. from a run directory. Errors name the file."""
-    data = load_yaml(Path(path))  # its errors name the file already
+    data = _moved_sections(load_yaml(Path(path)))  # its errors name the file already
     try:
         config = _build(Config, data)
         validate(config)
@@ -601,28 +669,3 @@ def with_overrides(config: Config, overrides: typing.Sequence[str], allowed: typ
     validate(changed)
     return changed
 
-
-def save_config(config: Config, run_dir: Path, exclusive: bool = False) -> Path:
-    """Write <run_dir>/config.yaml atomically. exclusive: refuse (ConfigError) when a config.yaml
-    is already there, e.g. written by another run started at the same moment, instead of replacing it."""
-    path = Path(run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
-    tmp.write_text(to_yaml(config))
-    try:
-        if not exclusive:
-            os.replace(tmp, path)
-            return path
-        try:
-            os.link(tmp, path)  # atomic, and fails when path exists
-        except FileExistsError:
-            raise ConfigError(f"{path} already exists: another run is using {path.parent}") from None
-        except OSError:  # a file system without hard links
-            try:
-                with open(path, "x") as f:
-                    f.write(to_yaml(config))
-            except FileExistsError:
-                raise ConfigError(f"{path} already exists: another run is using {path.parent}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

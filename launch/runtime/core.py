@@ -15,8 +15,6 @@ roles; the core decides and counts:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -25,16 +23,14 @@ from typing import Any
 import numpy as np
 
 from choreo.launch.runtime.build import make_limiter
-from choreo.launch.runtime.config import Config, eval_every, group_batch_size, offline_only
+from choreo.launch.runtime.config import Config, group_batch_size
 from choreo.launch.runtime.monitor import Monitor, Pace, loss_note
+from choreo.launch.runtime.plan import resolve_plan
+from choreo.launch.runtime.rundir import EvalRecord, RunDir
 
 MAX_OUTSTANDING_BATCHES = 4
 """Batches granted to the learner and not yet trained on: enough for its prefetch queue to stay
 full, few enough that the workers are held back as soon as the learner falls behind."""
-
-
-EVAL_FILE = "eval.jsonl"
-"""One JSON line per evaluation in the run directory (read by `choreo report`)."""
 
 
 class RunStopped(RuntimeError):
@@ -56,9 +52,9 @@ class RunCore:
         """dataset_steps: the steps of the offline dataset loaded into replay for a new run (a
         resumed one reads them from its counters)."""
         self.config, self.run_dir, self.clock = config, Path(run_dir), clock
-        rc, lc = config.replay, config.learner
+        rc = config.replay
         counters = dict(counters or {})
-        self.offline_only = offline_only(config)
+        self.plan = plan = resolve_plan(config)
         self.dataset_steps = int(counters.get("dataset_steps", dataset_steps))
         self.limiter = make_limiter(config, self.dataset_steps)
         if "limiter" in counters:
@@ -73,18 +69,18 @@ class RunCore:
         self.metrics: dict[str, float] = {}  # the learner's latest
         self.stopping: str | None = None  # why the run stops, once a stop was asked for
         # how the user continues this run once it stopped: the command of its mode, with --resume
-        self.resume_command = f"choreo {config.mode}{' --local' if local else ''} --resume {self.run_dir}"
-        self.monitor = monitor or Monitor(self.run_dir, lc.total_updates if self.offline_only else lc.total_frames,
-                                          unit="updates" if self.offline_only else "frames", clock=clock)
+        self.resume_command = f"choreo {plan.mode}{' --local' if local else ''} --resume {self.run_dir}"
+        self.monitor = monitor or Monitor(self.run_dir, plan.total, unit=plan.unit, clock=clock)
         self.monitor.start_rates(self.frames, self.updates)  # a resumed run's rates count from where it was
         frames_per_update = (self.batch_steps / rc.samples_per_insert * action_repeat
                              if rc.samples_per_insert else 0.0)
-        if self.offline_only:  # the pace of updates alone
-            self.pace = Pace(lc.total_updates, 0.0, 1, clock=clock)
-        else:
-            self.pace = Pace(lc.total_frames, frames_per_update, num_workers, clock=clock)
+        if plan.workers:
+            self.pace = Pace(plan.total, frames_per_update, num_workers, clock=clock)
+        else:  # the pace of updates alone
+            self.pace = Pace(plan.total, 0.0, 1, clock=clock)
         self.last_checkpoint = clock()
-        self.checkpoint_frames: int | None = int(counters["frames"]) if counters else None
+        # progress (frames, or updates) at the last checkpoint written: the one a resume starts from
+        self.checkpoint_at: int | None = self.log_step if counters else None
         self.next_eval = int(counters.get("next_eval", 0))  # the frame the next evaluation is due at
         self.evaluating = False
         self._eval_at = 0  # the frame (offline only: update) of the evaluation running
@@ -95,9 +91,9 @@ class RunCore:
 
     @property
     def log_step(self) -> int:
-        """TensorBoard's x axis and the progress count: frames, or updates in an offline-only run
-        (which collects none)."""
-        return self.updates if self.offline_only else self.frames
+        """TensorBoard's x axis and the progress count, in the plan's unit: frames, or updates in a
+        run without environment workers."""
+        return self.updates if self.plan.unit == "updates" else self.frames
 
     @property
     def version(self) -> int:
@@ -110,7 +106,7 @@ class RunCore:
         """Whether worker `worker` may collect `steps` agent steps now; if so they are reserved
         until `collected` (or `collect_lost`). A refusal starts (or continues) its wait."""
         now = self.clock()
-        if self.stopping or self.done or (not self.offline_only and self._eval_behind()) \
+        if self.stopping or self.done or (self.plan.unit == "frames" and self._eval_behind()) \
                 or not self.limiter.reserve_insert(steps):
             self._insert_held_since.setdefault(worker, now)
             return False
@@ -136,12 +132,12 @@ class RunCore:
         """Batches the learner may draw now (reserved until `trained`): as many as the limiter
         allows, up to MAX_OUTSTANDING_BATCHES not yet trained on. While the learner has nothing to
         train on because of the limiter, its wait is counted."""
-        if self.stopping or (self.offline_only and self._eval_behind()):
+        if self.stopping or (self.plan.unit == "updates" and self._eval_behind()):
             return 0
         n = 0
         most = MAX_OUTSTANDING_BATCHES
-        if self.offline_only:  # no more batches than the updates left
-            most = min(most, self.config.learner.total_updates - self.updates)
+        if self.plan.unit == "updates":  # no more batches than the updates left
+            most = min(most, self.plan.total - self.updates)
         while self.outstanding + n < most and self.limiter.reserve_sample(self.batch_steps):
             n += 1
         self.outstanding += n
@@ -182,10 +178,8 @@ class RunCore:
 
     @property
     def done(self) -> bool:
-        """The run has its frames (workers get no more calls), or an offline-only run its updates."""
-        if self.offline_only:
-            return self.updates >= self.config.learner.total_updates
-        return self.frames >= self.config.learner.total_frames
+        """The run has its frames (workers get no more calls), or a run without workers its updates."""
+        return self.log_step >= self.plan.total
 
     @property
     def finished(self) -> bool:
@@ -196,7 +190,7 @@ class RunCore:
 
     @property
     def eval_every(self) -> int:
-        return eval_every(self.config)
+        return self.plan.eval_every
 
     def eval_due(self) -> bool:
         """An evaluation is due (at 0, then every `eval_every`) and none is running."""
@@ -226,15 +220,10 @@ class RunCore:
         se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
         self.monitor.scalars({"eval/return": mean, "eval/return_se": se, "eval/episodes": len(values)}, frame)
         c = self.config
-        mode = c.mode if c.mode != "finetune" else ("scratch" if c.from_scratch else "finetune")
-        record = {"task": c.env.task, "seed": c.seed, "frame": self.frames if self.offline_only else int(frame),
-                  "updates": self.updates, "mean_return": mean, "returns": [float(r) for r in values], "mode": mode}
-        with open(self.run_dir / EVAL_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        unit = "updates" if self.offline_only else "frames"
-        print(f"\nevaluation at {frame:,} {unit}: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
+        RunDir(self.run_dir).append_eval(EvalRecord.of(
+            c.env.task, c.seed, self.frames if self.plan.unit == "updates" else int(frame), self.updates,
+            self.plan.label, values))
+        print(f"\nevaluation at {frame:,} {self.plan.unit}: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
               flush=True)
 
     def eval_lost(self) -> None:
@@ -252,7 +241,7 @@ class RunCore:
     def checkpointed(self) -> None:
         """The loop wrote a checkpoint with `counters()` (periodic or final)."""
         self.last_checkpoint = self.clock()
-        self.checkpoint_frames = self.frames
+        self.checkpoint_at = self.log_step
 
     # ------------------------------------------------------------------ metrics
 
@@ -357,7 +346,7 @@ class RunCore:
         elif outcome == "nonfinite":
             lines.append("no checkpoint was written after the non-finite updates; " + self._last_good())
         elif saved:
-            lines.append(f"checkpoint written at {self.frames:,} frames; "
+            lines.append(f"checkpoint written at {self.log_step:,} {self.plan.unit}; "
                          + ("after fixing the cause " if outcome == "stopped" else "")
                          + f"continue with: {self.resume_command}")
         self.monitor.close()
@@ -367,10 +356,8 @@ class RunCore:
         return {"done": 0, "interrupted": 130}.get(outcome, 1)
 
     def _last_good(self) -> str:
-        from choreo.learner.learner import CHECKPOINT
-
-        path = self.run_dir / CHECKPOINT
-        if self.checkpoint_frames is None or not path.exists():
+        path = RunDir(self.run_dir).checkpoint
+        if self.checkpoint_at is None or not path.exists():
             return f"there is no checkpoint of this run yet ({path} was never written)"
-        return (f"the last good one is {path}, at {self.checkpoint_frames:,} frames; "
+        return (f"the last good one is {path}, at {self.checkpoint_at:,} {self.plan.unit}; "
                 f"continue with: {self.resume_command}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import threading
@@ -45,15 +44,16 @@ import numpy as np
 
 from choreo.buffer.client import route
 from choreo.buffer.dataset import LoadSummary
-from choreo.launch.runtime.build import (check_dataset, env_shapes, loads_dataset, make_agent, make_learner, make_sampler, report_dataset,
-                                 shard_args)
-from choreo.launch.runtime.config import Config, eval_every, offline_only, rank_batch_size
+from choreo.launch.runtime.build import (check_dataset, env_shapes, make_agent, make_learner, make_sampler, report_dataset,
+                                         shard_args, startup)
+from choreo.launch.runtime.config import Config, rank_batch_size
+from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.core import RunCore, RunStopped
 from choreo.launch.runtime.learner_group import LearnerGroup
-from choreo.launch.runtime.local import REPLAY_DIR
 from choreo.launch.runtime.media import MediaSchedule, training_media
 from choreo.launch.runtime.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
-from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
+from choreo.launch.runtime.rundir import RunDir
+from choreo.learner.learner import NonFiniteLossError
 
 STATS_SECONDS = 5.0
 """Seconds between polls of the actors' and shards' statistics."""
@@ -73,7 +73,6 @@ MAX_LEARNER_RESTARTS = 3
 SHARD_CPUS = 0.01
 """CPU a replay shard asks Ray for: a token share (a shard mostly waits for calls), enough for Ray's
 SPREAD strategy to spread shards over nodes, which it does not for actors that ask for nothing."""
-PLACEMENT = "placement.json"
 
 
 class LearnerActor:
@@ -143,7 +142,7 @@ class LearnerActor:
         self.counters: dict[str, Any] = {}
         self.restored_digest: str | None = None
         if resume is None:
-            resume = (Path(run_dir) / CHECKPOINT).exists()
+            resume = RunDir(run_dir).checkpoint.exists()
         if resume:
             self.counters = self.learner.load_checkpoint()
             self.restored_digest = state_digest(agent.state_dict())
@@ -281,7 +280,7 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
         # shards' token shares, even on a smaller machine (they then share its cores), so that
         # any num_actors can be scheduled locally.
         cpus = (config.num_actors + config.learner.num_learners + math.ceil(config.num_shards * SHARD_CPUS)
-                + (config.eval.every_frames > 0))
+                + (resolve_plan(config).eval_every > 0))
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
@@ -305,34 +304,34 @@ class Driver:
                  on_tick: Callable[[Driver], None] | None = None, learner_actor: type = LearnerActor) -> None:
         self.ray, self.config, self.run_dir, self.on_tick = ray, config, run_dir, on_tick
         self.exit_code = -1
-        self.replay_dir = str(run_dir / REPLAY_DIR)
+        self.replay_dir = str(RunDir(run_dir).replay)
         # Workers spread over the cluster's nodes, shards go round-robin over them; the learner
         # takes a GPU when there is one. A run of several side by side (launch/runtime/sweep.py) runs in a
         # placement group that reserved all of it: every actor goes into the group's bundle.
         self.group = ray.util.get_current_placement_group()
-        offline = offline_only(config)
-        # An offline dataset is read by the shards, which need the task's shapes before any worker exists.
-        shapes = env_shapes(config) if config.dataset.dir else None
+        plan = resolve_plan(config)
+        start = startup(config, resume, RunDir(run_dir).replay)
+        # A dataset is read by the shards, which need the task's shapes before any worker exists.
+        shapes = env_shapes(config) if plan.dataset else None
         shard_cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=-1)(ShardActor)
         self.shards = [shard_cls.options(scheduling_strategy=self._placed(self._shard_placement(i))).remote(
                            *shard_args(config, i), self.replay_dir, (config, i, *shapes) if shapes else None)
                        for i in range(config.num_shards)]
         runner_cls = remote_runner_class(num_cpus=1).options(scheduling_strategy=self._placed("SPREAD"))
-        self.runners = [] if offline else [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)]
-        self.evaluator = runner_cls.remote(config, 0, config.seed, evaluation=True) if eval_every(config) else None
+        self.runners = [runner_cls.remote(config, i, config.seed) for i in range(config.num_actors)] if plan.workers else []
+        self.evaluator = runner_cls.remote(config, 0, config.seed, evaluation=True) if plan.eval_every else None
         runner_info = self._wait_for([r.info.remote() for r in self.runners], "environment workers", 1.0)
         dataset_steps = 0
-        reload = loads_dataset(config, resume, run_dir / REPLAY_DIR)
-        self.save_replay = not offline or reload  # an offline-only replay never changes: saved once
-        if reload:
+        self.save_replay = start.save_replay
+        if start.load_dataset:
             print(f"loading dataset {config.dataset.dir} into {len(self.shards)} replay shard(s)", flush=True)
             summary = LoadSummary(warnings=check_dataset(config)[1])
             for part in ray.get([s.load_dataset.remote() for s in self.shards]):
                 summary.merge(part)
             dataset_steps = report_dataset(config, summary)
-        elif resume:
+        elif start.restore_replay:
             ray.get([s.resume.remote() for s in self.shards])
-        if resume:
+        if start.skip_random_steps:
             ray.get([r.skip_random_steps.remote() for r in self.runners])
         shard_info = self._wait_for([s.info.remote() for s in self.shards], "replay shards", SHARD_CPUS)
         self.obs_shape, self.action_dim = (runner_info[0]["obs_shape"], runner_info[0]["action_dim"]) if runner_info \
@@ -348,10 +347,10 @@ class Driver:
         gpus = (config.learner.gpus_per_learner if world > 1 else 1) if gpu else 0
         self.learner_gpus = gpus
         self.learner_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(learner_actor)
-        self.learner, learner_info = self._start_learner(resume)
+        self.learner, learner_info = self._start_learner(start.load_checkpoint)
         self.core = RunCore(config, run_dir, num_workers=len(self.runners),
                             action_repeat=runner_info[0]["action_repeat"] if runner_info else config.env.action_repeat,
-                            counters=learner_info["counters"] if resume else None, updates=learner_info["updates"],
+                            counters=learner_info["counters"] if start.load_checkpoint else None, updates=learner_info["updates"],
                             local=False, dataset_steps=dataset_steps)
         self.steps_per_call = config.replay.chunk_length * config.envs_per_actor
 
@@ -375,7 +374,7 @@ class Driver:
         self.nonfinite_stop: str | None = None
         self.learner_wait_seconds = self.learner_train_seconds = 0.0
         self._write_placement()
-        workers = "offline (no environment workers)" if offline else \
+        workers = "offline (no environment workers)" if not plan.workers else \
             f"{len(self.runners)} environment workers x {config.envs_per_actor} envs"
         print(f"Ray: {workers}, "
               f"{len(self.shards)} replay shards, "
@@ -637,9 +636,10 @@ class Driver:
     def checkpoint(self) -> None:
         """Replay shards and learner state, with the core's counters (frames, limiter)."""
         self._log_stats()
-        if self.save_replay:
+        if self.save_replay != "never":
             self.ray.get([s.save_checkpoint.remote() for s in self.shards])
-            self.save_replay = not self.core.offline_only
+            if self.save_replay == "once":
+                self.save_replay = "never"
         try:
             self.learner.checkpoint(self.core.counters())
         except self.group_failure as exc:
@@ -750,10 +750,7 @@ class Driver:
                 "runners": [w["pid"] for w in self.runner_where], "shards": [w["pid"] for w in self.shard_where]}
 
     def _write_placement(self) -> None:
-        path = self.run_dir / PLACEMENT
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.placement(), indent=1))
-        os.replace(tmp, path)
+        RunDir(self.run_dir).write_placement(self.placement())
 
     def _placement_line(self) -> str:
         nodes = {n for group in ("runners", "shards") for n in self.placement()[group].values()}

@@ -16,14 +16,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from choreo.launch.runtime.build import (env_shapes, load_dataset, loads_dataset, make_agent, make_eval_runner, make_learner,
-                                 make_runner, make_sampler, make_shard)
-from choreo.launch.runtime.config import Config, eval_every, offline_only
+from choreo.launch.runtime.build import (env_shapes, load_dataset, make_agent, make_eval_runner, make_learner, make_runner,
+                                         make_sampler, make_shard, startup)
+from choreo.launch.runtime.config import Config
+from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.core import MAX_OUTSTANDING_BATCHES, RunCore
 from choreo.launch.runtime.media import MediaSchedule, training_media
-from choreo.learner.learner import CHECKPOINT, NonFiniteLossError
+from choreo.launch.runtime.rundir import RunDir
+from choreo.learner.learner import NonFiniteLossError
 
-REPLAY_DIR = "replay"
 STATS_SECONDS = 5.0
 """Seconds between two writes of the periodic scalars."""
 
@@ -51,19 +52,16 @@ def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
 
 
 def _run(config: Config, run_dir: Path, resume: bool) -> int:
-    rc = config.replay
-    offline = offline_only(config)
-    runner = None if offline else make_runner(config, runner_id=0, num_runners=1)
+    rc, plan = config.replay, resolve_plan(config)
+    runner = make_runner(config, runner_id=0, num_runners=1) if plan.workers else None
     obs_shape, action_dim = env_shapes(config) if runner is None else (runner.obs_shape, runner.action_dim)
-    evaluator = make_eval_runner(config) if eval_every(config) else None
-    agent = make_agent(config, obs_shape, action_dim, start=not resume)
+    evaluator = make_eval_runner(config) if plan.eval_every else None
+    start = startup(config, resume, RunDir(run_dir).replay)
+    agent = make_agent(config, obs_shape, action_dim, start=not start.load_checkpoint)
     shard = make_shard(config, 0)
     sampler = make_sampler(config, [shard])
-    dataset_steps = 0
-    reload = loads_dataset(config, resume, run_dir / REPLAY_DIR)
-    if reload:
-        dataset_steps = load_dataset(config, [shard], obs_shape, action_dim)
-    save_replay = not offline or reload  # an offline-only replay never changes: saved once
+    dataset_steps = load_dataset(config, [shard], obs_shape, action_dim) if start.load_dataset else 0
+    save_replay = start.save_replay != "never"
 
     def publish(weights: dict, version: int) -> None:
         for r in filter(None, (runner, evaluator)):
@@ -72,13 +70,13 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
     learner = make_learner(config, agent, lambda: sampler.sample(rc.batch_size, rc.batch_length),
                            publish, run_dir, prefetch=0)  # replay is read in this thread
     counters = None
-    if resume:
+    if start.load_checkpoint:
         counters = learner.load_checkpoint()
         sampler.position = learner.batches  # the batches it would have drawn next
-        if not reload:
-            shard.load(run_dir / REPLAY_DIR)
-        if runner is not None:
-            runner.skip_random_steps()  # the seed phase happened before the interruption
+        if start.restore_replay:
+            shard.load(RunDir(run_dir).replay)
+        if runner is not None and start.skip_random_steps:
+            runner.skip_random_steps()
         print(f"resumed {run_dir} at {int(counters['frames']):,} frames, {learner.updates:,} updates, "
               f"{shard.stats()['steps']:,} steps in replay")
     core = RunCore(config, run_dir, num_workers=1, action_repeat=config.env.action_repeat, counters=counters,
@@ -91,8 +89,8 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
         nonlocal save_replay
         learner.save_checkpoint(core.counters())
         if save_replay:
-            shard.save(run_dir / REPLAY_DIR)
-            save_replay = not offline
+            shard.save(RunDir(run_dir).replay)
+            save_replay = start.save_replay == "every checkpoint"
         core.checkpointed()
 
     last_stats = time.monotonic()
@@ -134,4 +132,4 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
     return result
 
 
-__all__ = ["run_local", "CHECKPOINT", "REPLAY_DIR"]
+__all__ = ["run_local"]

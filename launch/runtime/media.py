@@ -33,7 +33,7 @@ Decisions:
   skill k is reset with a seed derived from (config.seed, "visualize", k), so its episode starts
   the same way in any grouping of skills; the skill policy acts in mode "mode" (the posterior
   latent's mode, the mean action), which draws nothing at random, so a skill's video is the same
-  whichever skills it is played with. The loop is `launch.runtime.snapshot.rollout`.
+  whichever skills it is played with. The loop is `choreo.actors.rollout.rollout`.
 
 Pillow writes the GIFs; it merges identical consecutive frames into one longer frame, so a GIF of
 a motionless scene may hold fewer frames than given (its playing time is the same).
@@ -367,16 +367,14 @@ class SkillRollouts:
 
 
 def rollout_skills(config: Config, agent: Any, steps: int, skills: Sequence[int] | None = None,
-                   envs_at_once: int = ENVS_AT_ONCE, seed: int | None = None,
-                   progress: Any = None) -> SkillRollouts:
+                   envs_at_once: int = ENVS_AT_ONCE, seed: int | None = None) -> SkillRollouts:
     """Plays each skill (all codes by default) for `steps` agent steps in environments built from
     `config.env`, with the skill policy (behaviour "skill", `initial_state(n, skill=k)`, mode
     "mode") holding `agent`'s acting weights. Up to `envs_at_once` skills' environments step
-    together, one policy call per step. `seed` defaults to `config.seed`. progress: called with
-    (skills done, skills) after each group."""
+    together, one policy call per step. `seed` defaults to `config.seed`."""
     from choreo.actors.envs import make_env_from_config
+    from choreo.actors.rollout import rollout
     from choreo.agents.registry import make_policy
-    from choreo.launch.runtime.snapshot import rollout
 
     _check_skills(agent)
     if steps < 1:
@@ -402,14 +400,12 @@ def rollout_skills(config: Config, agent: Any, steps: int, skills: Sequence[int]
             m = len(group)
 
             def record(t: int, observation: np.ndarray, state: Any) -> None:
-                for i in range(m):
-                    frames[start + i, t] = observation[i].transpose(1, 2, 0) if pixels else envs[i].render()
                 deter[start:start + m, t] = state.latent.deter.float().numpy()
 
-            rollout(policy, envs[:m], policy.initial_state(m, skill=np.array(group)), steps, mode="mode",
-                    seeds=[derive_seed(root, "skill", k) for k in group], on_act=record)
-            if progress is not None:
-                progress(start + m, len(skills))
+            played = rollout(policy, envs[:m], steps, state=policy.initial_state(m, skill=np.array(group)), mode="mode",
+                             seeds=[derive_seed(root, "skill", k) for k in group],
+                             record=("observations",) if pixels else ("frames",), on_act=record)
+            frames[start:start + m] = played["observations"].transpose(0, 1, 3, 4, 2) if pixels else played["frames"]
     finally:
         for env in envs:
             env.close()
@@ -436,7 +432,7 @@ def skill_videos(config: Config, snapshot_or_agent: Any, steps: int, skills: Seq
     snapshot, loaded into an agent built from `config` (on `device`) after checking that it fits."""
     agent = snapshot_or_agent
     if isinstance(agent, (str, os.PathLike)):
-        from choreo.launch.runtime.snapshot import load_agent
+        from choreo.launch.runtime.snapshot import Snapshot
 
-        agent = load_agent(config, Path(agent), device=device)
+        agent = Snapshot.open(agent, config=config).make_agent(device)
     return compose_videos(agent, rollout_skills(config, agent, steps, skills, envs_at_once, seed))

@@ -14,6 +14,8 @@ from typing import TextIO
 
 import numpy as np
 
+from choreo.launch.runtime.rundir import RunDir
+
 PACE_WINDOW = 600.0
 """Seconds of recent progress the rates of the time estimate are measured over."""
 RATE_WINDOW = 30.0
@@ -85,7 +87,7 @@ class Monitor:
         clock: the time in seconds (tests pass their own)."""
         from torch.utils.tensorboard import SummaryWriter  # imported here: it costs a second
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(str(RunDir(run_dir).tensorboard))
         self.total_frames = total_frames
         self.unit = unit  # what the progress count is: frames, or updates (an offline-only run)
         self.stream = stream or sys.stderr

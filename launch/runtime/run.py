@@ -10,9 +10,9 @@ import re
 import time
 from pathlib import Path
 
-from choreo.launch.runtime.config import (RESUME_OVERRIDES, Config, ConfigError, from_yaml_file, load_config, save_config,
-                                          with_overrides)
-from choreo.launch.runtime.rundir import new_run_dir, resumable_run_dir
+from choreo.launch.runtime.config import RESUME_OVERRIDES, Config, ConfigError, load_config, with_overrides
+from choreo.launch.runtime.plan import resolve_plan
+from choreo.launch.runtime.rundir import RunDir
 from choreo.launch.runtime.signals import interrupt_on_sigterm
 
 
@@ -42,22 +42,18 @@ def mode_overrides(args: argparse.Namespace, mode: str) -> list[str]:
                           "runs/<run>/snapshots/snapshot_<frames>.pt) and --from-scratch")
     if args.from_scratch:
         return ["mode=finetune", "from_scratch=true"]
-    snapshot = Path(args.snapshot).expanduser()
-    if not snapshot.is_file():
-        raise ConfigError(f"--snapshot {snapshot}: no such file")
-    return ["mode=finetune", f"snapshot={snapshot.resolve()}"]
+    return ["mode=finetune", f"snapshot={Path(args.snapshot).expanduser().resolve()}"]
 
 
 def check_snapshot(config: Config) -> None:
     """Refuse, before anything starts, a snapshot that does not fit the run (another domain,
-    observation type, action size or network size): the message names the file and what differs."""
-    from choreo.agents.registry import make_agent
-    from choreo.launch.runtime.build import env_shapes, load_pretrained
+    observation type, action size or network size), or a path that is no snapshot file: the message
+    names the file and what differs."""
+    from choreo.launch.runtime.snapshot import Snapshot
     from choreo.learner.snapshot import SnapshotError
 
-    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device="cpu")
     try:
-        load_pretrained(config, agent)
+        Snapshot.open(config.snapshot, config=config).make_agent()
     except SnapshotError as e:
         raise ConfigError(str(e)) from None
 
@@ -82,17 +78,18 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     if args.resume:
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
-        run_dir = resumable_run_dir(args.resume)
-        config = from_yaml_file(run_dir / "config.yaml")
-        if config.mode != mode:
-            raise ConfigError(f"cannot resume {run_dir} with choreo {mode}: it is a {config.mode} run; "
-                              f"continue it with choreo {config.mode} --resume {run_dir}")
+        run_dir = RunDir.resume(args.resume)
+        config = run_dir.read_config()
+        saved = resolve_plan(config).mode
+        if saved != mode:
+            raise ConfigError(f"cannot resume {run_dir} with choreo {mode}: it is a {saved} run; "
+                              f"continue it with choreo {saved} --resume {run_dir}")
         if args.overrides:  # e.g. learner.total_frames=4000000 to run on past the planned end
             try:
                 config = with_overrides(config, args.overrides, RESUME_OVERRIDES)
             except ConfigError as e:
                 raise ConfigError(f"--resume continues a run with its saved config: {e}") from None
-            save_config(config, run_dir)
+            run_dir.write_config(config)
         check_local(config, args.local)
     else:
         # `task=...` is short for env.task (`choreo finetune --snapshot FILE task=walker_run`)
@@ -103,17 +100,17 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
 
             presets, fitted = fitted_presets(presets, overrides)
         config = load_config(presets, mode_overrides(args, mode) + overrides)
-        if config.mode != mode:
-            raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {config.mode}")
+        plan = resolve_plan(config)
+        if plan.mode != mode:
+            raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {plan.mode}")
         check_local(config, args.local)
         if args.logdir:
             config = dataclasses.replace(config, logdir=args.logdir)
-        if mode == "finetune" and not config.from_scratch:
+        if plan.start == "snapshot":
             check_snapshot(config)
-        if config.dataset.dir:
+        if plan.dataset:
             check_dataset_before_start(config)
-        run_dir = new_run_dir(config, args.logdir)
-        save_config(config, run_dir, exclusive=True)
+        run_dir = RunDir.create(config, args.logdir)
     # The first lines of the output, flushed: stdout is block-buffered when it goes to a file or a
     # pipe (a cluster job's log), and what the loop writes next (Ray's start-up, progress on stderr)
     # would otherwise come before them.
@@ -132,10 +129,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
         if args.local:
             from choreo.launch.runtime.local import run_local
 
-            return run_local(config, run_dir, resume=bool(args.resume))
+            return run_local(config, run_dir.path, resume=bool(args.resume))
         from choreo.launch.runtime.distributed import run_distributed
 
-        return run_distributed(config, run_dir, address=args.address, resume=bool(args.resume))
+        return run_distributed(config, run_dir.path, address=args.address, resume=bool(args.resume))
     except DatasetError as e:  # e.g. no episode of the dataset fits the task (each file was named above)
         raise ConfigError(str(e)) from None
 
@@ -179,18 +176,16 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
             config = load_config(args.preset, mode_overrides(args, mode) + overrides
                                  + [f"env.task={task}", f"seed={seed}",
                                     f"run_name={re.sub(r'[^A-Za-z0-9._-]+', '_', task)}-seed{seed}"])
-            if mode == "finetune" and not config.from_scratch and task not in checked:
+            if resolve_plan(config).start == "snapshot" and task not in checked:
                 check_snapshot(config)  # before any directory is made
                 checked.add(task)
             configs.append(config)
-    parent = new_run_dir(dataclasses.replace(base, run_name=base.run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"),
-                         args.logdir)
+    named = dataclasses.replace(base, run_name=base.run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    parent = RunDir.create(named, args.logdir, write_config=False)
     runs = []
     for config in configs:
         config = dataclasses.replace(config, logdir=str(parent))
-        run_dir = new_run_dir(config, str(parent))
-        save_config(config, run_dir, exclusive=True)
-        runs.append((config, run_dir))
+        runs.append((config, RunDir.create(config, parent.path).path))
     print(f"{len(runs)} runs ({len(tasks)} tasks x {len(seeds)} seeds) in {parent}\n"
           f"TensorBoard:   tensorboard --logdir {parent} --host 127.0.0.1\n"
           f"results:       choreo report {parent}", flush=True)

@@ -1,4 +1,6 @@
-"""A pretraining snapshot as one Python object, for analyses you script yourself.
+"""Opening a pretraining snapshot: `Snapshot`, the one way every command (fine-tuning's start,
+evaluate, plan, visualize, the benchmarks) opens one, and `load_snapshot` -> `Pretrained`, a
+snapshot as one Python object for analyses you script yourself.
 
     import numpy as np
     import choreo
@@ -26,19 +28,20 @@ one code per environment (`[N]` integers in 0..num_skills - 1), DADS one skill v
 environment (`[N, D]`; discrete skills also as `[N]` indices). With mode "mode" (the default)
 acting is deterministic: the posterior latent is each categorical's mode and the action the mean.
 
-`rollout` is the loop underneath, for any acting policy and state (`launch/runtime/media.py` plays its
-skill videos with it).
+`rollout` (`choreo.actors.rollout`, the one loop that every caller steps environments with) is
+underneath, for any acting policy and state: steps or whole episodes, recording what is asked for.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from choreo.actors.rollout import rollout
 from choreo.launch.runtime.config import Config, ConfigError
 from choreo.vocabulary import derive_seed
 
@@ -131,7 +134,9 @@ class Pretrained:
             self._check_envs(envs, n)
             policy = self.policy("skill", seed=seed)
             state = policy.initial_state(n, skill=skills)
-            out = rollout(policy, envs, state, int(steps), mode, [derive_seed(seed, "reset", i) for i in range(n)])
+            out = rollout(policy, envs, int(steps), state=state, mode=mode,
+                          seeds=[derive_seed(seed, "reset", i) for i in range(n)],
+                          record=("observations", "actions", "rewards", "is_first", "xy"))
         finally:
             if own:
                 for env in envs:
@@ -181,116 +186,132 @@ def load_snapshot(path: str | os.PathLike, *overrides: str, device: str = "cpu",
     acting policies, environments and skill rollouts on demand (see `Pretrained`). Raises
     SnapshotError (file missing, damaged, not a snapshot, or an agent that does not fit the
     overrides) or ConfigError (a bad override), naming the file."""
-    from choreo.learner.snapshot import SnapshotError
-    from choreo.learner.snapshot import load_snapshot as read_snapshot
+    snapshot = Snapshot.open(path, (*overrides, *([f"env.task={task}"] if task is not None else [])))
+    return Pretrained(snapshot.path, snapshot.config, snapshot.make_agent(device), snapshot.frames, snapshot.updates)
 
-    path = Path(path).expanduser()
-    for o in overrides:
-        if not isinstance(o, str):
-            raise ConfigError(f"{path}: overrides are 'key=value' strings, got {o!r}")
-    overrides = tuple("env." + o if o.startswith("task=") else o for o in overrides)
-    if task is not None:
-        overrides += (f"env.task={task}",)
-    data = read_snapshot(path)
+
+# ----------------------------------------------------------------------------- opening a snapshot
+
+
+class Snapshot:
+    """A snapshot file, opened: the one way to open one, for fine-tuning (the agent's starting
+    weights), `choreo evaluate`, `choreo plan`, `choreo visualize`, the benchmarks and
+    `load_snapshot`.
+
+    `Snapshot.open(path, overrides)` reads the file (`learner.snapshot.load_snapshot`: tensors and
+    plain containers, without running code) and resolves the config it is used with: the saved
+    run config with `key=value` overrides (`task=` short for `env.task=`), put into `mode` first
+    when given (`config.in_mode`), or the caller's own `config` (a fine-tuning run's). Then
+    `state_for(agent)` checks that the snapshot fits an agent and gives its state,
+    `make_agent(device)` builds an agent of the config with the snapshot's weights, and
+    `policy_weights()` the acting weights. Errors name the file: SnapshotError for a missing,
+    damaged or foreign file, a directory, or an agent that does not fit (with the config keys that
+    decide shapes and differ, saved -> now); ConfigError for a bad override or an environment of
+    the config that cannot be built."""
+
+    def __init__(self, path: Path, data: Mapping[str, Any], config: Config) -> None:
+        self.path = path
+        """The snapshot file."""
+        self.data = data
+        """The file's contents: "agent" (the state), "config" (the saved run config, a dict),
+        "frames", "updates"."""
+        self.config = config
+        """The config the snapshot is used with (see `open`)."""
+        self.frames: int = int(data["frames"])
+        """Environment frames of pretraining when the snapshot was written."""
+        self.updates: int = int(data["updates"])
+        """Learner updates when the snapshot was written."""
+        self._policy_weights: dict | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, overrides: Sequence[str] = (), config: Config | None = None,
+             mode: str | None = None) -> Snapshot:
+        """Open the snapshot file at `path` (see the class docstring). overrides and mode apply to
+        the saved config; config replaces it (then neither may be given)."""
+        from choreo.learner.snapshot import SnapshotError
+        from choreo.learner.snapshot import load_snapshot as read_snapshot
+
+        path = Path(path).expanduser()
+        if config is not None and (overrides or mode):
+            raise ValueError("Snapshot.open: overrides and mode apply to the saved config; with a config of "
+                             "your own, give neither")
+        for o in overrides:
+            if not isinstance(o, str):
+                raise ConfigError(f"{path}: overrides are 'key=value' strings, got {o!r}")
+        if path.is_dir():
+            raise SnapshotError(_directory_message(path))
+        data = read_snapshot(path)
+        if config is None:
+            config = _saved_config(path, data["config"], overrides, mode)
+        return cls(path, data, config)
+
+    def with_config(self, config: Config) -> Snapshot:
+        """The same snapshot used with `config` (e.g. a command's, derived from `self.config`)."""
+        return type(self)(self.path, self.data, config)
+
+    def state_for(self, agent: Any) -> Mapping[str, Any]:
+        """The agent state the snapshot holds, after checking that it fits `agent` (a fresh agent
+        of `self.config`): SnapshotError naming the file, the first tensor that differs and the
+        config keys that decide shapes and differ."""
+        from choreo.launch.runtime.config import snapshot_shape_keys
+        from choreo.learner.snapshot import check_compatible
+
+        check_compatible(self.data, agent.state_dict(), self.path, self.config, snapshot_shape_keys(self.config))
+        return self.data["agent"]
+
+    def load_into(self, agent: Any) -> Any:
+        """`agent` (a fresh one of `self.config`) with the snapshot's state loaded; returns it."""
+        agent.load_state_dict(self.state_for(agent))
+        return agent
+
+    def make_agent(self, device: str = "cpu") -> Any:
+        """A learner-side agent of `self.config` on `device` with the snapshot's weights."""
+        from choreo.actors.envs import env_shapes
+        from choreo.agents.registry import make_agent
+
+        try:
+            agent = make_agent(self.config.algo, *env_shapes(self.config.env), self.config.agent, seed=0, device=device)
+        except ConfigError:
+            raise
+        except ValueError as e:  # e.g. an environment of the overrides that cannot be built
+            raise ConfigError(f"{self.path}: {e}") from None
+        return self.load_into(agent)
+
+    def policy_weights(self) -> dict:
+        """The acting weights (`agent.policy_weights()`) of an agent of `self.config` with the
+        snapshot's state; computed once (on the CPU)."""
+        if self._policy_weights is None:
+            self._policy_weights = self.make_agent().policy_weights()
+        return self._policy_weights
+
+
+def _saved_config(path: Path, saved: Mapping[str, Any], overrides: Sequence[str], mode: str | None) -> Config:
+    """The run config a snapshot holds, validated, put into `mode` when given, with `key=value`
+    overrides applied; errors name the file."""
+    from choreo.launch.runtime.config import from_dict, in_mode
+
     try:
-        config = snapshot_config(data["config"], overrides)
+        own = from_dict(saved)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: the snapshot's config: {e}") from None
+    overrides = ["env." + o if o.startswith("task=") else o for o in overrides]
+    try:
+        return in_mode(own, mode, overrides) if mode else from_dict(saved, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    try:
-        agent = load_agent(config, path, device=device, data=data)
-    except ValueError as e:
-        if isinstance(e, SnapshotError):
-            raise
-        raise ConfigError(f"{path}: {e}") from None  # e.g. an environment of the overrides that cannot be built
-    return Pretrained(path, config, agent, int(data["frames"]), int(data["updates"]))
 
 
-# ----------------------------------------------------------------------------- the loop
+def _directory_message(path: Path) -> str:
+    """What to say for a directory given as a snapshot: which of its snapshots to give instead."""
+    from choreo.launch.runtime.rundir import RunDir
+    from choreo.learner.files import SNAPSHOT_PATTERN, SNAPSHOTS, snapshot_name
+
+    found = sorted(path.glob(SNAPSHOT_PATTERN), key=lambda p: p.stat().st_mtime) or RunDir(path).snapshot_files()
+    if found:
+        return (f"snapshot {path}: is a directory, not a snapshot file; give one of its {len(found)} "
+                f"snapshot{'s' if len(found) > 1 else ''}, e.g. {found[-1]} (the latest)")
+    return (f"snapshot {path}: is a directory, not a snapshot file, and holds no snapshots; give a file such as "
+            f"<run>/{SNAPSHOTS}/{snapshot_name(100000)}")
 
 
-def rollout(policy: Any, envs: Sequence[Any], state: Any, steps: int, mode: str = "mode",
-            seeds: Sequence[int | None] | None = None,
-            on_act: Callable[[int, np.ndarray, Any], None] | None = None) -> dict[str, np.ndarray]:
-    """Plays `envs` together for `steps` agent steps with `policy` (one `act` call for all per step),
-    from a reset of each (environment i with `seeds[i]`, default none) and the policy state `state`
-    (`policy.initial_state(len(envs), ...)`). An episode that ends restarts (a reset without a
-    seed) with `is_first` set, which resets the policy's state of that environment.
-
-    on_act(t, observation [N, ...], state): called after the policy acted on observation t
-        (t = 0..steps), with the state that act returned; given, the policy also acts on the last
-        observation (its action is not taken), so that the state of every observation is seen.
-    Returns "observations" `[N, steps + 1, ...]`, "actions" `[N, steps, A]` float32, "rewards"
-    `[N, steps]` float32, "is_first" `[N, steps + 1]` bool and, when every environment reports its
-    position (`info["xy"]`, the navigation tasks), "xy" `[N, steps + 1, 2]` float64."""
-    n = len(envs)
-    seeds = [None] * n if seeds is None else list(seeds)
-    resets = [env.reset(seed=s) for env, s in zip(envs, seeds)]
-    observation = np.stack([obs for obs, _ in resets])
-    action_dim = int(np.prod(envs[0].action_space.shape))
-    observations = np.empty((n, steps + 1, *observation.shape[1:]), observation.dtype)
-    actions = np.zeros((n, steps, action_dim), np.float32)
-    rewards = np.zeros((n, steps), np.float32)
-    is_first = np.zeros((n, steps + 1), bool)
-    xy = np.full((n, steps + 1, 2), np.nan)
-    has_xy = all("xy" in info for _, info in resets)
-    first = np.ones(n, bool)
-    infos = [info for _, info in resets]
-    for t in range(steps + 1):
-        observations[:, t] = observation
-        is_first[:, t] = first
-        if has_xy:
-            xy[:, t] = [info["xy"] for info in infos]
-        if t == steps and on_act is None:
-            break
-        action, state, _ = policy.act(observation, first, state, mode=mode)
-        if on_act is not None:
-            on_act(t, observation, state)
-        if t == steps:
-            break
-        action = np.asarray(action, np.float32).reshape(n, action_dim)
-        actions[:, t] = action
-        observation = observation.copy()
-        for i, env in enumerate(envs):
-            obs, reward, terminated, truncated, info = env.step(action[i])
-            rewards[i, t] = reward
-            first[i] = terminated or truncated
-            if first[i]:
-                obs, info = env.reset()
-            observation[i], infos[i] = obs, info
-            has_xy = has_xy and "xy" in info
-    out = {"observations": observations, "actions": actions, "rewards": rewards, "is_first": is_first}
-    if has_xy:
-        out["xy"] = xy
-    return out
-
-
-__all__ = ["Pretrained", "load_snapshot", "rollout"]
-
-
-def snapshot_config(saved: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
-    """The run config a snapshot holds, with `key=value` overrides (any key) applied, validated."""
-    from choreo.launch.runtime.config import ConfigError, from_dict
-
-    try:
-        from_dict(saved)
-    except ConfigError as e:
-        raise ConfigError(f"the snapshot's config: {e}") from None
-    return from_dict(saved, overrides)
-
-
-def load_agent(config: Config, snapshot: Path, device: str = "cpu", data: Mapping[str, Any] | None = None) -> Any:
-    """An agent of `config` on `device` with the weights of `snapshot` (SnapshotError, naming the
-    file and the keys that differ, when it does not fit). data: the snapshot already read."""
-    from choreo.agents.registry import make_agent
-    from choreo.launch.runtime.build import env_shapes
-    from choreo.launch.runtime.config import snapshot_shape_keys
-    from choreo.learner.snapshot import check_compatible, load_snapshot
-
-    agent = make_agent(config.algo, *env_shapes(config), config.agent, seed=0, device=device)
-    if data is None:
-        data = load_snapshot(snapshot, expected=agent.state_dict(), config=config,
-                             shape_keys=snapshot_shape_keys(config))
-    else:
-        check_compatible(data, agent.state_dict(), snapshot, config, snapshot_shape_keys(config))
-    agent.load_state_dict(data["agent"])
-    return agent
+__all__ = ["Pretrained", "Snapshot", "load_snapshot", "rollout"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from choreo.launch.runtime.config import Config
+from choreo.launch.runtime.rundir import RunDir
 
 VIEW_SECONDS = 2.0
 """Seconds between two updates of the progress view (30 when not on a terminal)."""
@@ -46,7 +47,7 @@ class RunActor:
         self.config, self.run_dir = config, Path(run_dir)
         self.driver: Any = None
         self.stopped = False
-        log = open(self.run_dir / "driver.log", "a", buffering=1)  # noqa: SIM115 - the actor's lifetime
+        log = open(RunDir(self.run_dir).driver_log, "a", buffering=1)  # noqa: SIM115 - the actor's lifetime
         sys.stdout = sys.stderr = log
 
     def run(self) -> int:
@@ -120,7 +121,7 @@ def run_sweep(runs: list[tuple[Config, Path]], address: str | None = None, paral
     failed = [r for r in state if r["code"] not in (0, 130)]
     for r in failed:
         why = r["error"] or f"exit code {r['code']}"
-        stream.write(f"failed: {r['run_dir']} ({why}); see {r['run_dir'] / 'driver.log'}\n")
+        stream.write(f"failed: {r['run_dir']} ({why}); see {RunDir(r['run_dir']).driver_log}\n")
     if any(r["code"] == 130 for r in state):
         return 130
     return 1 if failed else 0

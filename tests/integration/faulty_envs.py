@@ -50,8 +50,11 @@ class _Walk(gymnasium.Env):
 class CrashOnce(_Walk):
     def _fault(self) -> None:
         marker = os.environ.get("CHOREO_TEST_CRASH_MARKER")
-        if self._t == 20 and marker and not os.path.exists(marker):
-            open(marker, "w").close()
+        if self._t == 20 and marker:
+            try:  # created atomically: of workers that reach this step together, exactly one crashes
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
             raise RuntimeError("simulated environment failure")
 
 

@@ -17,7 +17,7 @@ from choreo import vocabulary as B
 from choreo.launch import cli
 from choreo.launch.runtime.build import make_shard
 from choreo.launch.runtime.config import from_yaml_file
-from choreo.launch.runtime.local import REPLAY_DIR
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_dads_pretrains_on_ray_and_plans_on_ray_workers(tmp_path):
 
     config = from_yaml_file(run_dir / "config.yaml")
     shard = make_shard(config, 0)
-    shard.load(run_dir / REPLAY_DIR)
+    shard.load(RunDir(run_dir).replay)
     batch = shard.sample(64, 2, rng=0)
     assert batch[B.SKILL_VECTOR].shape == (64, 2, 2) and batch[B.BEHAVIOUR_LOGP].shape == (64, 2)
     acted = batch[B.POLICY_VERSION] >= 0

@@ -14,9 +14,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.runtime.config import from_yaml_file, load_config, save_config
+from choreo.launch.runtime.config import from_yaml_file, load_config
 from choreo.launch.runtime.distributed import drive, run_distributed
-from choreo.launch.runtime.local import REPLAY_DIR
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 from processes import start_endless_pretrain  # tests/integration is on sys.path
 
@@ -40,7 +40,7 @@ def test_ratio_holds_when_an_update_takes_longer_than_a_learner_call(tmp_path, m
                                     "learner.checkpoint_minutes=1000"])
     run_dir = tmp_path / "slow"
     run_dir.mkdir()
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     driver = drive(config, run_dir, learner_actor=SlowLearnerActor)
     assert driver.exit_code == 0
     checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
@@ -92,7 +92,7 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
     # Each worker's chunks went to its own shard, and the acting weights' versions advanced.
     for i in range(2):
         shard = ReplayShard(10000, seed=0, name=f"shard{i}")
-        shard.load(run_dir / REPLAY_DIR)
+        shard.load(RunDir(run_dir).replay)
         assert shard.stats()["steps"] >= 500
         batch = shard.sample(16, 10, np.random.default_rng(0))
         assert batch["policy_version"].max() > 0

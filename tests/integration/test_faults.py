@@ -19,9 +19,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.runtime.config import load_config, save_config
+from choreo.launch.runtime.config import load_config
 from choreo.launch.runtime.distributed import drive, run_distributed, state_digest
-from choreo.launch.runtime.local import REPLAY_DIR
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 from processes import start_endless_pretrain  # tests/integration is on sys.path
 
@@ -40,7 +40,7 @@ def _run_dir(tmp_path: Path, overrides: list[str]):
     config = load_config(["tiny"], ["num_actors=2", "num_shards=2", "learner.checkpoint_minutes=1000", *overrides])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     return config, run_dir
 
 
@@ -62,7 +62,7 @@ def test_killed_worker_shard_and_learner_are_restarted_and_the_run_finishes(tmp_
             os.kill(seen["runner"], signal.SIGKILL)
         elif "shard" not in seen and driver.frames >= 1200 and sum(driver.runner_restarts):
             saved = ReplayShard(config.replay.capacity // config.num_shards, seed=0, name="shard0")
-            saved.load(run_dir / REPLAY_DIR)
+            saved.load(RunDir(run_dir).replay)
             seen["shard_checkpoint_inserted"] = saved.stats()["steps_inserted"]
             seen["shard_acked"] = driver.shard_acked[0]
             seen["shard"] = driver.pids()["shards"][0]

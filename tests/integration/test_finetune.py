@@ -15,8 +15,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from choreo.launch import cli
-from choreo.launch.runtime.config import load_config, save_config
+from choreo.launch.runtime.config import load_config
 from choreo.launch.runtime.local import run_local
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ FINETUNE = ["learner.total_frames=400", "eval.every_frames=200", "eval.episodes=
 def snapshot(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrain")
     config = load_config(["tiny"], ["learner.total_frames=1100", "learner.snapshot_frames=[1000]"])
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     assert run_local(config, run_dir) == 0
     return run_dir / "snapshots" / "snapshot_1000.pt"
 

@@ -12,8 +12,9 @@ import signal
 import pytest
 import torch
 
-from choreo.launch.runtime.config import load_config, save_config
+from choreo.launch.runtime.config import load_config
 from choreo.launch.runtime.distributed import drive, state_digest
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
                                     "learner.checkpoint_minutes=1000"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     seen: dict = {}
 
     def inject(driver) -> None:
@@ -77,7 +78,7 @@ def test_two_ranks_in_step_survive_a_killed_rank_and_resume_exactly(tmp_path):
 
     # Resumed with two ranks: each starts exactly where the checkpoint left it.
     longer = dataclasses.replace(config, learner=dataclasses.replace(config.learner, total_frames=2800))
-    save_config(longer, run_dir)
+    RunDir(run_dir).write_config(longer)
     resumed = drive(longer, run_dir, resume=True)
     assert resumed.exit_code == 0
     assert resumed.learner_restored == [rank_digest(final, 0), rank_digest(final, 1)]
@@ -96,7 +97,7 @@ def test_a_hung_rank_times_out_and_the_group_restarts(tmp_path):
                                     "learner.checkpoint_minutes=1000", "learner.group_timeout_s=5"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     seen: dict = {}
 
     def inject(driver) -> None:

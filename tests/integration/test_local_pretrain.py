@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from choreo.buffer.shard import ReplayShard
 from choreo.launch.runtime.config import from_yaml_file, load_config
-from choreo.launch.runtime.local import REPLAY_DIR, run_local
+from choreo.launch.runtime.local import run_local
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 
 
@@ -40,7 +41,7 @@ def test_local_pretrain_writes_run_directory_and_resumes(tmp_path, capsys):
                 "actors/steps_per_second", "throughput/frames_per_second"):
         assert tag in tags, tag
     shard = ReplayShard(20000, seed=0)
-    shard.load(run_dir / REPLAY_DIR)
+    shard.load(RunDir(run_dir).replay)
     held = shard.stats()["steps"]
     assert held >= 1200
 
@@ -80,4 +81,4 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     assert f"continue with: choreo pretrain --local --resume {run_dir}" in out
     counters = torch.load(run_dir / CHECKPOINT, weights_only=True)["counters"]
     assert counters["frames"] > 0
-    assert (run_dir / REPLAY_DIR / "shard0.msgpack").exists()
+    assert (RunDir(run_dir).replay / "shard0.msgpack").exists()

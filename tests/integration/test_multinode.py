@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 from processes import listening_sockets  # tests/integration is on sys.path
 
@@ -111,13 +112,13 @@ def two_node_run(tmp_path_factory):
     always finds room on the second. Token authentication is on, as `connect_ray` reads it from the
     environment. Returns the exit code, the nodes' ids, the run directory, the driver's output and
     the nodes' listening sockets."""
-    from choreo.launch.runtime.config import load_config, save_config
+    from choreo.launch.runtime.config import load_config
     from choreo.launch.runtime.distributed import run_distributed
 
     config = load_config(["tiny"], ["num_actors=4", "num_shards=2", f"learner.total_frames={TOTAL_FRAMES}",
                                     "learner.snapshot_frames=[]", "learner.checkpoint_minutes=10"])
     run_dir = tmp_path_factory.mktemp("multinode") / "run"
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     with simulated_cluster(head_cpus=4) as cluster:
         gpu_node = cluster.add_node(num_cpus=5, num_gpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
@@ -199,13 +200,13 @@ def test_replay_shards_on_both_nodes(two_node_run):
 def test_removed_node_has_its_workers_and_shards_restarted_on_the_others(tmp_path):
     """A node vanishes mid-run (its raylet and every process on it killed): its workers and shards
     (and the learner, if it was there) are started again on the head, and the run finishes."""
-    from choreo.launch.runtime.config import load_config, save_config
+    from choreo.launch.runtime.config import load_config
     from choreo.launch.runtime.distributed import drive
 
     config = load_config(["tiny"], ["num_actors=2", "num_shards=2", "learner.total_frames=2400",
                                     "learner.snapshot_frames=[600]", "learner.checkpoint_minutes=1000"])
     run_dir = tmp_path / "run"
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     with simulated_cluster(head_cpus=4) as cluster:  # room for everything once the second node is gone
         second = cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
@@ -239,7 +240,7 @@ def test_learner_ranks_on_two_nodes_train_in_step(tmp_path, monkeypatch):
     """Two learner ranks on two nodes (the placement group spread, as PACK does when no node has
     room for both): they meet at rank 0's node over gloo, each takes all of its node's cores, and
     they train an offline dataset in step to the last update."""
-    from choreo.launch.runtime.config import load_config, save_config
+    from choreo.launch.runtime.config import load_config
     from choreo.launch.runtime.distributed import drive
 
     groups = importlib.import_module("ray.util.placement_group")  # `ray.util.placement_group` is the function
@@ -256,7 +257,7 @@ def test_learner_ranks_on_two_nodes_train_in_step(tmp_path, monkeypatch):
     config = load_config(["tiny"], [f"dataset.dir={data}", "learner.num_learners=2", "learner.device=cpu",
                                     "learner.threads=0", "learner.total_updates=20", "learner.snapshot_updates=[]"])
     run_dir = tmp_path / "run"
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     seen: dict = {}
 
     def look(driver) -> None:

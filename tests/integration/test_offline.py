@@ -17,7 +17,7 @@ from choreo.buffer.shard import ReplayShard
 from choreo.launch import cli
 from choreo.launch.runtime.build import make_shard
 from choreo.launch.runtime.config import from_yaml_file
-from choreo.launch.runtime.local import REPLAY_DIR
+from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import CHECKPOINT
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_mixed_run_collects_after_the_dataset_and_exports_bit_for_bit(tmp_path, 
     replay = []
     for i in range(config.num_shards):
         shard = make_shard(config, i)
-        shard.load(run_dir / REPLAY_DIR)
+        shard.load(RunDir(run_dir).replay)
         replay.extend(shard.episodes())
     assert sum(len(e["observation"]) for e in replay) >= 360 + 600
     back = ReplayShard(10_000, seed=0)

@@ -17,8 +17,8 @@ import torch
 from choreo.launch import cli
 from choreo.agents import registry
 from choreo.agents.config import AgentConfig
-from choreo.launch.runtime.config import ConfigError, from_yaml_file, load_config, save_config, snapshot_shape_keys
-from choreo.launch.runtime.rundir import default_run_name, new_run_dir
+from choreo.launch.runtime.config import ConfigError, from_yaml_file, load_config, snapshot_shape_keys
+from choreo.launch.runtime.rundir import RunDir, default_run_name
 from choreo.launch.runtime.run import pretrain
 from choreo.learner.learner import CHECKPOINT
 from choreo.learner.snapshot import SnapshotError, check_compatible, load_snapshot, save_snapshot
@@ -84,7 +84,7 @@ def refused(a: argparse.Namespace, *fragments: str) -> str:
 def make_run(run_dir: Path, checkpoint: bool = True) -> None:
     """A run directory as a run leaves it (config.yaml, replay, events, maybe a checkpoint)."""
     config = load_config(["tiny"], [f"logdir={run_dir.parent}", f"run_name={run_dir.name}"])
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     (run_dir / "replay").mkdir()
     (run_dir / "replay" / "shard_0.msgpack").write_bytes(b"\x93replay-bytes")
     (run_dir / "tensorboard").mkdir()
@@ -134,9 +134,8 @@ def test_generated_run_name_is_one_component_even_for_gym_ids_with_slashes():
 def test_generated_run_names_never_reuse_a_directory(tmp_path, monkeypatch):
     monkeypatch.setattr("choreo.launch.runtime.run.time.strftime", lambda fmt: "20250101-000000")  # one second
     config = load_config(["tiny"])
-    first = new_run_dir(config, str(tmp_path))
-    save_config(config, first)
-    second = new_run_dir(config, str(tmp_path))
+    first = RunDir.create(config, tmp_path).path
+    second = RunDir.create(config, tmp_path, write_config=False).path
     assert first.name == "walker_stand-choreographer-20250101-000000"
     assert second.name == first.name + "-2"
     assert sorted(p.name for p in first.iterdir()) == ["config.yaml"]
@@ -205,15 +204,15 @@ def test_config_written_for_a_new_run_never_replaces_an_existing_one(tmp_path):
     config = load_config(["tiny"])
     (tmp_path / "config.yaml").write_text("mine: 1\n")
     with pytest.raises(ConfigError, match="config.yaml already exists"):
-        save_config(config, tmp_path, exclusive=True)
+        RunDir(tmp_path).write_config(config, exclusive=True)
     assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
-def test_new_run_dir_refuses_a_run_name_that_escapes_even_when_validation_was_skipped(tmp_path):
+def test_a_run_directory_refuses_a_run_name_that_escapes_even_when_validation_was_skipped(tmp_path):
     config = dataclasses.replace(load_config(["tiny"]), run_name="../out")  # replace() skips validate()
     with pytest.raises(ConfigError, match="run_name"):
-        new_run_dir(config, str(tmp_path / "runs"))
+        RunDir.create(config, tmp_path / "runs")
     assert tree(tmp_path) == {}
 
 

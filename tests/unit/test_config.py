@@ -14,9 +14,9 @@ from choreo.launch.runtime.config import (
     from_yaml_file,
     iter_fields,
     load_config,
-    save_config,
     to_yaml,
 )
+from choreo.launch.runtime.rundir import RunDir
 
 
 def test_defaults_are_the_paper_sizes():
@@ -128,7 +128,7 @@ def test_config_is_frozen():
 
 def test_saved_config_reads_back_identical(tmp_path):
     config = load_config(["pixels", "tiny"], ["seed=3"])
-    path = save_config(config, tmp_path / "run")
+    path = RunDir(tmp_path / "run").write_config(config)
     assert path == tmp_path / "run" / "config.yaml"
     assert from_yaml_file(path) == config
     assert yaml.safe_load(to_yaml(config))["env"]["obs"] == "pixels"

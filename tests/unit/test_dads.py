@@ -1,10 +1,10 @@
-"""DADS: the reward, importance weights, skill dynamics, planner, agent and policy (fast, no Ray)."""
+"""DADS: the reward, importance weights, skill dynamics, agent and policy, and the skill model that
+planning predicts with (MPPI itself: test_planning.py) (fast, no Ray)."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import itertools
 import math
 
 import numpy as np
@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from choreo import vocabulary as B
-from choreo.agents.config import AgentConfig
-from choreo.agents.dads.config import DadsConfig, PlannerConfig
-from choreo.agents.dads.planner import SkillPlanner, mppi_continuous, mppi_discrete, plan_returns
+from choreo.agents.config import AgentConfig, PlannerConfig
+from choreo.agents.dads.config import DadsConfig
 from choreo.agents.dads.rewards import alternative_skills, dads_reward, importance_weights, other_skills
 from choreo.agents.dads.sac import SquashedNormal
 from choreo.agents.dads.skill_dynamics import SkillDynamics, dynamics_loss
+from choreo.agents.dads.skill_model import DadsSkillModel
+from choreo.agents.planning import DadsPlanningPolicy
 from choreo.agents.registry import make_agent, make_policy, registered, shape_keys
 
 torch.set_num_threads(1)
@@ -171,92 +172,6 @@ def test_xy_prior_with_omission_leaves_q_blind_to_the_state():
     torch.testing.assert_close(q.log_prob(s1, z, s1 + delta), q.log_prob(s2, z, s2 + delta))
     omitted = SkillDynamics(5, 2, DadsConfig(hidden=8, omit_coordinates=2))
     assert omitted.state_dims == (0, 1, 2, 3, 4) and omitted.input_positions == (2, 3, 4)
-
-
-# ----------------------------------------------------------------------------- planner
-
-
-def point_step(states, skills):
-    """A point in the plane moving 0.1 * z per step; the third coordinate counts steps."""
-    return torch.cat([states[:, :2] + 0.1 * skills[:, :2], states[:, 2:] + 1], -1)
-
-
-def test_mppi_continuous_finds_the_optimum_of_a_toy_problem():
-    goal = torch.tensor([0.3, -0.2])
-
-    def reward(states):
-        return -(states[:, :2] - goal).square().sum(-1)
-
-    start = torch.zeros(3)
-    # The optimum by exhaustive search on a grid; by hand, sum_t |0.1 t z - g|^2 is smallest at
-    # z = g * 10 sum_t t / sum_t t^2 = g * 10 / 7.
-    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 201), torch.linspace(-1, 1, 201), indexing="ij"), -1)
-    grid = grid.reshape(-1, 1, 2)
-    returns = plan_returns(point_step, reward, start.expand(len(grid), 3), grid, 10)
-    best = grid[returns.argmax(), 0]
-    torch.testing.assert_close(best, goal * 10 / 7, atol=0.011, rtol=0)
-    # A narrower sampling distribution than the reference's 1.5 I: with K = 64 candidates in 2-D
-    # a wide one leaves about one candidate near the optimum, and the weighted mean is that close.
-    cfg = PlannerConfig(horizon=1, hold=10, candidates=64, iterations=10, gamma=30.0, variance=0.05)
-    for seed in range(3):
-        plan = mppi_continuous(point_step, reward, start, cfg, 2, generator=torch.Generator().manual_seed(seed))
-        assert (plan.skill - best).norm() < 0.07, (plan.skill, best)
-        mine = plan_returns(point_step, reward, start.unsqueeze(0), plan.mean.unsqueeze(0), 10)
-        assert mine.item() > returns.max().item() - 0.02
-
-
-def test_mppi_continuous_plans_several_segments():
-    # Targets: (0.5, 0) for the first 5 steps, then (0.5, 0.5); the grid optimum goes right and a
-    # little up, then straight up: ((1, 0.3), (0, 1)).
-    def reward(states):
-        target = torch.where((states[:, 2:] <= 5), torch.tensor([0.5, 0.0]), torch.tensor([0.5, 0.5]))
-        return -(states[:, :2] - target).square().sum(-1)
-
-    axis = torch.linspace(-1, 1, 21)
-    grid = torch.cartesian_prod(axis, axis, axis, axis).view(-1, 2, 2)  # every plan on a 0.1 grid
-    returns = plan_returns(point_step, reward, torch.zeros(3).expand(len(grid), 3), grid, 5)
-    best = grid[returns.argmax()]
-    torch.testing.assert_close(best, torch.tensor([[1.0, 0.3], [0.0, 1.0]]), atol=1e-6, rtol=0)
-    cfg = PlannerConfig(horizon=2, hold=5, candidates=128, iterations=15, gamma=20.0, variance=0.3)
-    plan = mppi_continuous(point_step, reward, torch.zeros(3), cfg, 2, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(plan.mean, best, atol=0.12, rtol=0)
-    assert plan.mean.abs().max() <= 1.0
-    mine = plan_returns(point_step, reward, torch.zeros(1, 3), plan.mean.unsqueeze(0), 5)
-    assert mine.item() > returns.max().item() - 0.01
-
-
-def test_mppi_discrete_finds_the_best_code_sequence():
-    angles = torch.arange(8) * (2 * math.pi / 8)
-    moves = torch.stack([angles.cos(), angles.sin()], -1)  # code k moves in direction k * 45 degrees
-
-    def step(states, skills):  # skills: one-hot [K, 8]
-        return torch.cat([states[:, :2] + 0.1 * skills @ moves, states[:, 2:] + 1], -1)
-
-    def reward(states):  # north-east for 3 steps, then west
-        target = torch.where(states[:, 2:] <= 3, torch.tensor([0.21, 0.21]), torch.tensor([0.0, 0.21]))
-        return -(states[:, :2] - target).norm(dim=-1)
-
-    start = torch.zeros(3)
-    sequences = torch.tensor(list(itertools.product(range(8), repeat=2)))
-    exhaustive = plan_returns(step, reward, start.expand(64, 3), F.one_hot(sequences, 8).float(), 3)
-    best = sequences[exhaustive.argmax()].tolist()
-    assert best == [1, 4]
-    cfg = PlannerConfig(horizon=2, hold=3, candidates=64, iterations=6, gamma=50.0, mix=0.7)
-    plan = mppi_discrete(step, reward, start, cfg, 8, generator=torch.Generator().manual_seed(0))
-    assert plan.index == 1 and plan.probs[1].argmax().item() == 4
-    assert torch.equal(plan.skill, F.one_hot(torch.tensor(1), 8).float())
-    torch.testing.assert_close(plan.probs.sum(-1), torch.ones(2))
-
-
-def test_skill_planner_replans_with_a_warm_start():
-    goal = torch.tensor([0.3, -0.2])
-    cfg = PlannerConfig(horizon=2, hold=5, candidates=32, iterations=3)
-    planner = SkillPlanner(point_step, lambda s: -(s[:, :2] - goal).norm(dim=-1), cfg, 2,
-                           generator=torch.Generator().manual_seed(0))
-    skill = planner.plan(torch.zeros(3))
-    assert skill.shape == (2,) and planner.warm.shape == (2, 2) and torch.equal(planner.warm[1], torch.zeros(2))
-    planner.reset()
-    assert planner.warm is None
 
 
 # ----------------------------------------------------------------------------- agent and policy
@@ -431,8 +346,21 @@ def test_discrete_policy_reports_skill_indices():
         policy.initial_state(2, skill=5)
 
 
-def test_agent_drives_the_planner_with_its_skill_dynamics():
+def test_agent_drives_planning_with_its_skill_dynamics():
     agent, _ = agent_and_policy(tiny(dynamics_dims=(0, 1)))
+    model = DadsSkillModel(agent)
+    start = torch.randn(3, OBS)
+    plans = torch.rand(3, 5, 2, 2) * 2 - 1  # [M, K, H_P, D]
+    with torch.inference_mode():
+        predicted = model.imagine(start, plans, 3, None)
+    assert predicted.shape == (3, 5, 6, OBS)
+    state = start[:, None, :2].expand(3, 5, 2)
+    for t in range(6):  # q's mean step by step, each segment's skill held 3 steps
+        state = agent.skill_dynamics_step(state, plans[:, :, t // 3])
+        torch.testing.assert_close(predicted[:, :, t, :2], state)
+    assert torch.equal(predicted[..., 2:], start[:, None, None, 2:].expand(3, 5, 6, OBS - 2))
     cfg = PlannerConfig(candidates=8, iterations=2, hold=3)
-    plan = mppi_continuous(agent.skill_dynamics_step, lambda s: -s.norm(dim=-1), torch.zeros(2), cfg, 2)
-    assert plan.skill.shape == (2,) and plan.mean.shape == (1, 2) and torch.isfinite(plan.mean).all()
+    policy = DadsPlanningPolicy(agent, lambda obs, env: -obs[..., :2].norm(dim=-1), cfg)
+    action, state, _ = policy.act(start.numpy(), np.ones(3, bool), policy.initial_state(3))
+    assert action.shape == (3, ACTIONS) and state.skill.shape == (3, 2) and torch.isfinite(state.skill).all()
+    assert torch.isfinite(state.predicted_return).all()

@@ -17,7 +17,8 @@ from choreo.buffer.dataset import (MANIFEST, DatasetError, EpisodeError, Episode
 from choreo.buffer.shard import ReplayShard
 from choreo.launch import cli
 from choreo.launch.runtime.build import dataset_renderer, env_shapes, load_dataset, make_shard
-from choreo.launch.runtime.config import ConfigError, load_config, save_config
+from choreo.launch.runtime.config import ConfigError, load_config
+from choreo.launch.runtime.rundir import RunDir
 
 OBS, ACT = 24, 6  # walker from states
 SPEC = EpisodeSpec((OBS,), ACT, "walker_stand")
@@ -239,7 +240,7 @@ def test_a_manifest_reports_changed_missing_and_unlisted_files_by_name(tmp_path)
 def test_choreo_export_writes_a_runs_replay(tmp_path, capsys):
     config = load_config(["tiny"], ["num_shards=2"])
     run_dir = tmp_path / "run"
-    save_config(config, run_dir)
+    RunDir(run_dir).write_config(config)
     sources = [worker_replay(config.replay.capacity // 2) for _ in range(2)]
     for i, shard in enumerate(sources):
         shard.name = f"shard{i}"

@@ -77,3 +77,21 @@ def test_jobs_split_by_goal_or_by_episodes():
     jaco = load_config(["tiny"], ["env.task=jaco_reach_top_left"])
     sizes = [n for _, n in plan_jobs(jaco, 2 * JOB_EPISODES + 3, None)]
     assert sizes == [JOB_EPISODES, JOB_EPISODES, 3]
+
+
+def test_a_local_evaluation_runs_its_jobs_here_with_one_progress_display(tmp_path, monkeypatch):
+    """Random actions on walker_stand, 2 jobs of 1 and 1 episode (JOB_EPISODES = 1): the summary
+    counts both, and the display (not a terminal) shows plain lines ending with every job done."""
+    import io
+
+    from choreo.launch.commands import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "JOB_EPISODES", 1)
+    config = load_config(["tiny"], ["env.task=walker_stand", "mode=evaluate"])
+    stream = io.StringIO()
+    summary = evaluate_module.evaluate(config, tmp_path, 2, "random", local=True, stream=stream)
+    assert summary["episodes"] == 2 and summary["policy"] == "random"
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("choreo evaluate: 0/2 jobs  0/2 episodes")
+    assert lines[-1].startswith("choreo evaluate: 2/2 jobs  2/2 episodes")
+    assert "\r" not in stream.getvalue()

@@ -151,7 +151,7 @@ def test_rules_catch_violations():
 # ----------------------------------------------------------------------------- inside launch/
 #
 # launch/ is split by role: runtime/ (command line pieces, config, plan, builder, run core, loops,
-# Ray layer, run directory, snapshots, rollout, job runner), commands/ (what uses a snapshot or a
+# Ray layer, run directory, snapshots, job runner), commands/ (what uses a snapshot or a
 # run) and bench/ (benchmarks); launch/cli.py is the entry point that dispatches to all of them.
 # Commands and benchmarks import the runtime, never the reverse, and no module imports itself back
 # through others. Every import counts, also those inside functions (lazy imports still close cycles).

@@ -1,27 +1,31 @@
-"""Zero-shot planning over skills (agents/planning.py): DADS and codebook MPC policies and the
-random-skill baseline (fast, no Ray, tiny models)."""
+"""Zero-shot planning over skills (agents/planning.py): MPPI on toy skill models with known optima,
+the DADS and codebook planning policies, the random-skill baseline and the planner's settings
+(fast, no Ray, tiny models)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
+from choreo.agents import planning
 from choreo.agents.choreographer.agent import ChoreographerAgent
 from choreo.agents.choreographer.policy import ChoreographerPolicy
-from choreo.agents.config import AgentConfig
+from choreo.agents.config import AgentConfig, PlannerConfig
 from choreo.agents.dads.agent import DadsAgent
-from choreo.agents.dads.config import DadsConfig, PlannerConfig
-from choreo.agents.dads.planner import mppi_continuous, mppi_discrete, plan_returns
+from choreo.agents.dads.config import DadsConfig
 from choreo.agents.distributions import TruncatedNormal
-from choreo.agents.planning import (CodebookPlanningPolicy, DadsPlanningPolicy, RandomSkillPolicy,
-                                    all_code_plans, mppi_continuous_batched, mppi_discrete_batched)
+from choreo.agents.planning import (CodebookPlanningPolicy, DadsPlanningPolicy, PlanningPolicy, RandomSkillPolicy,
+                                    all_code_plans, exhaustive_discrete, mppi_continuous, mppi_discrete)
 from choreo.agents.world_model import State
-from choreo.launch.config import load_config
+from choreo.launch.runtime.config import (ConfigError, from_dict, from_yaml_file, iter_fields, load_config,
+                                          snapshot_shape_keys, to_dict)
 
 torch.set_num_threads(1)
 
@@ -73,41 +77,210 @@ def point_env_step(obs: np.ndarray, action: np.ndarray) -> np.ndarray:
     return out
 
 
-# ----------------------------------------------------------------------------- batched MPPI
+# ----------------------------------------------------------------------------- MPPI on toy models
 
 
-def test_batched_mppi_with_one_environment_matches_the_single_start_planner():
-    def step(states, skills):
-        return states + 0.1 * skills[..., :2]
+class PointModel:
+    """A toy skill model: a point in the plane that moves 0.1 * z per step under a continuous
+    skill z, or 0.1 * moves[c] under code c (one-hot plans); the executor's action is that move."""
 
-    def reward(states):
-        return -(states - torch.tensor([0.3, -0.2])).norm(dim=-1)
+    def __init__(self, moves: torch.Tensor | None = None) -> None:
+        self.moves = moves
+        self.skill_type = "continuous" if moves is None else "discrete"
+        self.skill_dim = 2 if moves is None else len(moves)
+        self.device = torch.device("cpu")
 
-    cfg = PlannerConfig(horizon=2, hold=3, candidates=16, iterations=3, variance=0.3, smoothing=0.5)
-    start = torch.zeros(2)
-    single = mppi_continuous(step, reward, start, cfg, 2, generator=torch.Generator().manual_seed(4))
+    def initial_state(self, n):
+        return None
 
-    def returns_fn(plans):  # [1, K, H_P, D]
-        return plan_returns(step, reward, start.expand(plans.shape[1], 2), plans[0], cfg.hold)[None]
+    def observe(self, observation, is_first, state, generator):
+        return observation.float(), None
 
-    mean, best = mppi_continuous_batched(returns_fn, torch.zeros(1, 2, 2), cfg, torch.Generator().manual_seed(4))
-    torch.testing.assert_close(mean[0], single.mean)
-    torch.testing.assert_close(best[0], single.best_return)
+    def imagine(self, start, plans, hold, generator):  # [M, 2], [M, K, H_P, D] -> [M, K, H, 2]
+        velocity = plans if self.moves is None else plans @ self.moves
+        return start[:, None, None] + 0.1 * velocity.repeat_interleave(hold, 2).cumsum(2)
 
-    moves = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    def act(self, context, state, skill, sample, generator):
+        return (skill if self.moves is None else skill @ self.moves).clone(), None
 
-    def code_step(states, skills):
-        return states + 0.1 * skills @ moves
+    def acting_weights(self):
+        return {}
 
-    single = mppi_discrete(code_step, reward, start, cfg, 4, generator=torch.Generator().manual_seed(5))
 
-    def code_returns(plans):
-        return plan_returns(code_step, reward, start.expand(plans.shape[1], 2), plans[0], cfg.hold)[None]
+def grid_best(policy: PlanningPolicy, start: torch.Tensor, plans: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The best of `plans [P, H_P, D]` by exhaustive search with the policy's own returns, and its return."""
+    with torch.inference_mode():
+        returns = policy.plan_returns(start[None], torch.tensor([0]), plans[None])[0]
+    return plans[returns.argmax()], returns.max().item()
 
-    probs, best = mppi_discrete_batched(code_returns, torch.full((1, 2, 4), 0.25), cfg,
-                                        torch.Generator().manual_seed(5))
-    torch.testing.assert_close(probs[0], single.probs)
-    torch.testing.assert_close(best[0], single.best_return)
+
+def plan_return(policy: PlanningPolicy, start: torch.Tensor, plan: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return policy.plan_returns(start[None], torch.tensor([0]), plan[None, None]).item()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mppi_continuous_finds_the_optimum_of_a_toy_problem(seed):
+    goals = torch.tensor([[0.3, -0.2], [-0.4, 0.1], [0.1, 0.5]])
+
+    def reward(observations, env):
+        return -(observations - goals[env][:, None, None]).square().sum(-1)
+
+    # A narrower sampling distribution than the reference's 1.5 I: with K = 64 candidates in 2-D
+    # a wide one leaves about one candidate near the optimum, and the weighted mean is that close.
+    cfg = PlannerConfig(horizon=1, hold=10, candidates=64, iterations=10, gamma=30.0, variance=0.05)
+    policy = PlanningPolicy(PointModel(), reward, cfg, seed=seed)
+    action, state, extras = policy.act(np.zeros((3, 2), np.float32), np.ones(3, bool), policy.initial_state(3),
+                                       mode="mode")
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 201), torch.linspace(-1, 1, 201), indexing="ij"), -1)
+    for env, goal in enumerate(goals):
+        single = PlanningPolicy(PointModel(), lambda obs, rows, g=goal: -(obs - g).square().sum(-1), cfg)
+        best, best_return = grid_best(single, torch.zeros(2), grid.reshape(-1, 1, 2))
+        # By hand, sum_t |0.1 t z - g|^2 is smallest at z = g * 10 sum_t t / sum_t t^2 = g * 10 / 7.
+        torch.testing.assert_close(best[0], goal * 10 / 7, atol=0.011, rtol=0)
+        skill = state.skill[env]
+        assert (skill - best[0]).norm() < 0.07, (env, skill, best)
+        assert plan_return(single, torch.zeros(2), skill[None]) > best_return - 0.02
+        assert best_return - 0.1 < state.predicted_return[env] <= best_return + 1e-3  # a candidate's return
+    np.testing.assert_array_equal(action, state.skill.numpy())  # the executor acts on the planned skill
+    assert np.all(extras["skill"] == -1)
+
+
+def test_mppi_continuous_plans_several_segments():
+    # Targets: (0.5, 0) for the first 5 steps, then (0.5, 0.5); the grid optimum goes right and a
+    # little up, then straight up: ((1, 0.3), (0, 1)).
+    def reward(observations, env):  # [M, K, 10, 2]
+        first = (torch.arange(observations.shape[2]) < 5)[:, None]
+        target = torch.where(first, torch.tensor([0.5, 0.0]), torch.tensor([0.5, 0.5]))
+        return -(observations - target).square().sum(-1)
+
+    cfg = PlannerConfig(horizon=2, hold=5, candidates=128, iterations=15, gamma=20.0, variance=0.3)
+    policy = PlanningPolicy(PointModel(), reward, cfg, seed=0)
+    axis = torch.linspace(-1, 1, 21)
+    best, best_return = grid_best(policy, torch.zeros(2), torch.cartesian_prod(axis, axis, axis, axis).view(-1, 2, 2))
+    torch.testing.assert_close(best, torch.tensor([[1.0, 0.3], [0.0, 1.0]]), atol=1e-6, rtol=0)
+    _, state, _ = policy.act(np.zeros((1, 2), np.float32), np.ones(1, bool), policy.initial_state(1))
+    # The executed skill is the first segment's mean; the second one's is the next plan's warm start.
+    mean = torch.stack([state.skill[0], state.warm[0, 0]])
+    torch.testing.assert_close(mean, best, atol=0.12, rtol=0)
+    assert torch.equal(state.warm[0, 1], torch.zeros(2))  # a fresh segment at the prior's centre
+    assert mean.abs().max() <= 1.0
+    assert plan_return(policy, torch.zeros(2), mean) > best_return - 0.01
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_mppi_discrete_finds_the_best_code_sequence(exhaustive):
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    moves = torch.stack([angles.cos(), angles.sin()], -1)  # code k moves in direction k * 45 degrees
+
+    def reward(observations, env):  # north-east for 3 steps, then west
+        first = (torch.arange(observations.shape[2]) < 3)[:, None]
+        target = torch.where(first, torch.tensor([0.21, 0.21]), torch.tensor([0.0, 0.21]))
+        return -(observations - target).norm(dim=-1)
+
+    cfg = PlannerConfig(horizon=2, hold=3, candidates=64, iterations=6, gamma=50.0, mix=0.7)
+    policy = PlanningPolicy(PointModel(moves), reward, cfg, seed=0, exhaustive=exhaustive)
+    assert policy.exhaustive == exhaustive  # 8 ** 2 plans <= 64 candidates
+    sequences = all_code_plans(8, 2)
+    best, _ = grid_best(policy, torch.zeros(2), F.one_hot(sequences, 8).float())
+    assert best.argmax(-1).tolist() == [1, 4]
+    action, state, extras = policy.act(np.zeros((1, 2), np.float32), np.ones(1, bool), policy.initial_state(1))
+    assert extras["skill"].tolist() == [1] and state.warm[0, 0].argmax().item() == 4
+    assert torch.equal(state.skill[0], F.one_hot(torch.tensor(1), 8).float())
+    np.testing.assert_allclose(action[0], moves[1].numpy())
+    torch.testing.assert_close(state.warm.sum(-1), torch.ones(1, 2))
+    torch.testing.assert_close(state.warm[0, 1], torch.full((8,), 1 / 8))  # a fresh uniform segment
+
+
+def test_mppi_continuous_samples_around_the_mean_and_applies_the_update_rule():
+    # Two environments that want opposite skills; each iteration's candidates are the previous
+    # mean plus the generator's Gaussian draws, clipped and smoothed; the means are the
+    # softmax(gamma (R - max R))-weighted means of each environment's own candidates.
+    cfg = PlannerConfig(horizon=2, candidates=16, iterations=3, variance=0.3, smoothing=0.2, gamma=4.0)
+    targets = torch.tensor([0.5, -0.5])
+    seen = []
+
+    def returns_fn(plans):  # [2, K, 2, 1]
+        returns = -(plans[..., 0] - targets[:, None, None]).abs().sum(-1)
+        seen.append((plans.clone(), returns))
+        return returns
+
+    warm = torch.tensor([[[0.2], [0.0]], [[-0.1], [0.3]]])
+    mean, best = mppi_continuous(returns_fn, warm, cfg, torch.Generator().manual_seed(4))
+    replay = torch.Generator().manual_seed(4)
+    expected = warm
+    for plans, returns in seen:
+        raw = (expected[:, None] + 0.3 ** 0.5 * torch.randn(2, 16, 2, 1, generator=replay)).clamp(-1, 1)
+        smoothed = torch.stack([raw[:, :, 0], 0.2 * raw[:, :, 0] + 0.8 * raw[:, :, 1]], 2)
+        torch.testing.assert_close(plans, smoothed)
+        weights = torch.softmax(4.0 * (returns - returns.max(-1, keepdim=True).values), -1)
+        expected = (weights[..., None, None] * plans).sum(1)
+    assert len(seen) == cfg.iterations
+    torch.testing.assert_close(mean, expected)
+    torch.testing.assert_close(best, seen[-1][1].max(-1).values)
+    assert mean[0, 0, 0] > 0 > mean[1, 0, 0]
+
+
+def test_mppi_discrete_samples_from_each_segments_categorical_and_mixes_the_weighted_frequencies():
+    cfg = PlannerConfig(horizon=2, candidates=20000, iterations=3, gamma=2.0, mix=0.6)
+    preferred = torch.tensor([[2, 0], [1, 3]])  # per environment and segment
+    seen = []
+
+    def returns_fn(plans):  # [2, K, 2, 4] one-hot
+        returns = (plans.argmax(-1) == preferred[:, None]).float().sum(-1)
+        seen.append((plans.clone(), returns))
+        return returns
+
+    probs, best = mppi_discrete(returns_fn, torch.full((2, 2, 4), 0.25), cfg, torch.Generator().manual_seed(5))
+    expected = torch.full((2, 2, 4), 0.25)
+    for plans, returns in seen:
+        assert torch.equal(plans.sum(-1), torch.ones(2, 20000, 2))  # one-hot codes
+        torch.testing.assert_close(plans.mean(1), expected, atol=0.015, rtol=0)  # drawn from the categoricals
+        weights = torch.softmax(2.0 * (returns - returns.max(-1, keepdim=True).values), -1)
+        expected = 0.6 * (weights[..., None, None] * plans).sum(1) + 0.4 * expected
+    torch.testing.assert_close(probs, expected, atol=2e-4, rtol=0)  # float32 sums over 20000 candidates
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2), atol=2e-4, rtol=0)
+    assert torch.equal(probs.argmax(-1), preferred)
+    assert torch.equal(best, torch.full((2,), 2.0))
+
+
+def test_warm_start_shifts_the_plan_and_an_episode_start_restarts_from_the_prior(monkeypatch):
+    starts = []
+    original = planning.mppi_continuous
+
+    def spy(returns_fn, mean, cfg, generator=None):
+        starts.append(mean.clone())
+        return original(returns_fn, mean, cfg, generator)
+
+    monkeypatch.setattr(planning, "mppi_continuous", spy)
+    goal = torch.tensor([0.3, -0.2])
+    cfg = PlannerConfig(horizon=2, hold=2, candidates=32, iterations=3)
+    policy = PlanningPolicy(PointModel(), lambda obs, env: -(obs - goal).norm(dim=-1), cfg, seed=0)
+    obs = np.zeros((2, 2), np.float32)
+    state = policy.initial_state(2)
+    warms = []
+    for first in ([True, True], [False, False], [False, True], [False, False]):
+        _, state, _ = policy.act(obs, np.array(first), state)
+        warms.append(state.warm.clone())
+    assert len(starts) == 2 and torch.equal(starts[0], torch.zeros(2, 2, 2))  # steps 0 and 2 (hold 2)
+    assert state.warm.shape == (2, 2, 2) and torch.equal(warms[0][:, 1], torch.zeros(2, 2))
+    assert warms[0][:, 0].abs().sum() > 0
+    torch.testing.assert_close(starts[1][0], warms[1][0])  # environment 0 goes on from its shifted plan
+    assert torch.equal(starts[1][1], torch.zeros(2, 2))  # environment 1 started an episode: the prior
+
+
+def test_exhaustive_search_scores_every_plan_once_and_returns_the_best():
+    calls = []
+
+    def returns_fn(plans):  # [2, 9, 2, 3]: environment 0 wants codes (2, 1), environment 1 (0, 0)
+        calls.append(plans.shape)
+        codes = plans.argmax(-1)
+        return -(codes - torch.tensor([[2, 1], [0, 0]])[:, None]).abs().sum(-1).float()
+
+    probs, best = exhaustive_discrete(returns_fn, 2, 3, 2)
+    assert calls == [(2, 9, 2, 3)]
+    assert probs.argmax(-1).tolist() == [[2, 1], [0, 0]] and torch.equal(probs.sum(-1), torch.ones(2, 2))
+    assert torch.equal(best, torch.zeros(2))
 
 
 def test_all_code_plans_enumerates_every_sequence_once():
@@ -202,7 +375,7 @@ def test_dads_predictions_keep_unmodelled_dims_and_approach_the_goal(monkeypatch
     obs = torch.tensor([[0.0, 0.0, 7.0, -3.0]])
     plans = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]], [[-1.0, 0.0], [0.0, 1.0]]]])  # [1, 2, H_P, D]
     with torch.inference_mode():
-        predicted = policy.model.imagine(obs, torch.tensor([0]), plans, cfg.hold, None)
+        predicted = policy.model.imagine(obs, plans, cfg.hold, None)
         returns = policy.plan_returns(obs, torch.tensor([0]), plans)
     assert predicted.shape == (1, 2, 8, OBS)
     assert torch.all(predicted[..., 2] == 7.0) and torch.all(predicted[..., 3] == -3.0)
@@ -339,8 +512,8 @@ def test_codebook_imagination_in_mode_is_deterministic():
     with torch.inference_mode():
         context, _ = policy.model.observe(obs, torch.ones(2, dtype=torch.bool), policy.model.initial_state(2),
                                           policy.generator)
-        first = policy.model.imagine(context, torch.arange(2), plans, 3, policy.generator)
-        second = policy.model.imagine(context, torch.arange(2), plans, 3, policy.generator)
+        first = policy.model.imagine(context, plans, 3, policy.generator)
+        second = policy.model.imagine(context, plans, 3, policy.generator)
     assert first.shape == (2, 4, 3, OBS)
     assert torch.equal(first, second)
     torch.testing.assert_close(first[0, 0], first[0, 2])  # the same code from the same start
@@ -383,14 +556,88 @@ def test_codebook_planner_decodes_pixel_observations_for_the_reward():
     assert shapes == [(2, 4, 2, 3, 64, 64)] * 2
 
 
-def test_candidates_with_non_finite_returns_get_no_weight():
-    def returns_fn(plans):  # [1, K, 1, 1]: NaN for positive skills, else the closer to -0.5 the better
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+def test_candidates_with_non_finite_returns_get_no_weight(bad):
+    def returns_fn(plans):  # [1, K, 1, 1]: non-finite for positive skills, else the closer to -0.5 the better
         z = plans[:, :, 0, 0]
-        return torch.where(z > 0, float("nan"), -(z + 0.5).abs())
+        return torch.where(z > 0, bad, -(z + 0.5).abs())
 
     cfg = PlannerConfig(candidates=32, iterations=3, variance=0.5)
-    mean, best = mppi_continuous_batched(returns_fn, torch.zeros(1, 1, 1), cfg, torch.Generator().manual_seed(0))
-    assert torch.isfinite(mean).all() and -1 <= mean.item() <= 0 and torch.isfinite(best).all()
-    mean, _ = mppi_continuous_batched(lambda plans: torch.full(plans.shape[:2], float("nan")), torch.zeros(1, 1, 1),
-                                      cfg, torch.Generator().manual_seed(0))
-    assert torch.isfinite(mean).all()
+    mean, best = mppi_continuous(returns_fn, torch.zeros(1, 1, 1), cfg, torch.Generator().manual_seed(0))
+    assert torch.isfinite(mean).all() and -1 <= mean.item() <= 0 and torch.isfinite(best).all() and best <= 0
+    mean, best = mppi_continuous(lambda plans: torch.full(plans.shape[:2], bad), torch.zeros(1, 1, 1), cfg,
+                                 torch.Generator().manual_seed(0))
+    assert torch.isfinite(mean).all() and best.item() == float("-inf")
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+def test_codes_with_non_finite_returns_are_never_chosen(bad):
+    def returns_fn(plans):  # [1, K, 1, 4]: code 3 diverges, code 1 is the best of the others
+        code = plans.argmax(-1)[..., 0]
+        return torch.where(code == 3, bad, -(code - 1).abs().float())
+
+    cfg = PlannerConfig(candidates=32, iterations=3, gamma=5.0)
+    probs, best = mppi_discrete(returns_fn, torch.full((1, 1, 4), 0.25), cfg, torch.Generator().manual_seed(0))
+    assert torch.isfinite(probs).all() and probs.argmax().item() == 1 and best.item() == 0.0
+    assert probs[0, 0, 3] < 0.25 * (1 - cfg.mix) ** (cfg.iterations - 1) + 1e-6  # only the prior's share is left
+    probs, best = exhaustive_discrete(returns_fn, 1, 4, 1)
+    assert probs.argmax().item() == 1 and best.item() == 0.0
+
+
+def test_a_reward_that_diverges_for_some_plans_leaves_the_policy_finite():
+    def reward(observations, env):  # NaN wherever the point went right
+        return torch.where(observations[..., 0] > 0, float("nan"), -(observations[..., 1] - 0.5).abs())
+
+    for moves in (None, torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])):
+        policy = PlanningPolicy(PointModel(moves), reward, PlannerConfig(candidates=16, iterations=3), seed=0,
+                                exhaustive=False)
+        action, state, _ = policy.act(np.zeros((2, 2), np.float32), np.ones(2, bool), policy.initial_state(2))
+        assert np.isfinite(action).all() and torch.isfinite(state.skill).all() and torch.isfinite(state.warm).all()
+        assert torch.isfinite(state.predicted_return).all()
+        if moves is not None:
+            assert np.all(policy.act(np.zeros((2, 2), np.float32), np.ones(2, bool), policy.initial_state(2))[2]
+                          ["skill"] == 1)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_planner_settings_are_one_section_of_the_agent_config_for_both_algorithms():
+    assert AgentConfig().planner == PlannerConfig()
+    keys = {key for key, _tp, _doc in iter_fields()}
+    assert {f"agent.planner.{f.name}" for f in dataclasses.fields(PlannerConfig)} <= keys  # `choreo config --explain`
+    assert not any(key.startswith("agent.dads.planner") for key in keys)
+    for algo in ("dads", "choreographer"):
+        config = load_config(["tiny"], [f"algo={algo}", "agent.planner.candidates=7", "agent.planner.hold=3"])
+        assert config.agent.planner == PlannerConfig(candidates=7, hold=3)
+        # Planning settings change no tensor: a snapshot is never refused for them.
+        assert not any("planner" in key for key in snapshot_shape_keys(config))
+    with pytest.raises(ConfigError, match="unknown config key 'agent.dads.planner"):
+        load_config(["tiny"], ["algo=dads", "agent.dads.planner.candidates=7"])
+
+
+def test_configs_saved_with_the_planner_under_dads_are_read_with_it_at_agent_planner(tmp_path):
+    config = load_config(["tiny"], ["algo=dads", "agent.planner.candidates=7"])
+    saved = to_dict(config)
+    saved["agent"]["dads"]["planner"] = saved["agent"].pop("planner")  # as runs and snapshots saved it before
+    assert from_dict(saved) == config
+    assert from_dict(saved, ["agent.planner.hold=3"]).agent.planner == PlannerConfig(candidates=7, hold=3)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert from_yaml_file(tmp_path / "config.yaml") == config
+
+
+def test_policies_default_to_the_agents_planner_settings():
+    settings = PlannerConfig(hold=2, candidates=5, iterations=1)
+    dads = DadsAgent((OBS,), ACTIONS, AgentConfig(dads=DadsConfig(hidden=32, prior_samples=4), planner=settings),
+                     seed=0, device="cpu")
+    choreographer = ChoreographerAgent((OBS,), ACTIONS,
+                                       dataclasses.replace(load_config(["tiny"], []).agent, planner=settings),
+                                       seed=0, device="cpu")
+    reward = goal_reward(torch.zeros(1, 2))
+    for policy in (DadsPlanningPolicy(dads, reward), CodebookPlanningPolicy(choreographer, reward)):
+        assert policy.cfg == settings and policy.hold == 2
+    for agent in (dads, choreographer):
+        assert RandomSkillPolicy(agent).hold == 2

@@ -238,7 +238,8 @@ class Counter:
 def test_rollout_restarts_episodes_and_reports_every_observation():
     envs = [Corridor(), Corridor()]
     seen = []
-    out = rollout(Counter(), envs, np.zeros(2, int), 5, seeds=[11, 12],
+    out = rollout(Counter(), envs, 5, state=np.zeros(2, int), seeds=[11, 12],
+                  record=("observations", "actions", "rewards", "is_first", "xy"),
                   on_act=lambda t, obs, state: seen.append((t, obs[:, 0].copy(), state.copy())))
     assert envs[0].resets == [11, None] and envs[1].resets == [12, None]  # seeded first, then restarted
     np.testing.assert_array_equal(out["observations"][0, :, 0], [0.0, 0.5, 1.0, 0.0, 0.5, 1.0])
@@ -247,7 +248,7 @@ def test_rollout_restarts_episodes_and_reports_every_observation():
     np.testing.assert_array_equal(out["xy"][0, :, 0], out["observations"][0, :, 0])
     assert [t for t, _, _ in seen] == list(range(6))  # the last observation is acted on too, with on_act
     assert seen[3][2].tolist() == [1, 1]  # the policy's state was reset at the new episode
-    assert rollout(Counter(), [Corridor()], np.zeros(1, int), 2)["actions"].shape == (1, 2, 1)
+    assert rollout(Counter(), [Corridor()], 2, state=np.zeros(1, int))["actions"].shape == (1, 2, 1)
 
 
 # ----------------------------------------------------------------------------- the commands

@@ -195,7 +195,7 @@ GOOD = '{"task": "walker_stand", "seed": 0, "frame": 0, "mean_return": 1.0}'
     ('{"task": "walker_stand", "seed": 0, "frame": 10, "mean_return": "high"}', "mean_return"),
     ('{"task": "walker_stand", "seed": 0.5, "frame": 10, "mean_return": 1.0}', "seed must be an integer"),
     ('{"task": "walker_stand", "seed": 0, "frame": -10, "mean_return": 1.0}', "frame"),
-    ('{"task": "walker_stand", "seed": 0, "frame": 10, "mean_return": 1.0, "mode": "pretrain"}', "mode"),
+    ('{"task": "walker_stand", "seed": 0, "frame": 10, "mean_return": 1.0, "mode": "offline"}', "mode"),
     ('[1, 2]', "expected a JSON object"),
 ])  # fmt: skip
 def test_a_bad_line_names_the_file_and_line(tmp_path, line, message):
