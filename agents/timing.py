@@ -11,7 +11,8 @@ import torch
 
 
 class PartTimer:
-    """Accumulates milliseconds per named part. On CUDA, kernels run asynchronously, so a part's
+    """Accumulates seconds per named part (metrics `time/<part>_s`: seconds, as every duration in
+    TensorBoard). On CUDA, kernels run asynchronously, so a part's
     time is only meaningful when the device is synchronised at its boundaries: pass the device
     to do that (benchmarks); leave it None in training, where a sync would cost throughput."""
 
@@ -32,7 +33,7 @@ class PartTimer:
         finally:
             if self.sync:
                 torch.cuda.synchronize()
-            self.totals[name] += (time.perf_counter() - start) * 1000.0
+            self.totals[name] += time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
-        return {f"time/{name}_ms": ms for name, ms in self.totals.items()}
+        return {f"time/{name}_s": seconds for name, seconds in self.totals.items()}

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from choreo import vocabulary as B
+from choreo.vocabulary import write_atomically
 
 EPISODE_SUFFIX = ".npz"
 MANIFEST = "manifest.json"
@@ -308,9 +309,7 @@ def write_manifest(directory: str | os.PathLike, entries: Mapping[str, Mapping[s
     path = Path(directory) / MANIFEST
     doc = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": source,
            "files": {name: dict(entry) for name, entry in sorted(entries.items())}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(doc, indent=1) + "\n").encode())
     return path
 
 
@@ -409,10 +408,7 @@ def write_episode(path: str | os.PathLike, episode: Mapping[str, np.ndarray]) ->
     buf = io.BytesIO()
     np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in episode.items()})
     raw = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(raw)
-    os.replace(tmp, path)
+    write_atomically(path, raw)
     return sha256(raw)
 
 

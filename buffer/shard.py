@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from choreo import vocabulary as B
+from choreo.vocabulary import write_failed
 from choreo.buffer.codec import ALLOWED_DTYPES, CodecError, decode, encode
 
 _FLAG_KEYS = (B.IS_FIRST, B.IS_LAST, B.IS_TERMINAL)
@@ -382,6 +383,8 @@ class ReplayShard:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            raise write_failed(path, e) from None
         finally:
             if tmp.exists():
                 tmp.unlink()

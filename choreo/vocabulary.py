@@ -23,11 +23,20 @@ Optional keys, written only by the workers of algorithms whose policies report t
 
 Seeds: every actor, environment and shard seed comes from the run's root seed and a role path
 (`derive_seed`), so runs reproduce and no two components share a random stream.
+
+Failed writes: every writer of a run's files (checkpoint, snapshot, replay, dataset, summaries)
+writes a temporary file and moves it into place, and turns a failure into `WriteFailed`, whose
+one-line message names the file and why (a full disk, the file-size limit), so that whoever
+catches it can say so and which earlier file is still good.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import resource
+import shutil
 
 OBSERVATION = "observation"
 ACTION = "action"
@@ -52,3 +61,57 @@ def derive_seed(root: int, *path: str | int) -> int:
     """
     text = "/".join([str(int(root)), *map(str, path)])
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & 0x7FFFFFFF
+
+
+class WriteFailed(OSError):
+    """A file could not be written; the message names it and why, in one line. The file that was
+    at that path before (if any) is intact: writers write a temporary file and then rename it."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]"
+        return self.strerror or super().__str__()
+
+
+FULL_DISK_BYTES = 1 << 20
+"""Free bytes below which a failed write is put down to a full disk."""
+
+
+def write_failed(path: str | os.PathLike, exc: BaseException) -> WriteFailed:
+    """The WriteFailed for a write of `path` that raised `exc` (an OSError, or a library's own error
+    such as torch's for a short write, which names neither the file nor the cause)."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)  # the disk the folder would have been made on
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < FULL_DISK_BYTES):
+        why = "the disk is full" + (f" ({free:,} bytes free)" if free is not None else "")
+    elif code == errno.EFBIG or (code is None and limit != resource.RLIM_INFINITY):
+        why = "the file-size limit was reached" + (f" ({limit:,} bytes, ulimit -f)" if limit != resource.RLIM_INFINITY
+                                                    else "")
+    else:
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[-1][:200]}" if lines else type(exc).__name__
+    return WriteFailed(code or errno.EIO, f"cannot write {path}: {why}")
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """`data` to `path` through a synced temporary file beside it that then replaces `path`: a
+    reader, or a run resumed after a crash, sees the old file or the new one, never a part. A
+    failure raises `WriteFailed` and leaves the old file as it was."""
+    path = os.fspath(path)
+    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

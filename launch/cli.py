@@ -4,19 +4,29 @@ answers in a fraction of a second (torch alone takes one)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from choreo import __version__
+
+CONFIG_FILE_HELP = ("YAML file of config keys, nested as in configs/*.yaml (group keys such as 'size: tiny' choose "
+                    "presets), or a run's saved config.yaml; applied after the presets and their rules, before "
+                    "key=value overrides")
+SNAPSHOT_CONFIG_FILE_HELP = ("YAML file of config keys, nested as in configs/*.yaml, or a run's saved config.yaml; "
+                             "applied to the snapshot's config, before key=value overrides")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", action="append", default=[], metavar="NAME",
                    help="preset from configs/{algo,suite,size}/ (repeatable), e.g. --preset pixels --preset tiny")
+    p.add_argument("--config", default=None, metavar="FILE", help=CONFIG_FILE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. agent.world_model.lr=1e-4")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     from choreo.launch.runtime.config import iter_fields, load_config, to_yaml
 
-    config = load_config(args.preset, args.overrides)
+    config = load_config(args.preset, args.overrides, args.config)
     if args.explain:
         for key, _tp, doc in iter_fields():
             value = config
@@ -93,6 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="choreo", description="Unsupervised skill learning with world models on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
@@ -163,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logdir", default=None, help="folder of run directories (default: config key logdir)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto or HOST:PORT)")
     p.add_argument("--local", action="store_true", help="run the episodes in this process, without Ray")
+    p.add_argument("--config", default=None, metavar="FILE", help=SNAPSHOT_CONFIG_FILE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. task=point_mass_nav agent.planner.candidates=200 env.goal_reward=sparse")
     p.set_defaults(func=cmd_plan)
@@ -177,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", required=True, metavar="FILE", help="snapshot whose skills to show")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: visualize/ next to the snapshot)")
     p.add_argument("--steps", type=int, default=200, help="agent steps per skill video (default 200)")
+    p.add_argument("--config", default=None, metavar="FILE", help=SNAPSHOT_CONFIG_FILE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of the snapshot's config, e.g. env.task=walker_run")
+                   help="overrides of the snapshot's config, e.g. task=walker_run (same domain)")
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("report", help="URL benchmark report of fine-tuning runs: tables, intervals, curves")
@@ -192,10 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`choreo config --explain | head`), rather
+    than some other pipe or socket of the run breaking."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a descriptor (a test's capture): nothing to redirect
+        return False
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: no way to ask; at the top, a broken pipe is most likely stdout's
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     from choreo.launch.runtime.config import ConfigError
+    from choreo.vocabulary import WriteFailed
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 0
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`--tasks a,b learner.total_frames=5e4`):
     # argparse takes only the first run of positionals.
@@ -205,10 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Nothing more can be shown; the Python documentation's recipe: point stdout at devnull so
+        # that the flush at exit does not fail again with a second traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ConfigError as e:
         print(f"choreo: error: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:  # a full disk while writing results, a dataset, a run's config
+        print(f"choreo: error: {e}; the previous file there, if any, is intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("choreo: interrupted", file=sys.stderr)
         return 130

@@ -236,7 +236,8 @@ class Learner:
     def maybe_snapshot(self, frames: int) -> Path | None:
         """At each configured frame count reached (`snapshot_frames`; `snapshot_<frames>.pt`), or in
         an offline-only run at each update count (`snapshot_updates` and the last update,
-        `snapshot_<updates>updates.pt`), the agent's state for fine-tuning."""
+        `snapshot_<updates>updates.pt`), the agent's state for fine-tuning. A failed write raises
+        WriteFailed once; that snapshot is then given up."""
         if self.snapshots_by_updates:
             schedule, reached, suffix = (*self.cfg.snapshot_updates, self.cfg.total_updates), self.updates, "updates"
         else:
@@ -247,10 +248,11 @@ class Learner:
         if self.collective.rank != 0:  # rank 0 writes the group's snapshot
             self.snapshots_written.update(due)
             return None
-        path = save_snapshot(self.run_dir / SNAPSHOTS / snapshot_name(max(due), suffix), self.agent.state_dict(),
-                             self.run_config or {}, frames, self.updates)
-        self.snapshots_written.update(due)
-        return path
+        try:
+            return save_snapshot(self.run_dir / SNAPSHOTS / snapshot_name(max(due), suffix), self.agent.state_dict(),
+                                 self.run_config or {}, frames, self.updates)
+        finally:  # a snapshot that could not be written (WriteFailed) is not tried again at every step
+            self.snapshots_written.update(due)
 
     @property
     def wait_seconds(self) -> float:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from choreo.vocabulary import write_failed
+
 FORMAT = "choreo-snapshot"
 VERSION = 1
 KEYS = ("format", "version", "agent", "config", "frames", "updates")
@@ -81,13 +83,16 @@ def save_snapshot(path: str | os.PathLike, agent_state: Mapping[str, Any], confi
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` to a `.tmp` file, then `os.replace`: a crash leaves the previous file whole."""
+    """`torch.save` to a `.tmp` file, then `os.replace`: a crash leaves the previous file whole. A
+    failed write raises `WriteFailed` naming the file and why (a full disk, the file-size limit)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as a RuntimeError of its own
+        raise write_failed(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

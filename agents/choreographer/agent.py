@@ -7,9 +7,12 @@ Pretraining update, all on the same batch and the same start states (the referen
     4. skill auto-encoder on the posterior deterministic states (EMA codebook, code resampling)
     5. skill actor-critic in imagination, a uniformly random code held for the whole rollout,
        reward = k-NN particle entropy over all imagined deterministic states + code reward
-The rewards' parts are metrics of their own, means over the imagined states: `skill/reward_knn`
-and `skill/reward_code` (the two terms of the skill reward; `skill/reward_mean` is their sum) and
-`explore/reward_raw` (the LBS prediction before the running normalisation that
+Metric groups: `world_model/`, `explore/` (the LBS predictor, `explore/lbs/`, and the exploration
+actor-critic), `codebook/` (the skill auto-encoder and its VQ codebook), `skill_ac/` (the skill
+actor-critic), `meta/` (fine-tuning's meta-controller and executor), `time/` (seconds per part).
+The rewards' parts are metrics of their own, means over the imagined states: `skill_ac/reward_knn`
+and `skill_ac/reward_code` (the two terms of the skill reward; `skill_ac/reward_mean` is their sum)
+and `explore/reward_raw` (the LBS prediction before the running normalisation that
 `explore/reward_mean` is after).
 
 Fine-tuning update (after `finetune_mode()`):
@@ -17,7 +20,7 @@ Fine-tuning update (after `finetune_mode()`):
     2. only once a batch has held a reward >= reward_gate (the "reward gate", called reward
        smoothing in the paper): the meta-controller and the skill actor (see meta.py)
 
-Decisions on the reference's quirks (see README, "Choreographer: decisions"):
+Decisions on the reference's quirks (see docs/choreographer-decisions.md):
 - Skills, code reward and k-NN entropy use the deterministic state h_t only (as the reference
   and the paper's appendix: "the input and target of the auto-encoder are the deterministic part").
 - k-NN entropy: pooled over all skills and all H + 1 imagined steps, the point itself included,
@@ -129,14 +132,14 @@ class ChoreographerAgent(nn.Module):
             self.explore_norm = RunningMagnitude(ch.exploration_reward_momentum, collective=collective)
             self.skills = SkillAutoEncoder(wm_cfg.deter, ch, ac_cfg.units, ac_cfg.layers,
                                            generator=torch.Generator().manual_seed(seed), collective=collective)
-            self.skill_ac = ActorCritic(feat, action_dim, ac_cfg, condition_dim=ch.num_codes, name="skill",
+            self.skill_ac = ActorCritic(feat, action_dim, ac_cfg, condition_dim=ch.num_codes, name="skill_ac",
                                         collective=collective)
             self.meta = MetaController(feat, ch.num_codes, ac_cfg, ch.meta_entropy, collective=collective)
         self.wm_opt = self._model_optimizer()
         self.lbs_opt = Optimizer(self.lbs.parameters(), wm_cfg.lr, wm_cfg.eps, wm_cfg.grad_clip,
-                                 wm_cfg.weight_decay, name="lbs", collective=collective)
+                                 wm_cfg.weight_decay, name="explore/lbs", collective=collective)
         self.skill_opt = Optimizer(self.skills.parameters(), ch.skill_lr, ac_cfg.eps, ac_cfg.grad_clip,
-                                   ac_cfg.weight_decay, name="skills", collective=collective)
+                                   ac_cfg.weight_decay, name="codebook", collective=collective)
         self.executor_opt = self._executor_optimizer()
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=self.device))
         self.register_buffer("gate_open", torch.zeros((), dtype=torch.bool, device=self.device))
@@ -301,7 +304,7 @@ class ChoreographerAgent(nn.Module):
             loss, m, aux = skill_loss(self.skills, deter)
             metrics.update(m)
             metrics.update(self.skill_opt.step(loss, skip))
-            skip = either(skip, metrics["skills/nonfinite"])
+            skip = either(skip, metrics["codebook/nonfinite"])
             metrics.update(self.skills.codebook_step(aux["z_e"], aux["indices"], self.generator, skip=skip))
 
         with self.timer("skill_actor_critic"):
@@ -317,8 +320,8 @@ class ChoreographerAgent(nn.Module):
                     entropy = self._knn_reward(deter_traj.detach().flatten(0, 1).float()).view(deter_traj.shape[:2])
                 code_term = code_reward(target_deter, deter_traj)
                 # The two terms apart, as means over the imagined states (device tensors: no sync here).
-                metrics["skill/reward_knn"] = entropy.detach().float().mean()
-                metrics["skill/reward_code"] = code_term.detach().float().mean()
+                metrics["skill_ac/reward_knn"] = entropy.detach().float().mean()
+                metrics["skill_ac/reward_code"] = code_term.detach().float().mean()
                 return entropy + code_term
 
             with frozen(self.skills):
@@ -344,7 +347,7 @@ class ChoreographerAgent(nn.Module):
         with self.timer("exploration"):
             lbs_loss = 0.5 * (self.lbs(feat).squeeze(-1) - out.kl).square().mean()
             metrics.update(self.lbs_opt.step(lbs_loss, skip))
-            skip = either(skip, metrics["lbs/nonfinite"])
+            skip = either(skip, metrics["explore/lbs/nonfinite"])
 
             def exploration_reward(traj):
                 # Gradients flow through the predictor into the imagined features (dynamics

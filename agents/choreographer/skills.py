@@ -202,12 +202,12 @@ class SkillAutoEncoder(nn.Module):
     def codebook_step(self, z_e: Tensor, indices: Tensor, generator: torch.Generator,
                       skip: Tensor | None = None) -> dict[str, Tensor]:
         """`ema_update` then `maybe_resample`; with a non-finite `z_e` or `skip` set (pass the
-        skill optimizer's `skills/nonfinite`), neither changes anything. Returns their metrics as
+        skill optimizer's `codebook/nonfinite`), neither changes anything. Returns their metrics as
         detached 0-d tensors:
 
-        - `skills/window_active_codes`: codes chosen at least once since the last resampling check,
+        - `codebook/window_active_codes`: codes chosen at least once since the last resampling check,
           this batch included (at a check step, the number of codes the paper calls active).
-        - `skills/resampled_codes`: codes re-placed by this call (0 except at check steps).
+        - `codebook/resampled_codes`: codes re-placed by this call (0 except at check steps).
         """
         keep = _keep_old(z_e, skip)
         if self.collective.active:  # a NaN on any rank keeps every rank's codebook as it is
@@ -216,8 +216,8 @@ class SkillAutoEncoder(nn.Module):
         window_active = (self.usage > 0).sum()
         resampled = self.maybe_resample(z_e, generator, skip=keep)
         return {
-            "skills/window_active_codes": window_active.float(),
-            "skills/resampled_codes": torch.tensor(float(resampled)),
+            "codebook/window_active_codes": window_active.float(),
+            "codebook/resampled_codes": torch.tensor(float(resampled)),
         }
 
 
@@ -238,9 +238,9 @@ def skill_loss(sae: SkillAutoEncoder, deter: Tensor) -> tuple[Tensor, dict[str, 
     train the world model. Pure: the codebook is read, not changed (see `codebook_step`).
 
     Returns (loss, metrics, aux):
-    - metrics (detached 0-d tensors): `skills/loss`, `skills/recon`, `skills/commitment` (the
-      unweighted MSE), `skills/perplexity` (exp of the entropy of this batch's code
-      assignments), `skills/active_codes` (distinct codes chosen in this batch).
+    - metrics (detached 0-d tensors): `codebook/loss`, `codebook/recon`, `codebook/commitment` (the
+      unweighted MSE), `codebook/perplexity` (exp of the entropy of this batch's code
+      assignments), `codebook/active_codes` (distinct codes chosen in this batch).
     - aux: `z_e` [N, C] (detached) and `indices` [N], for `codebook_step`.
     """
     deter = deter.detach().reshape(-1, deter.shape[-1])  # [N, deter]
@@ -255,11 +255,11 @@ def skill_loss(sae: SkillAutoEncoder, deter: Tensor) -> tuple[Tensor, dict[str, 
         probs = counts / counts.sum()
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
         metrics = {
-            "skills/loss": loss.detach(),
-            "skills/recon": recon.detach(),
-            "skills/commitment": commitment.detach(),
-            "skills/perplexity": entropy.exp(),
-            "skills/active_codes": (counts > 0).sum().float(),
+            "codebook/loss": loss.detach(),
+            "codebook/recon": recon.detach(),
+            "codebook/commitment": commitment.detach(),
+            "codebook/perplexity": entropy.exp(),
+            "codebook/active_codes": (counts > 0).sum().float(),
         }
     return loss, metrics, {"z_e": z_e.detach(), "indices": indices}
 

@@ -46,8 +46,8 @@ def _measure(agent, batches: list[dict], warmup: int, label: str) -> dict[str, f
             torch.cuda.synchronize()
         totals.append((time.perf_counter() - start) * 1000.0)
         for key, value in metrics.items():
-            if key.startswith("time/"):
-                parts.setdefault(key[5:-3], []).append(value)
+            if key.startswith("time/") and key.endswith("_s"):  # seconds; this report is in milliseconds
+                parts.setdefault(key[len("time/"):-len("_s")], []).append(1000.0 * value)
         print(f"  {label} update {i + 1}/{len(batches)}: {totals[-1]:.0f} ms", flush=True)
     out = {"total_ms": statistics.mean(totals)}
     out.update({f"{name}_ms": statistics.mean(v) for name, v in parts.items()})

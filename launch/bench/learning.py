@@ -110,7 +110,7 @@ SKILL_EVERY = 50
 """Zero-shot evaluation draws a new random skill every this many steps (the paper's protocol)."""
 MW_GOAL_SET = 1
 DADS = ["algo=dads", "env.task=point_mass_nav", "agent.dads.hidden=128", "agent.dads.prior_samples=32"]
-"""DADS on the point mass as measured by hand in the README (a minute of pretraining plans well)."""
+"""DADS on the point mass as measured by hand (docs/dads-and-planning.md) (a minute of pretraining plans well)."""
 CHOREO_NAV = ["env.task=point_mass_nav"]
 CODEBOOK_PLANNER = ["agent.planner.candidates=64"]
 """Planning over 64 codes with H_P = 1: K >= the number of codes tries every code."""
@@ -570,7 +570,7 @@ def _json_default(value: Any) -> Any:
 # ---------------------------------------------------------------------------- 1. code resampling
 
 
-RESAMPLING_TAGS = ("skills/active_codes", "skills/window_active_codes", "skills/resampled_codes", "skills/recon")
+RESAMPLING_TAGS = ("codebook/active_codes", "codebook/window_active_codes", "codebook/resampled_codes", "codebook/recon")
 LOG_POINTS = 40
 """Logged points aimed at per curve of stage 1."""
 
@@ -639,12 +639,12 @@ def stage_resampling(b: Bench, allot: float, section: dict[str, Any]) -> None:
 def finish_resampling_run(b: Bench, run: dict[str, Any], log_every: int, every: int) -> None:
     """A run's curves from its TensorBoard events, and its values at the end."""
     curves = run["curves"] = read_curves(b.out / run["run_dir"], RESAMPLING_TAGS, log_every)
-    windows = curves.get("skills/window_active_codes", [])
+    windows = curves.get("codebook/window_active_codes", [])
     checks = [v for u, v in windows if every and u % every == 0]
-    run["final"] = {"active_codes": curve_end(curves.get("skills/active_codes", [])),
+    run["final"] = {"active_codes": curve_end(curves.get("codebook/active_codes", [])),
                     "window_active_codes": checks[-1] if checks else curve_end(windows, 1),
-                    "resampled_codes": float(sum(v for _, v in curves.get("skills/resampled_codes", []))),
-                    "recon": curve_end(curves.get("skills/recon", []))}
+                    "resampled_codes": float(sum(v for _, v in curves.get("codebook/resampled_codes", []))),
+                    "recon": curve_end(curves.get("codebook/recon", []))}
 
 
 def judge_resampling(section: dict[str, Any], share: float = 0.95) -> dict[str, Any]:
@@ -932,7 +932,7 @@ def judge_finetune(section: dict[str, Any], task: str = "walker_stand") -> dict[
 
 
 def plan_episodes(seconds: float) -> int:
-    """Episodes of each of the four planning evaluations that fit `seconds` (the README: 40)."""
+    """Episodes of each of the four planning evaluations that fit `seconds` (docs/dads-and-planning.md: 40)."""
     per_episode = 0.5  # seconds here, the codebook planner's (the slowest) with room to spare
     return int(np.clip(seconds / (4 * per_episode), 5, 50))
 
@@ -957,7 +957,7 @@ def zero_shot_plan(b: Bench, name: str, snapshot: Path, episodes: int, policy: s
 def stage_planning(b: Bench, allot: float, section: dict[str, Any]) -> None:
     episodes = plan_episodes(0.2 * allot)
     section["scale"] = {"task": "point_mass_nav", "episodes": episodes,
-                        "reference": "README, measured by hand: DADS pretraining of 20k frames (agent.dads.hidden=128 "
+                        "reference": "docs/dads-and-planning.md, measured by hand: DADS pretraining of 20k frames (agent.dads.hidden=128 "
                                      "agent.dads.prior_samples=32) plans to Delta 0.35 +- 0.03 against 1.39 +- 0.14 "
                                      "for random skills"}
     agents = section["agents"] = {}
@@ -1199,12 +1199,12 @@ def plot_resampling(section: dict[str, Any], out: Path) -> str | None:
     for key, run in runs.items():
         colour, line, label = styles.get(key, ("C7", ":", key))
         curves = run.get("curves", {})
-        for ax, tag in zip(axes, ("skills/active_codes", "skills/window_active_codes", "skills/recon")):
+        for ax, tag in zip(axes, ("codebook/active_codes", "codebook/window_active_codes", "codebook/recon")):
             points = np.array(curves.get(tag, []), dtype=float).reshape(-1, 2)
             if len(points):
                 ax.plot(points[:, 0], points[:, 1], line, color=colour, label=label,
                         marker="." if len(points) < 30 else None)
-        resampled = np.array(curves.get("skills/resampled_codes", []), dtype=float).reshape(-1, 2)
+        resampled = np.array(curves.get("codebook/resampled_codes", []), dtype=float).reshape(-1, 2)
         hits = resampled[resampled[:, 1] > 0] if len(resampled) else resampled
         if len(hits):
             axes[1].scatter(hits[:, 0], hits[:, 1], color=colour, marker="x", s=20, label=f"codes resampled ({label})")
@@ -1355,7 +1355,7 @@ def _needs(results: dict[str, Any]) -> dict[str, str]:
                   f"here per domain) and more goals and episodes",
         "finetune": f"a longer pretraining and fine-tuning: 100k pretraining frames ({_hours(small)} here) and the "
                     f"protocol's 100k fine-tuning frames per run ({_hours(9600 * ft)} per run, x6 runs)",
-        "planning": "more pretraining frames on point_mass_nav (DADS: the README's 20k frames plan to Delta 0.35; "
+        "planning": "more pretraining frames on point_mass_nav (DADS: the 20k frames of docs/dads-and-planning.md plan to Delta 0.35; "
                     "Choreographer's world model and codebook: likely 50-100k frames)",
     }
 
@@ -1526,9 +1526,9 @@ def _report_resampling(section: dict[str, Any], out: Path, lines: list[str]) -> 
               f"{scale.get('resample_every')} skill updates in one and never in the other "
               f"(`agent.choreographer.resample_codes=false`: its checks count the active codes and re-place "
               f"none). From their TensorBoard scalars, logged every "
-              f"{scale.get('log_every')} updates: `skills/active_codes` (distinct codes chosen in a batch), "
-              f"`skills/window_active_codes` (codes chosen since the last resampling check), "
-              f"`skills/resampled_codes`, `skills/recon`.", ""]
+              f"{scale.get('log_every')} updates: `codebook/active_codes` (distinct codes chosen in a batch), "
+              f"`codebook/window_active_codes` (codes chosen since the last resampling check), "
+              f"`codebook/resampled_codes`, `codebook/recon`.", ""]
     runs = section.get("runs", {})
     lines += _table(["run", "frames", "updates", "time", "ended", "directory"],
                     _run_rows([("with resampling", runs.get("with")), ("without resampling", runs.get("without"))]))

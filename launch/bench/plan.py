@@ -37,8 +37,7 @@ def run(rest: list[str], as_json: bool = False) -> int:
     args = p.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
-    config = load_config([args.preset], [f"algo={args.algo}", "env.task=point_mass_nav", *overrides])
+    config = load_config([args.preset], [f"algo={args.algo}", "env.task=point_mass_nav", *args.overrides])
     obs_shape, action_dim = env_shapes(config)
     agent = make_agent(config.algo, obs_shape, action_dim, config.agent, seed=0, device="cpu")
     agent.eval()

@@ -19,6 +19,11 @@ restart), once it settled (60 s later, after the first updates and the replay's 
 the end, and the peak. A warning line names every process whose RSS grew from settled to end by
 more than 20% + 50 MB. RSS counts the object store's shared pages a process touched, so the same
 memory may appear in several processes.
+
+Also reported: the terminal rows the run printed per kill, as an 80-column terminal would show
+them (everything written to this process's stdout and stderr, Ray's and its C++ logs included,
+between the first loop turn and the stop, less the soak's own lines and the progress line, which a
+terminal redraws in place; a line redrawn with `\r` is one row, a longer one wraps). A fault should cost a line or two, not Ray's tracebacks.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -46,6 +53,66 @@ QUIET_SECONDS = 20.0
 GROWTH_SHARE, GROWTH_MB = 0.20, 50.0
 MB = 1024 * 1024
 ROLE_NAMES = {"worker": "environment worker", "shard": "replay shard"}
+COLUMNS = 80
+"""The terminal width the rows are counted for."""
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PROGRESS = re.compile(r"^\s*[\d,]+/[\d,]+ (frames|updates)\b")
+"""The progress line: redrawn in place on a terminal, a plain line every 30 s into the pipe the
+counter reads, so not counted."""
+
+
+def terminal_rows(line: str, columns: int = COLUMNS) -> int:
+    """Rows a line (without its newline) takes on a terminal `columns` wide: the longest of its
+    `\r`-separated redraws, wrapped; an empty line is one row."""
+    widths = [len(_ESCAPES.sub("", part)) for part in line.split("\r")]
+    return max(1, max(-(-w // columns) for w in widths))
+
+
+class RowCounter:
+    """Counts the terminal rows written to file descriptors 1 and 2 while it is on (`counting`), and
+    passes everything through to where they pointed before: the descriptors are pipes meanwhile, so
+    what Ray's processes and C++ code write there is counted as well as what Python prints."""
+
+    def __init__(self, columns: int = COLUMNS) -> None:
+        self.columns = columns
+        self.rows = 0
+        self.counting = False
+        self._threads: list[threading.Thread] = []
+        self._saved: list[tuple[int, int]] = []
+
+    def __enter__(self) -> RowCounter:
+        for fd in (1, 2):
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            original = os.dup(fd)
+            read, write = os.pipe()
+            os.dup2(write, fd)
+            os.close(write)
+            self._saved.append((fd, original))
+            thread = threading.Thread(target=self._pump, args=(read, original), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _pump(self, read: int, out: int) -> None:
+        pending = ""
+        while chunk := os.read(read, 65536):
+            os.write(out, chunk)
+            pending += chunk.decode(errors="replace")
+            *lines, pending = pending.split("\n")
+            if self.counting:
+                self.rows += sum(terminal_rows(line, self.columns) for line in lines
+                                 if not _PROGRESS.match(_ESCAPES.sub("", line.split("\r")[-1])))
+        os.close(read)
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, original in self._saved:
+            os.dup2(original, fd)  # closes the pipe's last write end: its pump ends
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for _, original in self._saved:
+            os.close(original)
 
 
 def _seconds_or_zero(name: str):
@@ -152,6 +219,8 @@ class Soak:
         self.stopped = False
         self.ray_start_mb: tuple[float, int] | None = None
         self.ray_end_mb: tuple[float, int] | None = None
+        self.rows = RowCounter()
+        self.own_rows = 0  # the soak's own lines, not counted against the run
 
     # ------------------------------------------------------------------ processes
 
@@ -223,6 +292,7 @@ class Soak:
         elapsed = now - self.t0
         if not candidates:
             self.skipped[role] += 1
+            self.own_rows += 1
             self.out(f"[{_clock(elapsed)}] no {ROLE_NAMES[role]} to kill: the driver has not seen the last "
                      f"kills' restarts yet", flush=True)
             return
@@ -230,10 +300,12 @@ class Soak:
         try:
             os.kill(pids[i], signal.SIGKILL)
         except ProcessLookupError:
+            self.own_rows += 1
             self.out(f"[{_clock(elapsed)}] {ROLE_NAMES[role]} {i} (pid {pids[i]}) was already gone", flush=True)
             return
         self.kills[role] += 1
         self.pending[(role, i)] = (pids[i], now)
+        self.own_rows += 1
         self.out(f"[{_clock(elapsed)}] SIGKILL {ROLE_NAMES[role]} {i} (pid {pids[i]}); {driver.frames:,} frames, "
                  f"{driver.updates:,} updates; restarts seen so far: workers {sum(driver.runner_restarts)}, "
                  f"shards {sum(driver.shard_restarts)}, learner {driver.learner_restarts}", flush=True)
@@ -244,6 +316,7 @@ class Soak:
         now = time.monotonic()
         if self.t0 is None:
             self.t0 = now
+            self.rows.counting = True
             self.first = (driver.frames, driver.updates)
             self.next_kill = {role: now + every for role, every in self.every.items() if every > 0}
             self.ray_start_mb = self._ray_total()
@@ -260,6 +333,7 @@ class Soak:
         if now - self.t0 >= self.seconds and not self.stopped:
             self.sample(driver, now)
             self.ray_end_mb = self._ray_total()
+            self.rows.counting = False
             self.stopped = True
             raise KeyboardInterrupt  # the driver ends as on Ctrl-C: final checkpoint, exit 130
 
@@ -271,7 +345,10 @@ class Soak:
         frames, updates = self.last[1] - self.first[0], self.last[2] - self.first[1]
         order = {"driver": 0, "learner": 1, "worker": 2, "shard": 3, "raylet": 4, "gcs": 5}
         procs = sorted(self.procs.values(), key=lambda p: (order.get(p.role, 9), p.index or 0))
+        kills = sum(self.kills.values())
+        rows = max(self.rows.rows - self.own_rows, 0)
         return {"exit_code": driver.exit_code, "stopped_on_time": self.stopped, "seconds": wall,
+                "terminal_rows": rows, "terminal_rows_per_kill": rows / kills if kills else None,
                 "frames": s["frames"], "updates": s["updates"],
                 "frames_per_s": frames / wall if wall > 0 else 0.0,
                 "updates_per_s": updates / wall if wall > 0 else 0.0,
@@ -316,6 +393,9 @@ def report(f: dict[str, Any], config: Any, out=print) -> None:
         if unseen:
             out(f"              {unseen} {ROLE_NAMES[role]} kill(s) not seen restarted by the end")
     out(f"steps lost    {f['steps_lost']:>12,}   (acknowledged by shards after their last checkpoint)")
+    per_kill = f["terminal_rows_per_kill"]
+    out(f"terminal rows {f['terminal_rows']:>12,}   printed by the run ({COLUMNS} columns, the soak's own lines "
+        f"not counted)" + (f", {per_kill:.1f} per kill" if per_kill is not None else ""))
     target = f["target_ratio"]
     out(f"replay ratio  {f['ratio']:>12.3f}   samples per insert, target "
         + (f"{target:g} ({100 * (f['ratio'] / target - 1):+.1f}%), tolerance {config.replay.tolerance:g}"
@@ -356,7 +436,8 @@ def run(rest: list[str], as_json: bool = False) -> int:
           + ", a shard " + (f"every {args.kill_shard_every:g} s" if args.kill_shard_every else "never"),
           file=sys.stderr if as_json else sys.stdout, flush=True)
     soak = Soak(args.minutes, args.kill_actor_every, args.kill_shard_every, seed=args.seed)
-    driver, _ = drive_in_new_run(config, args.logdir, soak, "choreo-bench-soak-", as_json)
+    with soak.rows:
+        driver, _ = drive_in_new_run(config, args.logdir, soak, "choreo-bench-soak-", as_json)
     if soak.t0 is None:
         raise SystemExit(f"{PROG}: the run ended before its first loop turn (exit code {driver.exit_code})")
     figures = soak.figures(driver)

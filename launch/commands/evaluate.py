@@ -125,8 +125,8 @@ def evaluate_command(args: Any) -> int:
         overrides.append(f"snapshot={Path(args.snapshot).expanduser().resolve()}")
     if args.skill_every:
         overrides.append(f"agent.choreographer.random_skill_every={args.skill_every}")
-    overrides += ["env." + o if o.startswith("task=") else o for o in args.overrides]
-    config = load_config(args.preset, overrides)
+    overrides += args.overrides
+    config = load_config(args.preset, overrides, getattr(args, "config", None))
     goals = None
     if args.goals:
         try:

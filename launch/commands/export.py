@@ -53,6 +53,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, int]:
     """Writes the run's replay into `out` as per-episode `.npz` files and a manifest; prints
     progress and a summary line; returns {"episodes", "steps"}."""
     run_dir, out = Path(run_dir).expanduser().resolve(), Path(out).expanduser()
+    RunDir.open(run_dir)  # a wrong run directory is named before the folder
+    check_out(out)
     num_shards, episodes = replay_episodes(run_dir)
     start = last = time.monotonic()
 
@@ -70,6 +72,19 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, int]:
           f"shard{'s' if num_shards != 1 else ''} of {run_dir} to {out} in {time.monotonic() - start:.1f} s "
           f"({MANIFEST} holds the SHA-256 of every file)", flush=True)
     return result
+
+
+def check_out(out: Path) -> None:
+    """`--out` must be a new or an empty folder: a dataset is never mixed with other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; export into a new or empty folder")
+    present = sorted(p.name for p in out.iterdir())
+    if present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise ConfigError(f"--out {out}: the folder is not empty (it holds {shown}); export into a new or "
+                          f"empty folder")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -150,7 +150,7 @@ def plan_command(args: argparse.Namespace) -> int:
     overrides += [] if args.episodes is None else [f"eval.episodes={args.episodes}"]
     overrides += list(args.overrides)
     try:
-        opened = Snapshot.open(snapshot, overrides, mode="plan")
+        opened = Snapshot.open(snapshot, overrides, mode="plan", config_file=getattr(args, "config", None))
         config = opened.config
         if args.logdir:
             config = dataclasses.replace(config, logdir=args.logdir)

@@ -415,6 +415,10 @@ def run(
     line on stderr and exit code 2, never a traceback."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
+        for option, target in (("--plot", plot_path), ("--markdown", markdown_path)):
+            if target and Path(target).is_dir():  # refused before the bootstrap, not after it
+                raise ReportError(f"{option} {target}: is a directory, not a file; give a file name such as "
+                                  f"{Path(target) / ('curves.png' if option == '--plot' else 'report.md')}")
         if plot_path:
             _require_matplotlib()
         files, skipped = find_eval_files(paths)

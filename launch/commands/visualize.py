@@ -21,14 +21,18 @@ from choreo.launch.runtime.snapshot import Snapshot
 
 def run_visualize(snapshot: Path, out: Path | None = None, overrides: Sequence[str] = (),
                   steps: int = DEFAULT_STEPS, fps: float = FPS, device: str = "cpu",
-                  stream: TextIO | None = None) -> Path:
+                  stream: TextIO | None = None, config_file: str | os.PathLike | None = None) -> Path:
     """Writes into `out` (default: `visualize/` next to the snapshot) a GIF of every skill
     (`skill_XX.gif`), the decoded codes (`codes.png`, pixel agents) and the codebook plot
     (`codebook.png`, over the posterior states of the skill videos); the config is the one saved in
-    the snapshot, with `key=value` overrides (e.g. `env.task=walker_run`, same domain). Prints
-    progress and a last line naming the folder; returns it."""
+    the snapshot, with a `--config FILE`'s keys and then `key=value` overrides (e.g.
+    `task=walker_run`, same domain). Prints progress and a last line naming the folder; returns it."""
+    from choreo.launch.runtime.config import ConfigError
+
     stream = stream or sys.stdout
-    opened = Snapshot.open(snapshot, overrides)
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; give a folder for the videos")  # before any work
+    opened = Snapshot.open(snapshot, overrides, config_file=config_file)
     snapshot, config = opened.path, opened.config
     agent = opened.make_agent(device)
     _check_skills(agent)
@@ -59,7 +63,7 @@ def run_visualize(snapshot: Path, out: Path | None = None, overrides: Sequence[s
 
 
 def main(args: argparse.Namespace) -> int:
-    """`choreo visualize --snapshot FILE [--out DIR] [--steps N] [key=value ...]`."""
+    """`choreo visualize --snapshot FILE [--out DIR] [--steps N] [--config FILE] [key=value ...]`."""
     from choreo.launch.runtime.config import ConfigError
     from choreo.learner.snapshot import SnapshotError
 
@@ -68,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     try:
         run_visualize(Path(args.snapshot), Path(args.out) if args.out else None,
-                      list(getattr(args, "overrides", [])), args.steps)
+                      list(getattr(args, "overrides", [])), args.steps, config_file=getattr(args, "config", None))
     except SnapshotError as e:
         raise ConfigError(str(e)) from None
     return 0

@@ -3,7 +3,7 @@
 Composition order (later wins):
     configs/base.yaml -> configs/suite/<suite>.yaml -> configs/size/<size>.yaml
     -> configs/algo/<algo>.yaml -> configs/mode/<mode>.yaml -> the presets' `when` rules
-    -> key=value overrides from the command line.
+    -> the `--config FILE` -> key=value overrides from the command line.
 A preset may hold `when:`, a list of rules `{<group>: <name>, ..., set: {<keys>}}`; once every group
 is chosen, the rules of every preset (in the group order above) whose groups all match are applied.
 That is how a size bounds every mode (tiny.yaml: `{mode: finetune, set: {learner: {total_frames:
@@ -17,6 +17,20 @@ tiny` and `--preset tiny --preset pixels` mean the same. The group choices are t
 (`algo`, `suite`, `size`, `mode`) and may also be given as overrides (`algo=dads`). The mode is
 what a command does (`choreo pretrain`: pretrain, `choreo finetune`: finetune); its preset holds
 that protocol's defaults (for fine-tuning: 100k frames, no random warm-up, evaluations).
+
+`--config FILE` (every command that takes overrides) is a YAML mapping of keys, nested as in the
+presets (`learner: {total_frames: 1e6}`), or a run's saved config.yaml (a full resolved config, so
+it fixes every key; `key=value` still changes any). Its group keys (`size: tiny`) choose presets as
+`--preset` does and win over `--preset`; `key=value` wins over both (`size=small`). A file of
+another mode (a pretraining run's config.yaml given to `choreo finetune`) is put into the command's
+mode the way a snapshot's config is (`in_mode`): that mode's preset and the presets' rules about it
+come after the file, then the overrides. The commands that start from a snapshot's config
+(`choreo plan`, `choreo visualize`) compose: the snapshot's config -> the command's mode -> the
+file -> key=value. `when` rules belong in presets, not in a config file. Errors name the file and
+the key.
+
+`task=` is short for `env.task=`, in overrides (every command, and `load_snapshot`) and in config
+files (`task: walker_run`) alike (ALIASES).
 """
 
 from __future__ import annotations
@@ -49,6 +63,8 @@ GROUPS = ("suite", "size", "algo", "mode")
 """Preset groups, in composition order after base."""
 WHEN = "when"
 """A preset's list of rules applied once every group is chosen (see the module's docstring)."""
+RUN_CONFIG = "config.yaml"
+"""The file in a run directory that holds the run's resolved config (`RunDir.CONFIG`)."""
 
 
 class ConfigError(ValueError):
@@ -284,28 +300,149 @@ def available_presets() -> dict[str, list[str]]:
     return {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in GROUPS}
 
 
+ALIASES = {"task": "env.task"}
+"""Short keys, the same in `key=value` overrides and `--config` files: `task=walker_run` is
+`env.task=walker_run` (the key every command that picks a task takes)."""
+
+
 def parse_override(text: str) -> tuple[str, str]:
+    """`key=value` -> (dotted key, value as given), short keys (ALIASES) expanded."""
     if "=" not in text or text.startswith("="):
         raise ConfigError(f"override {text!r} is not of the form key=value (dotted keys for sections)")
     key, value = text.split("=", 1)
-    return key.strip(), value
+    key = key.strip()
+    return ALIASES.get(key, key), value
 
 
-def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[str] = ()) -> Config:
-    """Compose base, the group presets and the overrides into a validated Config."""
+# ----------------------------------------------------------------------------- --config FILE
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A `--config FILE`, read and checked against the config's keys and types (`read_config_file`)."""
+
+    path: Path
+    """The file."""
+    values: tuple[tuple[str, Any], ...]
+    """(dotted key, typed value) for every key the file sets, group keys included, in file order."""
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """The presets the file chooses, by group (`size: tiny`)."""
+        return {key: value for key, value in self.values if key in GROUPS}
+
+
+def read_config_file(path: str | os.PathLike) -> ConfigFile:
+    """A YAML file of config keys, nested as in the presets (or a run's saved config.yaml), checked:
+    every key exists, every value has its key's type, every group names a preset. Errors name the
+    file and the key."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        saved = path / RUN_CONFIG
+        hint = f"; its saved config is {saved}" if saved.is_file() else ""
+        raise ConfigError(f"config file {path}: is a directory, not a YAML file{hint}")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    data = _moved_sections(load_yaml(path))  # load_yaml's errors name the file already
+    if WHEN in data:
+        raise ConfigError(f"config file {path}: '{WHEN}' rules belong in presets (configs/<group>/); a config "
+                          f"file sets keys, after the presets and their rules")
+    values: list[tuple[str, Any]] = []
+    try:
+        for alias, key in ALIASES.items():
+            if alias in data:
+                if _has_dotted(data, key):
+                    raise ConfigError(f"it sets both '{alias}' and '{key}' ('{alias}' is short for '{key}')")
+                _set_dotted(data, key, data.pop(alias))
+        _flatten(Config, data, "", values)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return ConfigFile(path, tuple(values))
+
+
+def _has_dotted(tree: dict, key: str) -> bool:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _flatten(cls: type, data: typing.Mapping, prefix: str, out: list[tuple[str, Any]]) -> None:
+    """The keys of `data` (nested, of section `cls`) as (dotted key, typed value) pairs, appended to out."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, cls, prefix)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give a mapping of its keys")
+            _flatten(tp, value, f"{key}.", out)
+            continue
+        value = _coerce(key, value, tp)
+        if key in GROUPS:
+            _check_preset(key, value)
+        out.append((key, value))
+
+
+def as_config_file(config_file: str | os.PathLike | ConfigFile | None) -> ConfigFile | None:
+    """A `--config` argument (a path, or a file read already) as a ConfigFile, or None."""
+    if config_file is None or isinstance(config_file, ConfigFile):
+        return config_file
+    return read_config_file(config_file)
+
+
+def _with_file(tree: dict, file: ConfigFile | None, mode: str | None) -> dict:
+    """`tree` with the file's keys set. A file of another mode than `mode` (a pretraining run's
+    config.yaml given to `choreo finetune`) is then put into `mode`, as a snapshot's config is."""
+    if file is None:
+        return tree
+    for key, value in file.values:
+        _set_dotted(tree, key, value)
+    stated = file.groups.get("mode")
+    if mode is not None and stated is not None and stated != mode:
+        tree = _into_mode(tree, mode)
+    return tree
+
+
+def _into_mode(tree: dict, mode: str) -> dict:
+    """A resolved config's tree put into `mode`: the mode's preset, then its presets' rules about
+    that mode (the other rules made it already)."""
+    tree = _merge(tree, {k: v for k, v in load_yaml(CONFIG_DIR / "mode" / f"{mode}.yaml").items() if k != WHEN})
+    tree["mode"] = mode
+    rules = []
+    for group in GROUPS:
+        path = CONFIG_DIR / group / f"{tree[group]}.yaml"
+        if path.is_file():
+            rules += [(path, rule) for rule in _when_rules(load_yaml(path), path)]
+    return _apply_rules(tree, rules, only_mode=mode)
+
+
+def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[str] = (),
+                config_file: str | os.PathLike | ConfigFile | None = None) -> Config:
+    """Compose base, the group presets, their rules, the config file and the overrides (in the
+    order of the module's docstring) into a validated Config."""
     by_group = available_presets()
+    file = as_config_file(config_file)
     choice: dict[str, str] = {}
     for name in presets:
         groups = [g for g, names in by_group.items() if name in names]
         if not groups:
-            valid = ", ".join(n for names in by_group.values() for n in names)
-            raise ConfigError(f"unknown preset '{name}'; valid presets: {valid}")
+            names = [n for names in by_group.values() for n in names]
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown preset '{name}'{hint}; valid presets: {', '.join(names)}")
         choice[groups[0]] = name
+    if file is not None:
+        choice.update(file.groups)
     parsed = [parse_override(o) for o in overrides]
     for key, value in parsed:
         if key in GROUPS:
-            if value not in by_group[key]:
-                raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(by_group[key])}")
+            _check_preset(key, value)
             choice[key] = value
 
     tree = load_yaml(CONFIG_DIR / "base.yaml")
@@ -320,11 +457,18 @@ def load_config(presets: typing.Sequence[str] = (), overrides: typing.Sequence[s
         tree = _merge(tree, preset)
         tree[group] = name
     tree = _apply_rules(tree, rules)
+    tree = _with_file(tree, file, tree["mode"])
     for key, value in parsed:
         _set_dotted(tree, key, value)
     config = _build(Config, tree)
     validate(config)
     return config
+
+
+def _check_preset(group: str, name: str) -> None:
+    valid = available_presets()[group]
+    if name not in valid:
+        raise ConfigError(f"config key '{group}': {name!r} is not one of {', '.join(valid)}")
 
 
 def _when_rules(preset: dict, path: Path) -> list[dict]:
@@ -352,20 +496,14 @@ def _apply_rules(tree: dict, rules: list[tuple[Path, dict]], only_mode: str | No
     return tree
 
 
-def in_mode(config: Config, mode: str, overrides: typing.Sequence[str] = ()) -> Config:
+def in_mode(config: Config, mode: str, overrides: typing.Sequence[str] = (),
+            config_file: str | os.PathLike | ConfigFile | None = None) -> Config:
     """A resolved config (a snapshot's, a run's) put into `mode`: the mode's preset and the rules
-    of its presets about that mode, then `key=value` overrides; validated. How the commands that
-    use a snapshot (evaluate, plan) take its sizes and their own budgets."""
-    tree = to_dict(config)
-    tree["mode"] = mode
-    path = CONFIG_DIR / "mode" / f"{mode}.yaml"
-    tree = _merge(tree, {k: v for k, v in load_yaml(path).items() if k != WHEN})
-    rules = []
-    for group in GROUPS:
-        preset_path = CONFIG_DIR / group / f"{tree[group]}.yaml"
-        if preset_path.is_file():
-            rules += [(preset_path, rule) for rule in _when_rules(load_yaml(preset_path), preset_path)]
-    tree = _apply_rules(tree, rules, only_mode=mode)
+    of its presets about that mode, then the config file's keys, then `key=value` overrides;
+    validated. How the commands that use a snapshot (evaluate, plan) take its sizes and their own
+    budgets."""
+    file = as_config_file(config_file)
+    tree = _with_file(_into_mode(to_dict(config), mode), file, mode)
     for key, value in (parse_override(o) for o in overrides):
         _set_dotted(tree, key, value)
     built = _build(Config, tree)
@@ -395,10 +533,13 @@ def _moved_sections(tree: dict) -> dict:
     return tree
 
 
-def from_dict(data: typing.Mapping[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
-    """A resolved config saved as a plain dict (a snapshot's, `to_dict`), with `key=value`
-    overrides of any key applied, validated."""
+def from_dict(data: typing.Mapping[str, Any], overrides: typing.Sequence[str] = (),
+              config_file: str | os.PathLike | ConfigFile | None = None) -> Config:
+    """A resolved config saved as a plain dict (a snapshot's, `to_dict`), with the config file's
+    keys and then `key=value` overrides of any key applied, validated."""
+    file = as_config_file(config_file)
     tree = _moved_sections(copy.deepcopy(dict(data)))  # the overrides write into the nested dicts
+    tree = _with_file(tree, file, None)
     for key, value in (parse_override(o) for o in overrides):
         _set_dotted(tree, key, value)
     config = _build(Config, tree)

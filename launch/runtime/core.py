@@ -9,8 +9,13 @@ roles; the core decides and counts:
   ratio is what was trained on, whatever an update costs;
 - when evaluations are due (`eval.every_frames`, the first at frame 0, the last once the run has
   its frames) and where their results go (TensorBoard and `eval.jsonl`);
-- the checkpoint cadence, the metric names written to TensorBoard, the progress line and the
-  exit messages.
+- the checkpoint cadence, the metric names written to TensorBoard (with the run's config as text
+  and its hyperparameters in the HParams view), the progress line and the exit messages.
+
+TensorBoard's groups, one name per series: the agent's (`world_model/`, `explore/` with the LBS
+predictor, `codebook/`, `skill_ac/`, `meta/`, DADS's `dynamics/`, `dads/`, `sac/`, `time/`) and the
+runtime's (`actors/`, `replay/`, `learner/`, `throughput/`, `episode/`, `eval/`); durations are in
+seconds, named `*_s`.
 """
 
 from __future__ import annotations
@@ -23,14 +28,63 @@ from typing import Any
 import numpy as np
 
 from choreo.launch.runtime.build import make_limiter
-from choreo.launch.runtime.config import Config, group_batch_size
-from choreo.launch.runtime.monitor import Monitor, Pace, loss_note
+from choreo.launch.runtime.config import Config, group_batch_size, to_yaml
+from choreo.launch.runtime.monitor import HParam, Monitor, Pace, loss_note
 from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.rundir import EvalRecord, RunDir
+from choreo.vocabulary import WriteFailed
 
 MAX_OUTSTANDING_BATCHES = 4
 """Batches granted to the learner and not yet trained on: enough for its prefetch queue to stay
 full, few enough that the workers are held back as soon as the learner falls behind."""
+
+
+HPARAM_METRICS = ("eval/return", "world_model/loss", "dynamics/loss", "actors/frames", "learner/updates")
+"""The scalars TensorBoard's HParams view shows beside each run's hyperparameters (their latest
+values): the last evaluation's mean return, the world model's loss (DADS: the skill dynamics'), the
+frames collected and the updates trained."""
+
+_HPARAMS: tuple[tuple[str, type, Callable[[Config], HParam | None]], ...] = (
+    ("algo", str, lambda c: c.algo),
+    ("suite", str, lambda c: c.suite),
+    ("size", str, lambda c: c.size),
+    ("mode", str, lambda c: resolve_plan(c).label),
+    ("task", str, lambda c: c.env.task),
+    ("obs", str, lambda c: c.env.obs),
+    ("seed", int, lambda c: c.seed),
+    ("snapshot", str, lambda c: c.snapshot or None),
+    ("dataset", str, lambda c: c.dataset.dir or None),
+    ("total_frames", int, lambda c: c.learner.total_frames if resolve_plan(c).unit == "frames" else None),
+    ("total_updates", int, lambda c: c.learner.total_updates if resolve_plan(c).unit == "updates" else None),
+    ("action_repeat", int, lambda c: c.env.action_repeat),
+    ("num_actors", int, lambda c: c.num_actors if resolve_plan(c).workers else None),
+    ("envs_per_actor", int, lambda c: c.envs_per_actor if resolve_plan(c).workers else None),
+    ("num_learners", int, lambda c: c.learner.num_learners),
+    ("batch_size", int, lambda c: c.replay.batch_size),
+    ("batch_length", int, lambda c: c.replay.batch_length),
+    ("replay_ratio", float, lambda c: c.replay.samples_per_insert),
+    ("wm_lr", float, lambda c: c.agent.world_model.lr if c.algo == "choreographer" else None),
+    ("actor_lr", float, lambda c: c.agent.actor_critic.actor_lr if c.algo == "choreographer" else None),
+    ("critic_lr", float, lambda c: c.agent.actor_critic.critic_lr if c.algo == "choreographer" else None),
+    ("skill_lr", float, lambda c: c.agent.choreographer.skill_lr if c.algo == "choreographer" else None),
+    ("num_codes", int, lambda c: c.agent.choreographer.num_codes if c.algo == "choreographer" else None),
+    ("code_dim", int, lambda c: c.agent.choreographer.code_dim if c.algo == "choreographer" else None),
+    ("horizon", int, lambda c: c.agent.actor_critic.horizon if c.algo == "choreographer" else None),
+    ("freeze_skills", bool, lambda c: c.agent.finetune.freeze_skills if resolve_plan(c).phase == "finetune" else None),
+    ("skill_dim", int, lambda c: c.agent.dads.skill_dim if c.algo == "dads" else None),
+    ("skill_type", str, lambda c: c.agent.dads.skill_type if c.algo == "dads" else None),
+    ("dynamics_lr", float, lambda c: c.agent.dads.dynamics_lr if c.algo == "dads" else None),
+    ("sac_lr", float, lambda c: c.agent.dads.lr if c.algo == "dads" else None),
+)
+"""The hyperparameters of the HParams view: (name, type, value of a config, None where it does not
+apply). The same names for every run: TensorBoard takes the columns from one run's list."""
+
+HPARAM_COLUMNS: dict[str, type] = {name: kind for name, kind, _ in _HPARAMS}
+
+
+def hparams(config: Config) -> dict[str, HParam | None]:
+    """The run's main hyperparameters for TensorBoard's HParams view (None: does not apply to it)."""
+    return {name: value(config) for name, _, value in _HPARAMS}
 
 
 class RunStopped(RuntimeError):
@@ -88,6 +142,14 @@ class RunCore:
         self._insert_held_since: dict[int, float] = {}
         self._sample_held_since: float | None = None
         self._lags: list[float] = []
+        self._describe()
+
+    def _describe(self) -> None:
+        """The run's resolved config (text) and its row of the HParams view, written as it starts
+        (and again when it resumes), with the counters it has: a run that crashes still shows."""
+        self.monitor.text("config", f"```yaml\n{to_yaml(self.config)}```", self.log_step)
+        self.monitor.hparams(hparams(self.config), HPARAM_COLUMNS, HPARAM_METRICS)
+        self.monitor.scalars(self.counter_scalars(), self.log_step)
 
     @property
     def log_step(self) -> int:
@@ -252,13 +314,22 @@ class RunCore:
         learner = st["sample_wait_s"] + (now - self._sample_held_since if self._sample_held_since is not None else 0)
         return workers, learner
 
+    def counter_scalars(self) -> dict[str, float]:
+        """Frames collected, updates trained and the weight version the workers get."""
+        return {"actors/frames": self.frames, "learner/updates": self.updates, "learner/weight_version": self.version}
+
     def ratio_scalars(self) -> dict[str, float]:
-        """The replay ratio trained on (sampled steps per inserted step after the warm-up) beside its target."""
+        """The replay ratio trained on (sampled steps per inserted step after the warm-up) beside its
+        target, and the limiter's counters and waits: the steps it counted on each side, and how long
+        (seconds, summed over the workers) and how often each side was held back by it."""
         st = self.limiter.stats()
-        scalars = {"replay/ratio": self.limiter.ratio(), "replay/target_ratio": self.config.replay.samples_per_insert,
-                   "learner/outstanding_batches": self.outstanding}
-        scalars.update({f"limiter/{k}": float(v) for k, v in st.items() if isinstance(v, (int, float))})
-        return scalars
+        return {"replay/ratio": self.limiter.ratio(), "replay/target_ratio": self.config.replay.samples_per_insert,
+                "replay/inserted_steps": st["inserted"], "replay/trained_steps": st["sampled"],
+                "replay/reserved_insert_steps": st["insert_reserved"],
+                "replay/reserved_sample_steps": st["sample_reserved"],
+                "actors/limiter_wait_s": st["insert_wait_s"], "actors/limiter_waits": st["insert_wait_count"],
+                "learner/limiter_wait_s": st["sample_wait_s"], "learner/limiter_waits": st["sample_wait_count"],
+                "learner/outstanding_batches": self.outstanding}
 
     def log(self, worker_stats: Iterable[Mapping[str, Any]] = (), shard_stats: Iterable[Mapping[str, Any] | None] = (),
             extra: Mapping[str, float] | None = None) -> None:
@@ -278,7 +349,7 @@ class RunCore:
         if len(moves):  # navigation tasks: how far the episodes went, and how differently (the skills' spread)
             scalars["episode/xy_distance"] = float(np.linalg.norm(moves, axis=1).mean())
             if len(moves) > 1:
-                scalars["skills/xy_spread"] = float(np.sqrt(moves.var(axis=0).sum()))
+                scalars["episode/xy_spread"] = float(np.sqrt(moves.var(axis=0).sum()))
         if self._lags:
             # how many updates behind the learner the weights were that acted in the calls since the last log
             scalars["actors/policy_lag"] = float(np.mean(self._lags))
@@ -293,8 +364,7 @@ class RunCore:
             scalars[f"replay/shard{i}/sampled_steps"] = st["steps_sampled"]
         scalars["replay/steps"] = steps
         scalars.update(self.ratio_scalars())
-        scalars["learner/weight_version"] = self.version
-        scalars["learner/updates"] = self.updates
+        scalars.update(self.counter_scalars())
         # over the last RATE_WINDOW seconds at least (launch/runtime/monitor.py), however often this is called
         scalars["throughput/frames_per_second"], scalars["throughput/updates_per_second"] = \
             monitor.rates(self.frames, self.updates)
@@ -307,8 +377,9 @@ class RunCore:
         warm = self.limiter.stats()["inserted"] >= self.limiter.min_size
         if warm:
             self.pace.update(self.log_step, self.updates, *self.held_seconds())
+        note = note.strip()
         self.monitor.progress(self.log_step, self.updates,
-                              " ".join(filter(None, [loss_note(self.metrics), note if warm else "warm-up " + note])),
+                              [loss_note(self.metrics), note if warm else f"warm-up {note}".strip()],
                               force=force, pace=self.pace if warm else None, eta=warm)
 
     # ------------------------------------------------------------------ the end
@@ -327,6 +398,8 @@ class RunCore:
         """
         word = {"done": "done", "interrupted": "interrupted: writing a checkpoint"}.get(outcome, "stopped")
         self.progress(word, force=True)
+        # the series the HParams view reads, at their final values
+        self.monitor.scalars({**self.ratio_scalars(), **self.counter_scalars()}, self.log_step)
         lines = []
         if outcome in ("stopped", "nonfinite"):
             lines.append(f"the run stopped: {detail}")
@@ -336,9 +409,7 @@ class RunCore:
                 checkpoint()
                 saved = True
             except Exception as exc:  # noqa: BLE001 - say why, and which checkpoint is still good
-                why = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-                lines.append(f"could not write the final checkpoint ({type(exc).__name__}{': ' + why if why else ''}); "
-                             + self._last_good())
+                lines.append(f"could not write the final checkpoint ({failure(exc)}); " + self._last_good())
                 saved = False
         if outcome == "done":
             lines.append(f"finished: {self.frames:,} frames, {self.updates:,} updates; run directory {self.run_dir}"
@@ -355,9 +426,29 @@ class RunCore:
             return 1  # finished, but its end is not on disk
         return {"done": 0, "interrupted": 130}.get(outcome, 1)
 
+    def checkpoint_failed(self, exc: BaseException) -> None:
+        """A periodic checkpoint (or the replay written before it) failed: one line says why and which
+        checkpoint is still the last good one; the run goes on and tries again at the next cadence."""
+        self.last_checkpoint = self.clock()
+        print(f"\ncheckpoint not written: {failure(exc)}; {self._last_good()}; the run goes on", flush=True)
+
+    def write_failed(self, message: str) -> None:
+        """A file the run can do without (a snapshot) could not be written: one line, and on."""
+        print(f"\n{message}; the run goes on without it", flush=True)
+
     def _last_good(self) -> str:
         path = RunDir(self.run_dir).checkpoint
         if self.checkpoint_at is None or not path.exists():
             return f"there is no checkpoint of this run yet ({path} was never written)"
         return (f"the last good one is {path}, at {self.checkpoint_at:,} {self.plan.unit}; "
                 f"continue with: {self.resume_command}")
+
+
+def failure(exc: BaseException) -> str:
+    """One line for an error: a failed write's own message (naming the file and why), otherwise the
+    error's type and last line. An error raised in a Ray actor is read through to its cause."""
+    exc = getattr(exc, "cause", None) or exc
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, WriteFailed):
+        return text[-1]
+    return type(exc).__name__ + (f": {text[-1]}" if text else "")

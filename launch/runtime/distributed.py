@@ -47,13 +47,14 @@ from choreo.buffer.dataset import LoadSummary
 from choreo.launch.runtime.build import (check_dataset, env_shapes, make_agent, make_learner, make_sampler, report_dataset,
                                          shard_args, startup)
 from choreo.launch.runtime.config import Config, rank_batch_size
-from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.core import RunCore, RunStopped
 from choreo.launch.runtime.learner_group import LearnerGroup
 from choreo.launch.runtime.media import MediaSchedule, training_media
+from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import NonFiniteLossError
+from choreo.vocabulary import WriteFailed
 
 STATS_SECONDS = 5.0
 """Seconds between polls of the actors' and shards' statistics."""
@@ -196,7 +197,7 @@ class LearnerActor:
             metrics = new
             batches += 1
             self._held -= 1
-        snapshot = self.learner.maybe_snapshot(frames)
+        snapshot, write_error = self._snapshot(frames)
         self.train_seconds += time.monotonic() - start
         media = None
         if self.rank == 0 and self.media.due(self.learner.updates) and self.learner.last_batch is not None:
@@ -204,18 +205,27 @@ class LearnerActor:
         return {"metrics": metrics, "batches": batches, "updates": self.learner.updates,
                 "weights": self._published, "wait_seconds": self.learner.wait_seconds,
                 "train_seconds": self.train_seconds, "snapshot": str(snapshot) if snapshot else None,
-                "media": media}
+                "write_error": write_error, "media": media}
+
+    def _snapshot(self, frames: int) -> tuple[Path | None, str | None]:
+        """The snapshot due at `frames`, written (its path) or not (why: the run goes on without it)."""
+        try:
+            return self.learner.maybe_snapshot(frames), None
+        except WriteFailed as e:
+            return None, str(e)
 
     def weights(self) -> tuple[Any, int] | None:
         """The newest published acting weights (object reference, version)."""
         return self._published
 
-    def checkpoint(self, counters: dict[str, Any], ranks: list[dict[str, Any]] | None = None) -> str:
+    def checkpoint(self, counters: dict[str, Any], ranks: list[dict[str, Any]] | None = None) -> str | None:
         """The learner state with the driver's counters (and the other ranks' `rank_state`s, on
         rank 0 of a group); first any snapshot due at the counters' frames (the last training
-        call may have come before the run's final frames)."""
-        self.learner.maybe_snapshot(int(counters["frames"]))
-        return str(self.learner.save_checkpoint(counters, ranks))
+        call may have come before the run's final frames). Returns why that snapshot could not be
+        written, if it could not; a checkpoint that cannot be written raises WriteFailed."""
+        _, write_error = self._snapshot(int(counters["frames"]))
+        self.learner.save_checkpoint(counters, ranks)
+        return write_error
 
     def rank_state(self, frames: int) -> dict[str, Any]:
         """This rank's part of a group checkpoint; it also marks the snapshots due at `frames` as
@@ -273,15 +283,16 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
           learner_actor: type | None = None) -> Driver:
     """`run_distributed`, returning the finished `Driver` (its counters and `summary()`).
     learner_actor: the class that hosts the learner (default `LearnerActor`; tests pass a subclass)."""
+    messages = RunDir(run_dir).ray_log
     if address:
-        connect_ray(address)
+        connect_ray(address, messages=messages)
     else:
         # Logical CPUs: one per environment worker, one per learner rank and one shared by the
         # shards' token shares, even on a smaller machine (they then share its cores), so that
         # any num_actors can be scheduled locally.
         cpus = (config.num_actors + config.learner.num_learners + math.ceil(config.num_shards * SHARD_CPUS)
                 + (resolve_plan(config).eval_every > 0))
-        start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard)
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard, messages=messages)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
     from choreo.launch.runtime.signals import signals_stop_the_run
@@ -365,6 +376,7 @@ class Driver:
         self._broadcast(self.learner.weights())  # the workers act with the learner's from the start
         self.runner_restarts = [0] * len(self.runners)
         self.runner_failures = [0] * len(self.runners)  # in a row
+        self.runner_announced: set[int] = set()  # workers whose failure was printed, until their restart
         self.runner_versions = [-1] * len(self.runners)  # weight version of each worker's latest call
         self.shard_restarts = [0] * len(self.shards)
         self.steps_lost = 0
@@ -419,7 +431,7 @@ class Driver:
                     last_stats = time.monotonic()
                     self._log_stats()
                 if core.checkpoint_due():
-                    self.checkpoint()
+                    self._periodic_checkpoint()
                 if self.on_tick is not None:
                     self.on_tick(self)
                 core.progress(self._fault_note())
@@ -504,7 +516,8 @@ class Driver:
             self.core.collect_lost(self.steps_per_call)
             raise RunStopped(f"environment worker {i} failed {self.runner_failures[i]} times in a row; "
                              f"last error: {cause}")
-        print(f"\nenvironment worker {i} failed ({cause}); restarting it", flush=True)
+        print(f"\nworker {i} failed ({cause[:50]}); restarting it", flush=True)
+        self.runner_announced.add(i)  # its restart needs no second line
         if isinstance(exc, self.ray.exceptions.RayTaskError):
             # The process lives but its environments may be broken: a fresh process rebuilds them.
             self.ray.kill(self.runners[i], no_restart=False)
@@ -512,6 +525,10 @@ class Driver:
 
     def _runner_restarted(self, i: int, summary: dict[str, Any]) -> None:
         self.runner_restarts[i] += 1
+        if i not in self.runner_announced:  # its process died (killed, out of memory, a lost node)
+            print(f"\nworker {i} died; restarted as pid {summary['pid']} at {self.frames:,} frames, unsent "
+                  f"chunks lost", flush=True)
+        self.runner_announced.discard(i)
         self.runner_where[i] = {k: summary[k] for k in ("incarnation", "node_id", "pid")}
         self.restart_log.append({"role": "runner", "index": i, "frames": self.frames, **self.runner_where[i]})
         if self.weights is not None:
@@ -549,8 +566,7 @@ class Driver:
         self.restart_log.append({"role": "shard", "index": s, "frames": self.frames, "steps_lost": lost,
                                  "restore_error": info["restore_error"], **self.shard_where[s]})
         note = f"; its checkpoint could not be read: {info['restore_error']}" if info["restore_error"] else ""
-        print(f"\nreplay shard {s} restarted from its checkpoint ({info['restored_inserted']:,} steps inserted "
-              f"by then), {lost:,} steps lost{note}", flush=True)
+        print(f"\nreplay shard {s} died; restarted from its checkpoint, {lost:,} steps lost{note}", flush=True)
         self.core.monitor.scalars({f"replay/shard{s}/restarts": self.shard_restarts[s],
                                    "replay/restarts": sum(self.shard_restarts), "replay/steps_lost": self.steps_lost},
                                   self.core.log_step)
@@ -576,8 +592,10 @@ class Driver:
             self.core.monitor.media(result["media"], self.core.log_step)
         self._broadcast(result["weights"])
         self.learner_wait_seconds, self.learner_train_seconds = result["wait_seconds"], result["train_seconds"]
+        if result["write_error"]:
+            self.core.write_failed(result["write_error"])
         if result["snapshot"]:
-            self.checkpoint()
+            self._periodic_checkpoint()
 
     def _broadcast(self, weights: tuple[Any, int] | None) -> None:
         """New acting weights (object reference, version) to every worker; their calls keep their order."""
@@ -636,16 +654,26 @@ class Driver:
     def checkpoint(self) -> None:
         """Replay shards and learner state, with the core's counters (frames, limiter)."""
         self._log_stats()
+        # The replay first: a learner checkpoint is written only beside the replay it was trained on.
         if self.save_replay != "never":
             self.ray.get([s.save_checkpoint.remote() for s in self.shards])
             if self.save_replay == "once":
                 self.save_replay = "never"
         try:
-            self.learner.checkpoint(self.core.counters())
+            write_error = self.learner.checkpoint(self.core.counters())
         except self.group_failure as exc:
             self._restart_learner(exc)  # raises RunStopped when the run is stopping
             return
+        if write_error:
+            self.core.write_failed(write_error)
         self.core.checkpointed()
+
+    def _periodic_checkpoint(self) -> None:
+        """A checkpoint that may fail for a full disk: the last good one stays, the run goes on."""
+        try:
+            self.checkpoint()
+        except OSError as exc:  # Ray re-raises a shard's or the learner's WriteFailed as this type
+            self.core.checkpoint_failed(exc)
 
     def _poll(self, handles: list) -> list[dict[str, Any] | None]:
         """`stats()` of each handle; None for those that did not answer within STATS_TIMEOUT."""
@@ -666,7 +694,7 @@ class Driver:
                 self._shard_restarted(i)
         share = self.learner_wait_seconds / self.learner_train_seconds if self.learner_train_seconds else 0.0
         self.core.log([st for st in self._poll(self.runners) if st is not None], shard_stats,
-                      {"learner/wait_seconds": self.learner_wait_seconds, "learner/data_wait_share": share})
+                      {"learner/data_wait_s": self.learner_wait_seconds, "learner/data_wait_share": share})
 
     def summary(self) -> dict[str, Any]:
         """Figures of the run so far: frames, updates, restarts, steps lost, ratio, waits."""

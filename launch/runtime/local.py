@@ -19,11 +19,12 @@ from pathlib import Path
 from choreo.launch.runtime.build import (env_shapes, load_dataset, make_agent, make_eval_runner, make_learner, make_runner,
                                          make_sampler, make_shard, startup)
 from choreo.launch.runtime.config import Config
-from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.core import MAX_OUTSTANDING_BATCHES, RunCore
 from choreo.launch.runtime.media import MediaSchedule, training_media
+from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.rundir import RunDir
 from choreo.learner.learner import NonFiniteLossError
+from choreo.vocabulary import WriteFailed
 
 STATS_SECONDS = 5.0
 """Seconds between two writes of the periodic scalars."""
@@ -87,10 +88,11 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
 
     def checkpoint() -> None:
         nonlocal save_replay
-        learner.save_checkpoint(core.counters())
+        # The replay first: a learner checkpoint is written only beside the replay it was trained on.
         if save_replay:
             shard.save(RunDir(run_dir).replay)
             save_replay = start.save_replay == "every checkpoint"
+        learner.save_checkpoint(core.counters())
         core.checkpointed()
 
     last_stats = time.monotonic()
@@ -116,8 +118,16 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
             if (stats and stats["episodes"]) or time.monotonic() - last_stats > STATS_SECONDS:
                 last_stats = time.monotonic()
                 core.log([stats] if stats else [], [shard.stats()])
-            if learner.maybe_snapshot(core.frames) is not None or core.checkpoint_due():
-                checkpoint()
+            try:
+                snapshot = learner.maybe_snapshot(core.frames)
+            except WriteFailed as e:
+                snapshot = None
+                core.write_failed(str(e))
+            if snapshot is not None or core.checkpoint_due():
+                try:
+                    checkpoint()
+                except OSError as e:  # a full disk: the last good checkpoint stays, the run goes on
+                    core.checkpoint_failed(e)
             core.progress()
     except NonFiniteLossError as e:
         learner.close()

@@ -282,9 +282,9 @@ def learner_media(agent: Any, batch: Mapping[str, Any], max_sequences: int = 16)
     """What the learner can draw cheaply from a training batch `[B, T, ...]` (keys from
     choreo.vocabulary), for `Monitor.media`:
 
-    - `skills/codes`: `code_grid` (pixel agents only), `[H, W, 3]` uint8;
-    - `skills/codebook`: `codebook_plot` of the batch's posterior deterministic states, `[H, W, 3]` uint8;
-    - `skills/code_usage`: the nearest code of each of those states, `[N]` int64 (histogram values).
+    - `codebook/decoded_codes`: `code_grid` (pixel agents only), `[H, W, 3]` uint8;
+    - `codebook/plot`: `codebook_plot` of the batch's posterior deterministic states, `[H, W, 3]` uint8;
+    - `codebook/usage`: the nearest code of each of those states, `[N]` int64 (histogram values).
 
     The posterior is computed without gradients on the first `max_sequences` sequences, with a
     generator of its own: the agent's parameters and random state are left as they were. An agent
@@ -310,9 +310,9 @@ def learner_media(agent: Any, batch: Mapping[str, Any], max_sequences: int = 16)
         _, index = _assign(agent, deter)
     media: dict[str, np.ndarray] = {}
     if is_pixel_agent(agent):
-        media["skills/codes"] = code_grid(agent)
-    media["skills/codebook"] = codebook_plot(agent, deter)
-    media["skills/code_usage"] = index.cpu().numpy().astype(np.int64)
+        media["codebook/decoded_codes"] = code_grid(agent)
+    media["codebook/plot"] = codebook_plot(agent, deter)
+    media["codebook/usage"] = index.cpu().numpy().astype(np.int64)
     return media
 
 
@@ -340,14 +340,14 @@ class MediaSchedule:
 def training_media(config: Config, agent: Any, batch: Mapping[str, Any],
                    video_steps: int = MEDIA_VIDEO_STEPS) -> dict[str, np.ndarray]:
     """The pictures a pretraining writes to TensorBoard: `learner_media` of a batch and
-    `skills/videos`, every skill played for `video_steps` steps in the real environment, tiled in
+    `skill_ac/videos`, every skill played for `video_steps` steps in the real environment, tiled in
     one video `[T, H, W, 3]` (the decoded code beside each frame for pixel agents). Empty for
     agents without a skill codebook."""
     media = learner_media(agent, batch)
     if not media:
         return media
     videos = np.stack(compose_videos(agent, rollout_skills(config, agent, video_steps)))  # [K, T, h, w, 3]
-    media["skills/videos"] = np.stack([tile(videos[:, t]) for t in range(videos.shape[1])])
+    media["skill_ac/videos"] = np.stack([tile(videos[:, t]) for t in range(videos.shape[1])])
     return media
 
 

@@ -1,10 +1,17 @@
 """What a person watching a run sees: TensorBoard event files under the run directory (scalars,
-histograms, images and GIF videos) and a progress line (frames, frames/s, updates/s, time left and
-which side sets the pace) on the terminal."""
+histograms, images and GIF videos, the run's config as text and its hyperparameters in the HParams
+view) and a progress line (frames, frames/s, updates/s, time left, which side sets the pace and the
+world model's loss) on the terminal.
+
+On a terminal the line is redrawn in place and fits its width, read again at every redraw (a
+resized window gets lines of its new width): the fields that do not fit are left out, the least
+important first, so that a line never wraps. Anywhere else (a log file, a pipe, a cluster job's
+output) it is a plain line every PLAIN_INTERVAL seconds and one at the end."""
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from collections import deque
@@ -18,6 +25,15 @@ from choreo.launch.runtime.rundir import RunDir
 
 PACE_WINDOW = 600.0
 """Seconds of recent progress the rates of the time estimate are measured over."""
+PLAIN_INTERVAL = 30.0
+"""Seconds between two progress lines when the stream is not a terminal: a redraw there would pile
+up as one line per redraw."""
+BAR_WIDTH = 20
+CLEAR_TO_END = "\x1b[K"
+"""Erases the rest of the terminal's line after a redraw, in place of padding: padding to a fixed
+width wraps on a narrower terminal, and every wrapped redraw scrolls."""
+HParam = str | int | float | bool
+"""A value in TensorBoard's HParams view."""
 RATE_WINDOW = 30.0
 """Seconds the throughput scalars (frames/s, updates/s in TensorBoard) are measured over at least:
 the loops log every few seconds and at every episode end, often between two learner calls, so a
@@ -81,21 +97,24 @@ class Pace:
 
 class Monitor:
     def __init__(self, run_dir: Path, total_frames: int, stream: TextIO | None = None, unit: str = "frames",
-                 interval: float = 1.0, rate_window: float = RATE_WINDOW,
+                 interval: float = 1.0, plain_interval: float = PLAIN_INTERVAL, rate_window: float = RATE_WINDOW,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """rate_window: seconds `rates` measures over at least (once the run has lasted that long);
-        clock: the time in seconds (tests pass their own)."""
+        """interval: seconds between two redraws on a terminal; plain_interval: between two lines
+        elsewhere; rate_window: seconds `rates` measures over at least (once the run has lasted that
+        long); clock: the time in seconds (tests pass their own)."""
         from torch.utils.tensorboard import SummaryWriter  # imported here: it costs a second
 
         self.writer = SummaryWriter(str(RunDir(run_dir).tensorboard))
         self.total_frames = total_frames
         self.unit = unit  # what the progress count is: frames, or updates (an offline-only run)
         self.stream = stream or sys.stderr
-        self.interactive = self.stream.isatty()
-        self.interval = interval if self.interactive else max(interval, 10.0)
+        isatty = getattr(self.stream, "isatty", None)
+        self.interactive = bool(isatty and isatty())
+        self.interval = interval if self.interactive else plain_interval
         self.clock = clock
         self._start = clock()
-        self._last_print = 0.0
+        self._last_print = -math.inf
+        self._drawn = False  # a redrawn line is on the terminal, without its newline yet
         self.rate_window = rate_window
         # (time, frames, updates) of the calls of `rates` within the window, and the newest before it
         self._counts: deque[tuple[float, int, int]] = deque([(self._start, 0, 0)])
@@ -176,12 +195,43 @@ class Monitor:
             self.frames_per_second, self.updates_per_second = (frames - f0) / dt, (updates - u0) / dt
         return self.frames_per_second, self.updates_per_second
 
-    def progress(self, frames: int, updates: int, extra: str = "", force: bool = False,
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Markdown text (TensorBoard's text dashboard)."""
+        self.writer.add_text(tag, text, step)
+        self.writer.flush()
+
+    def hparams(self, values: Mapping[str, HParam | None], columns: Mapping[str, type],
+                metrics: Sequence[str]) -> None:
+        """This run's row of TensorBoard's HParams view: `values` (None: does not apply to this
+        run) under `columns` (name -> str, int, float or bool), beside the latest value of each
+        scalar tag of `metrics`, read from this run's own series (a run that crashed shows where
+        it got to).
+
+        Written into the run's own event files, not into a sub-run as SummaryWriter.add_hparams
+        does (one more row per call there), so each run directory is one row. TensorBoard takes
+        its columns from the first run it finds that names them, and otherwise makes a metric
+        column of every scalar tag: every run therefore names the same `columns` and `metrics`."""
+        from torch.utils.tensorboard.summary import hparams
+
+        blank = {str: "", bool: False, int: 0, float: 0.0}
+        experiment, _, _ = hparams({name: blank[kind] for name, kind in columns.items()}, dict.fromkeys(metrics, 0.0))
+        _, session, _ = hparams({k: v for k, v in values.items() if v is not None and k in columns}, {})
+        writer = self.writer._get_file_writer()  # what torch's add_* do underneath
+        writer.add_summary(experiment)
+        writer.add_summary(session)
+        self.writer.flush()
+
+    def progress(self, frames: int, updates: int, extra: str | Sequence[str] = (), force: bool = False,
                  pace: Pace | None = None, eta: bool = True) -> None:
-        """Prints the progress line (at most every `interval` seconds unless `force`). With `pace`,
-        the rates and the time left are its (recent, after the warm-up, at the pace the limiter
-        allows) and the line names the side that sets the pace; without, they are since the start.
-        eta=False: no time left (a warm-up says nothing of the pace after it)."""
+        """Shows the progress (at most every `interval` seconds unless `force`): on a terminal a
+        redraw of one line that fits its width, elsewhere a plain line. With `pace`, the rates and
+        the time left are its (recent, after the warm-up, at the pace the limiter allows) and the
+        line names the side that sets the pace; without, they are since the start. eta=False: no
+        time left (a warm-up says nothing of the pace after it). extra: labelled fields (e.g.
+        `loss_note`'s), after the time left in importance.
+
+        The count never reads more than the total: the last calls of a run may bring it a little
+        past (a worker's call brings all its steps)."""
         now = self.clock()
         if not force and now - self._last_print < self.interval:
             return
@@ -192,23 +242,55 @@ class Monitor:
             elapsed = now - self._start
             fps = frames / elapsed if elapsed > 0 else 0.0
             ups = updates / elapsed if elapsed > 0 else 0.0
-            left, bound = (self.total_frames - frames) / fps if fps > 0 and eta else float("inf"), None
-        share = min(frames / self.total_frames, 1.0) if self.total_frames else 1.0
-        bar = "#" * int(share * 20)
-        pace_note = f" ({bound}-bound)" if bound else ""
-        rate = f"{fps:,.0f} fps  " if self.unit == "frames" else ""
-        line = (f"[{bar:<20}] {frames:,}/{self.total_frames:,} {self.unit}  {rate}{ups:.3g} upd/s  "
-                f"left {_duration(left)}{pace_note}  {extra}")
+            left, bound = max(self.total_frames - frames, 0) / fps if fps > 0 and eta else math.inf, None
+        total = self.total_frames
+        shown = min(frames, total) if total else frames
+        share = shown / total if total else 1.0
+        # (rank, text) in the order shown; rank 0 is kept longest when the line must be shorter
+        fields: list[tuple[int, str]] = []
         if self.interactive:
-            self.stream.write("\r" + line[:160].ljust(160))
+            fields.append((6, f"[{'#' * int(share * BAR_WIDTH):<{BAR_WIDTH}}]"))
+        fields.append((0, f"{shown:,}/{total:,} {self.unit} ({int(share * 100)}%)"))
+        if self.unit == "frames":
+            fields.append((3, f"{fps:,.0f} fps"))
+        fields.append((4, f"{ups:.3g} upd/s"))
+        if math.isfinite(left) and _duration(left) != "?":
+            fields.append((1, f"left {_duration(left)}"))
+        if bound:
+            fields.append((5, f"({bound}-bound)"))
+        fields.extend((2, e.strip()) for e in ([extra] if isinstance(extra, str) else extra) if e and e.strip())
+        if self.interactive:
+            width = max(shutil.get_terminal_size().columns - 1, 1)  # a full line wraps on some terminals
+            self.stream.write("\r" + fit(fields, width) + CLEAR_TO_END)
+            self._drawn = True
         else:
-            self.stream.write(line + "\n")
+            self.stream.write(fit(fields) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.interactive:
-            self.stream.write("\n")
+        if self._drawn:
+            self.stream.write("\n")  # the redrawn line stays, what follows starts below it
+            self.stream.flush()
+            self._drawn = False
         self.writer.close()
+
+
+def fit(fields: Sequence[tuple[int, str]], width: int | None = None, sep: str = "  ") -> str:
+    """The fields `(rank, text)` joined in their order, within `width` columns (None: all): the
+    lower ranks first, up to the first that does not fit; the rank-0 field alone is cut to the
+    width when even it does not fit."""
+    if width is None:
+        return sep.join(text for _, text in fields)
+    order = sorted(range(len(fields)), key=lambda i: fields[i][0])
+    kept: list[int] = []
+    for i in order:
+        trial = sorted([*kept, i])
+        if len(sep.join(fields[j][1] for j in trial)) > width:
+            break
+        kept = trial
+    if not kept:
+        return fields[order[0]][1][:width] if fields else ""
+    return sep.join(fields[j][1] for j in kept)
 
 
 def _duration(seconds: float) -> str:
@@ -224,6 +306,10 @@ def _duration(seconds: float) -> str:
 
 
 def loss_note(metrics: Mapping[str, float]) -> str:
-    """The world model's loss (DADS: skill dynamics') for the progress line ("" before the first update)."""
-    loss = metrics.get("world_model/loss", metrics.get("dynamics/loss"))
-    return "" if loss is None else f"loss {loss:.2f}"
+    """The world model's loss (DADS: its skill dynamics') for the progress line, labelled ("" before
+    the first update)."""
+    if "world_model/loss" in metrics:
+        return f"wm loss {metrics['world_model/loss']:.2f}"
+    if "dynamics/loss" in metrics:
+        return f"dynamics loss {metrics['dynamics/loss']:.2f}"
+    return ""

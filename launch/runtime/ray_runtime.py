@@ -42,6 +42,13 @@ the driver's process group, so its processes stay in that group (with SIGINT ign
 Ctrl-C but not SIGTERM off them). The services still listen on loopback only: where a process
 runs changes nothing of what it binds.
 
+Ray's own messages: the raylet reports every worker death and task retry to the driver, which
+prints them, and the workers' output is copied to the driver's terminal, about 18 terminal rows a
+killed worker. A run says one line of its own per fault instead: given a `messages` file, the
+driver's copy of Ray's messages and of the workers' output goes there (and Ray's session logs
+stay where Ray writes them), unless `CHOREO_RAY_LOGS=1` brings them back to the terminal for
+whoever debugs Ray.
+
 Workers get `MUJOCO_GL=egl` and one OpenMP/MKL thread (torch then uses one intra-op thread per
 worker: the acting networks are tiny and several workers share the cores), through the job's
 runtime_env.
@@ -56,8 +63,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import warnings
+from pathlib import Path
 from typing import Any
 
 from choreo.launch.runtime.build import make_eval_runner, make_runner
@@ -74,6 +83,10 @@ WORKER_ENV_VARS = {
     "MKL_NUM_THREADS": "1",
 }
 """Environment variables of every Ray worker process of a choreo job."""
+
+RAY_MESSAGES_ENV = "CHOREO_RAY_LOGS"
+"""Set to 1 to see Ray's own messages (worker deaths, task retries, the workers' output) on the
+terminal, as Ray prints them, instead of in the run directory's file."""
 
 GCS_TASK_EVENTS = "10000"
 """Task event records the embedded Ray's GCS keeps (only the state API and the dashboard read them)."""
@@ -157,13 +170,15 @@ def _ray_processes_in_new_sessions():
 
 
 def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int | None = None,
-                    env_vars: dict[str, str] | None = None, num_gpus: int | None = None) -> dict[str, Any]:
+                    env_vars: dict[str, str] | None = None, num_gpus: int | None = None,
+                    messages: Path | None = None) -> dict[str, Any]:
     """Start an embedded Ray owned by this process, listening on 127.0.0.1 only.
 
     num_cpus: CPUs Ray schedules (default: all cores). num_gpus: GPUs it schedules (default:
     those it finds). dashboard: start the dashboard on 127.0.0.1 (off by default: it costs about
     1 GiB of memory). object_store_mb: object store size (default: Ray's). env_vars: extra
-    environment variables for the workers.
+    environment variables for the workers. messages: the file Ray's own messages go to instead of
+    the terminal (see the module docstring; None: the terminal).
     Returns the address, node IP, dashboard URL (or None), session directory and resources.
     Stop it with `shutdown_ray()`.
     """
@@ -185,8 +200,10 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object
             object_store_memory=None if object_store_mb is None else int(object_store_mb) * 1024 * 1024,
             runtime_env=_runtime_env(env_vars),
             logging_level=logging.WARNING,
+            log_to_driver=not _diverted(messages),
             _node_ip_address=LOOPBACK,
         )
+    _divert_messages(messages)
     info = _context_info(ray, ctx)
     if info["node_ip"] != LOOPBACK:
         shutdown_ray()
@@ -194,16 +211,65 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, object
     return info
 
 
-def connect_ray(address: str = "auto", env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+def connect_ray(address: str = "auto", env_vars: dict[str, str] | None = None,
+                messages: Path | None = None) -> dict[str, Any]:
     """Join a running Ray cluster (`auto` or `HOST:PORT`, e.g. one started with `ray start --head`).
-    Authentication follows `RAY_AUTH_MODE` in the environment (it must match the cluster's)."""
+    Authentication follows `RAY_AUTH_MODE` in the environment (it must match the cluster's).
+    messages: as for `start_local_ray`."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already running in this process; call shutdown_ray() first")
-    ctx = ray.init(address=address, runtime_env=_runtime_env(env_vars), logging_level=logging.WARNING)
+    ctx = ray.init(address=address, runtime_env=_runtime_env(env_vars), logging_level=logging.WARNING,
+                   log_to_driver=not _diverted(messages))
+    _divert_messages(messages)
     return _context_info(ray, ctx)
+
+
+def _diverted(messages: Path | None) -> bool:
+    return messages is not None and os.environ.get(RAY_MESSAGES_ENV, "") in ("", "0")
+
+
+_restore: list[Any] = []
+"""What `_divert_messages` changed, undone by `shutdown_ray`."""
+
+
+def _divert_messages(messages: Path | None) -> None:
+    """Ray's messages to the driver go to the file `messages`: the raylet's reports (worker deaths,
+    task retries) and Ray's log records (unhandled errors of lost calls). Ray prints the reports
+    through `ray._private.worker.print_to_stdstream`, looked up at each call, and logs through the
+    "ray" logger."""
+    if not _diverted(messages):
+        return
+    from ray._private import worker as ray_worker
+
+    Path(messages).parent.mkdir(parents=True, exist_ok=True)
+    stream = open(messages, "a", buffering=1)  # noqa: SIM115 - open until shutdown_ray
+
+    def to_file(data: dict, ignore_prefix: bool = False, **_: Any) -> None:
+        for line in data.get("lines", ()):
+            stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({data.get('pid', 'ray')}) {line}\n")
+
+    printer = ray_worker.print_to_stdstream
+    logger = logging.getLogger("ray")
+    handlers = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                and getattr(h, "stream", None) in (sys.stdout, sys.stderr)]
+    to_log = logging.StreamHandler(stream)
+    to_log.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.addHandler(to_log)
+    ray_worker.print_to_stdstream = to_file
+
+    def restore() -> None:
+        ray_worker.print_to_stdstream = printer
+        logger.removeHandler(to_log)
+        for handler in handlers:
+            logger.addHandler(handler)
+        stream.close()
+
+    _restore.append(restore)
 
 
 def _context_info(ray: Any, ctx: Any) -> dict[str, Any]:
@@ -225,6 +291,8 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    while _restore:
+        _restore.pop()()
 
 
 # ---------------------------------------------------------------------- the remote environment worker

@@ -10,7 +10,8 @@ import re
 import time
 from pathlib import Path
 
-from choreo.launch.runtime.config import RESUME_OVERRIDES, Config, ConfigError, load_config, with_overrides
+from choreo.launch.runtime.config import (RESUME_OVERRIDES, Config, ConfigError, load_config, read_config_file,
+                                         with_overrides)
 from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.rundir import RunDir
 from choreo.launch.runtime.signals import interrupt_on_sigterm
@@ -78,6 +79,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     if args.resume:
         if args.preset:
             raise ConfigError("--resume continues a run with its saved config; drop --preset")
+        if getattr(args, "config", None):
+            raise ConfigError(f"--resume continues a run with the config saved in its run directory; drop --config "
+                              f"{args.config} (key=value may still change how long it runs, e.g. "
+                              f"learner.total_frames=4e6)")
         run_dir = RunDir.resume(args.resume)
         config = run_dir.read_config()
         saved = resolve_plan(config).mode
@@ -92,14 +97,16 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
             run_dir.write_config(config)
         check_local(config, args.local)
     else:
-        # `task=...` is short for env.task (`choreo finetune --snapshot FILE task=walker_run`)
-        overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
+        file = read_config_file(args.config) if getattr(args, "config", None) else None
+        overrides = list(args.overrides)
         presets = list(args.preset)
         if getattr(args, "fit_machine", False):
             from choreo.launch.runtime.machine import fitted_presets
 
-            presets, fitted = fitted_presets(presets, overrides)
-        config = load_config(presets, mode_overrides(args, mode) + overrides)
+            # A size the config file chooses is a size given, as --preset or size= is.
+            chosen = [f"{group}={name}" for group, name in file.groups.items()] if file else []
+            presets, fitted = fitted_presets(presets, [*chosen, *overrides])
+        config = load_config(presets, mode_overrides(args, mode) + overrides, file)
         plan = resolve_plan(config)
         if plan.mode != mode:
             raise ConfigError(f"config key 'mode': choreo {mode} runs mode={mode}, not {plan.mode}")
@@ -161,8 +168,9 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
     if args.local or args.resume:
         raise ConfigError("--tasks/--seeds start many runs side by side on Ray: drop --local and --resume "
                           "(continue one run of them with --resume <its run directory>)")
-    overrides = ["env." + o if o.startswith("task=") else o for o in args.overrides]
-    base = load_config(args.preset, mode_overrides(args, mode) + overrides)
+    file = read_config_file(args.config) if getattr(args, "config", None) else None
+    overrides = list(args.overrides)
+    base = load_config(args.preset, mode_overrides(args, mode) + overrides, file)
     if args.logdir:
         base = dataclasses.replace(base, logdir=args.logdir)
     if base.learner.num_learners > 1:
@@ -175,7 +183,7 @@ def run_many(args: argparse.Namespace, mode: str) -> int:
         for seed in seeds:
             config = load_config(args.preset, mode_overrides(args, mode) + overrides
                                  + [f"env.task={task}", f"seed={seed}",
-                                    f"run_name={re.sub(r'[^A-Za-z0-9._-]+', '_', task)}-seed{seed}"])
+                                    f"run_name={re.sub(r'[^A-Za-z0-9._-]+', '_', task)}-seed{seed}"], file)
             if resolve_plan(config).start == "snapshot" and task not in checked:
                 check_snapshot(config)  # before any directory is made
                 checked.add(task)

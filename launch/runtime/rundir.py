@@ -9,6 +9,7 @@ through `RunDir`, so that a file is called the same wherever it is written or re
     tensorboard/        the event files
     placement.json      the nodes of the learner, workers and shards (runs on Ray)
     driver.log          the driver's output, for a run of several side by side
+    ray.log             Ray's own messages to the driver (CHOREO_RAY_LOGS=1: the terminal instead)
     eval.jsonl          one evaluation per line (`EvalRecord`), read by `choreo report`
     zero_shot.jsonl     `choreo evaluate`: one line per job; zero_shot.json, its summary
     plan.jsonl          `choreo plan`: one line per episode; plan.json, its summary
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from choreo.launch.runtime.config import Config, ConfigError, check_run_name, from_yaml_file, to_yaml
+from choreo.launch.runtime.config import RUN_CONFIG, Config, ConfigError, check_run_name, from_yaml_file, to_yaml
 from choreo.learner.files import CHECKPOINT, SNAPSHOT_PATTERN, SNAPSHOTS, snapshot_name
+from choreo.vocabulary import write_atomically
 
 EVAL_MODES = ("finetune", "scratch", "zero_shot", "plan", "plan_random", "pretrain")
 """What an evaluation record's `mode` says made it: a fine-tuning run from a snapshot or from
@@ -166,15 +167,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file beside it, synced, that then replaces `path`:
     a reader sees the old file or the new one, never a part of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomically(path, text.encode("utf-8"))
     return path
 
 
@@ -196,13 +189,14 @@ class RunDir:
 
     `RunDir(path)` checks nothing and creates nothing: it names the files of the directory at `path`."""
 
-    CONFIG = "config.yaml"
+    CONFIG = RUN_CONFIG
     CHECKPOINT = CHECKPOINT
     SNAPSHOTS = SNAPSHOTS
     REPLAY = "replay"
     TENSORBOARD = "tensorboard"
     PLACEMENT = "placement.json"
     DRIVER_LOG = "driver.log"
+    RAY_LOG = "ray.log"
     EVAL = "eval.jsonl"
 
     RUN_FILES = (CONFIG, CHECKPOINT, REPLAY, SNAPSHOTS, TENSORBOARD, PLACEMENT)
@@ -255,6 +249,11 @@ class RunDir:
     @property
     def driver_log(self) -> Path:
         return self.path / self.DRIVER_LOG
+
+    @property
+    def ray_log(self) -> Path:
+        """Ray's own messages to the driver (worker deaths, task retries, the workers' output)."""
+        return self.path / self.RAY_LOG
 
     @property
     def eval_file(self) -> Path:
@@ -372,6 +371,8 @@ class RunDir:
     def open(cls, path: str | os.PathLike) -> RunDir:
         """An existing run directory to read (resolved): one that holds its config.yaml."""
         run_dir = cls(Path(path).expanduser().resolve())
+        if run_dir.path.is_file():
+            raise ConfigError(f"{run_dir} is a file, not a run directory (give the folder that holds {cls.CONFIG})")
         if not run_dir.config_file.is_file():
             raise ConfigError(f"{run_dir} is not a run directory (it holds no {cls.CONFIG})")
         return run_dir

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from choreo.actors.rollout import rollout
-from choreo.launch.runtime.config import Config, ConfigError
+from choreo.launch.runtime.config import Config, ConfigError, ConfigFile, as_config_file
 from choreo.vocabulary import derive_seed
 
 MODES = ("sample", "mode")
@@ -225,24 +225,26 @@ class Snapshot:
 
     @classmethod
     def open(cls, path: str | os.PathLike, overrides: Sequence[str] = (), config: Config | None = None,
-             mode: str | None = None) -> Snapshot:
-        """Open the snapshot file at `path` (see the class docstring). overrides and mode apply to
-        the saved config; config replaces it (then neither may be given)."""
+             mode: str | None = None, config_file: str | os.PathLike | ConfigFile | None = None) -> Snapshot:
+        """Open the snapshot file at `path` (see the class docstring). mode, config_file (a
+        `--config FILE`) and overrides apply to the saved config, in that order; config replaces it
+        (then none of them may be given)."""
         from choreo.learner.snapshot import SnapshotError
         from choreo.learner.snapshot import load_snapshot as read_snapshot
 
         path = Path(path).expanduser()
-        if config is not None and (overrides or mode):
-            raise ValueError("Snapshot.open: overrides and mode apply to the saved config; with a config of "
-                             "your own, give neither")
+        if config is not None and (overrides or mode or config_file is not None):
+            raise ValueError("Snapshot.open: overrides, mode and config_file apply to the saved config; with a "
+                             "config of your own, give neither overrides, mode nor config_file")
         for o in overrides:
             if not isinstance(o, str):
                 raise ConfigError(f"{path}: overrides are 'key=value' strings, got {o!r}")
+        file = as_config_file(config_file)  # its errors name that file, and come before the snapshot is read
         if path.is_dir():
             raise SnapshotError(_directory_message(path))
         data = read_snapshot(path)
         if config is None:
-            config = _saved_config(path, data["config"], overrides, mode)
+            config = _saved_config(path, data["config"], overrides, mode, file)
         return cls(path, data, config)
 
     def with_config(self, config: Config) -> Snapshot:
@@ -285,18 +287,18 @@ class Snapshot:
         return self._policy_weights
 
 
-def _saved_config(path: Path, saved: Mapping[str, Any], overrides: Sequence[str], mode: str | None) -> Config:
-    """The run config a snapshot holds, validated, put into `mode` when given, with `key=value`
-    overrides applied; errors name the file."""
+def _saved_config(path: Path, saved: Mapping[str, Any], overrides: Sequence[str], mode: str | None,
+                  file: ConfigFile | None = None) -> Config:
+    """The run config a snapshot holds, validated, put into `mode` when given, with the config
+    file's keys and `key=value` overrides applied; errors name the file."""
     from choreo.launch.runtime.config import from_dict, in_mode
 
     try:
         own = from_dict(saved)
     except ConfigError as e:
         raise ConfigError(f"{path}: the snapshot's config: {e}") from None
-    overrides = ["env." + o if o.startswith("task=") else o for o in overrides]
     try:
-        return in_mode(own, mode, overrides) if mode else from_dict(saved, overrides)
+        return in_mode(own, mode, overrides, file) if mode else from_dict(saved, overrides, file)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

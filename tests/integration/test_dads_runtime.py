@@ -53,7 +53,7 @@ def test_dads_pretrains_on_ray_and_plans_on_ray_workers(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"dynamics/log_prob", "dads/reward", "sac/critic/loss", "sac/actor/loss", "sac/alpha",
-            "dynamics/importance_weight", "skills/xy_spread", "episode/xy_distance"} <= tags
+            "dynamics/importance_weight", "episode/xy_spread", "episode/xy_distance"} <= tags
 
     summary = plan(tmp_path, run_dir / "snapshots" / "snapshot_3000.pt", "plan")  # on an embedded Ray
     assert summary["episodes"] == 20 and summary["algo"] == "dads" and np.isfinite(summary["normalised_distance"])

@@ -69,10 +69,10 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("world_model/loss", "skills/window_active_codes", "skill/actor/loss", "explore/actor/loss",
+    for tag in ("world_model/loss", "codebook/window_active_codes", "skill_ac/actor/loss", "explore/actor/loss",
                 "actors/0/steps_per_second", "actors/1/steps_per_second", "actors/steps_per_second",
-                "replay/shard0/steps", "replay/shard1/steps", "replay/ratio", "limiter/insert_wait_s",
-                "limiter/sample_wait_s", "learner/weight_version", "learner/data_wait_share", "actors/policy_lag",
+                "replay/shard0/steps", "replay/shard1/steps", "replay/ratio", "actors/limiter_wait_s",
+                "learner/limiter_wait_s", "learner/weight_version", "learner/data_wait_share", "actors/policy_lag",
                 "throughput/frames_per_second", "throughput/updates_per_second"):
         assert tag in tags, tag
     versions = [e.value for e in events.Scalars("learner/weight_version")]

@@ -36,7 +36,7 @@ def test_local_pretrain_writes_run_directory_and_resumes(tmp_path, capsys):
     assert checkpoint["counters"]["frames"] == 1200
     assert checkpoint["updates"] > 50
     tags = _scalar_tags(run_dir)
-    for tag in ("world_model/loss", "skills/window_active_codes", "explore/actor/loss", "skill/actor/loss",
+    for tag in ("world_model/loss", "codebook/window_active_codes", "explore/actor/loss", "skill_ac/actor/loss",
                 "replay/steps", "replay/ratio", "learner/weight_version", "actors/policy_lag",
                 "actors/steps_per_second", "throughput/frames_per_second"):
         assert tag in tags, tag

@@ -185,7 +185,7 @@ def test_pretraining_on_two_nodes_finishes_with_workers_on_both(two_node_run):
     assert checkpoint["counters"]["frames"] >= TOTAL_FRAMES
     assert checkpoint["updates"] > 0
     # Every shard wrote its replay: here both nodes share this machine's filesystem; on a real
-    # cluster each shard writes on its own node (README, "Multi-node clusters").
+    # cluster each shard writes on its own node (docs/clusters.md).
     assert sorted(p.name for p in (run_dir / "replay").glob("*.msgpack")) == ["shard0.msgpack", "shard1.msgpack"]
     assert any((run_dir / "tensorboard").iterdir())
 

@@ -56,7 +56,7 @@ def test_offline_only_on_ray_trains_by_updates_with_pictures(tmp_path, dataset, 
     assert checkpoint["updates"] == 30 and checkpoint["counters"]["frames"] == 0
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
-    assert {"skills/videos", "skills/codebook"} <= set(events.Tags()["images"])
+    assert {"skill_ac/videos", "codebook/plot"} <= set(events.Tags()["images"])
     assert max(e.step for e in events.Scalars("world_model/loss")) <= 30  # the x axis is updates
 
 

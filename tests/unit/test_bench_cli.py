@@ -159,3 +159,12 @@ def test_run_lines_leave_stdout_to_the_json(as_json, monkeypatch, capsys, tmp_pa
     assert ("Ray: 2 environment workers" in err) == as_json
     assert ("Ray: 2 environment workers" in out) != as_json
     assert not (tmp_path / "tmp").exists()
+
+
+def test_soak_counts_terminal_rows_as_an_80_column_terminal_shows_them():
+    from choreo.launch.bench.soak import terminal_rows
+
+    assert terminal_rows("") == 1
+    assert terminal_rows("x" * 80) == 1 and terminal_rows("x" * 81) == 2 and terminal_rows("x" * 161) == 3
+    assert terminal_rows("\r" + "a" * 100 + "\r" + "b" * 10) == 2  # the longest redraw wraps
+    assert terminal_rows("\x1b[31m" + "r" * 80 + "\x1b[0m") == 1  # colours take no columns

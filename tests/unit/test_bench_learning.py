@@ -29,15 +29,15 @@ def recorded_results():
     """What `run` records, trimmed: resampling met, diversity missed, sparse half failed,
     fine-tuning missed (one run cut short), planning failed."""
     with_rs = run_info("walker_stand-resampling", 19300, 1530, 640.0)
-    with_rs["curves"] = {"skills/active_codes": curve([12, 30, 52, 61, 62, 63, 63, 64]),
-                         "skills/window_active_codes": curve([20, 45, 64, 64, 64, 64, 64, 64]),
-                         "skills/resampled_codes": curve([0, 0, 0, 0, 0, 0, 0, 9]),
-                         "skills/recon": curve([0.3, 0.1, 0.05, 0.03, 0.02, 0.02, 0.01, 0.01])}
+    with_rs["curves"] = {"codebook/active_codes": curve([12, 30, 52, 61, 62, 63, 63, 64]),
+                         "codebook/window_active_codes": curve([20, 45, 64, 64, 64, 64, 64, 64]),
+                         "codebook/resampled_codes": curve([0, 0, 0, 0, 0, 0, 0, 9]),
+                         "codebook/recon": curve([0.3, 0.1, 0.05, 0.03, 0.02, 0.02, 0.01, 0.01])}
     with_rs["final"] = {"active_codes": 63.2, "window_active_codes": 64.0, "resampled_codes": 9.0, "recon": 0.0123}
     without = run_info("walker_stand-no-resampling", 19300, 1528, 650.0)
-    without["curves"] = {"skills/active_codes": curve([12, 8, 5, 4, 4, 3, 3, 3]),
-                         "skills/window_active_codes": curve([20, 21, 21, 21, 21, 21, 21, 21]),
-                         "skills/resampled_codes": curve([0] * 8), "skills/recon": curve([0.3, 0.2, 0.1, 0.08, 0.06,
+    without["curves"] = {"codebook/active_codes": curve([12, 8, 5, 4, 4, 3, 3, 3]),
+                         "codebook/window_active_codes": curve([20, 21, 21, 21, 21, 21, 21, 21]),
+                         "codebook/resampled_codes": curve([0] * 8), "codebook/recon": curve([0.3, 0.2, 0.1, 0.08, 0.06,
                                                                                           0.05, 0.05, 0.05])}
     without["final"] = {"active_codes": 3.4, "window_active_codes": 21.0, "resampled_codes": 0.0, "recon": 0.0456}
     resampling = {"title": bl.TITLES["resampling"], "status": "ok", "allotted_s": 1290.0, "seconds": 1300.0,

@@ -51,8 +51,8 @@ def test_pretrain_update_trains_every_part(obs_shape):
     for name, before in parts.items():
         assert changed(before, getattr(agent, name)), name
     assert not changed(meta_before, agent.meta), "the meta-controller must not train during pretraining"
-    for key in ("world_model/loss", "explore/actor/loss", "skills/active_codes", "skill/critic/loss",
-                "time/knn_reward_ms", "time/world_model_ms"):
+    for key in ("world_model/loss", "explore/actor/loss", "codebook/active_codes", "skill_ac/critic/loss",
+                "time/knn_reward_s", "time/world_model_s"):
         assert key in metrics, key
         assert np.isfinite(metrics[key]), key
     assert int(agent.updates) == 1
@@ -334,7 +334,7 @@ def test_cuda_update_with_bf16_autocast_matches_checkpoint_round_trip():
     agent = ChoreographerAgent(STATE_SHAPE, ACTIONS, tiny(), seed=0, device="cuda")
     assert agent._autocast == torch.bfloat16  # "auto" means bf16 autocast on CUDA
     metrics = agent.update(batch())
-    assert np.isfinite(metrics["world_model/loss"]) and np.isfinite(metrics["skill/actor/loss"])
+    assert np.isfinite(metrics["world_model/loss"]) and np.isfinite(metrics["skill_ac/actor/loss"])
     restored = ChoreographerAgent(STATE_SHAPE, ACTIONS, tiny(), seed=5, device="cuda")
     restored.load_state_dict(_roundtrip(agent))
     weights = restored.policy_weights()
@@ -344,12 +344,12 @@ def test_cuda_update_with_bf16_autocast_matches_checkpoint_round_trip():
 def test_reward_parts_are_metrics_that_add_up_to_the_rewards():
     agent = make()
     metrics = agent.update(batch())
-    for key in ("skill/reward_knn", "skill/reward_code", "explore/reward_raw"):
+    for key in ("skill_ac/reward_knn", "skill_ac/reward_code", "explore/reward_raw"):
         assert np.isfinite(metrics[key]), key
-    assert metrics["skill/reward_knn"] >= 0.0 and metrics["skill/reward_code"] <= 0.0  # distances, and minus one
+    assert metrics["skill_ac/reward_knn"] >= 0.0 and metrics["skill_ac/reward_code"] <= 0.0  # distances, and minus one
     # the skill reward is their sum, averaged over the same imagined states
-    assert metrics["skill/reward_knn"] + metrics["skill/reward_code"] == pytest.approx(
-        metrics["skill/reward_mean"], rel=1e-4, abs=1e-5)
+    assert metrics["skill_ac/reward_knn"] + metrics["skill_ac/reward_code"] == pytest.approx(
+        metrics["skill_ac/reward_mean"], rel=1e-4, abs=1e-5)
 
 
 def test_skill_policy_needs_its_skills():

@@ -74,7 +74,7 @@ def _agent_updates(collective, overrides: list[str], finetune: bool) -> dict:
         metrics = agent.update(batch)
         nonfinite.append(metrics["learner/nonfinite"])
         gate.append(metrics.get("meta/gate_open"))
-        resampled.append(metrics.get("skills/resampled_codes"))
+        resampled.append(metrics.get("codebook/resampled_codes"))
         digests.append(state_digest({k: v for k, v in agent.state_dict().items() if k != "_extra_state"}
                                     | {"opt": _optimizer_states(agent)}))
     return {"digests": digests, "nonfinite": nonfinite, "gate": gate, "resampled": resampled,
@@ -162,7 +162,7 @@ def _codebook_half(collective, arrays: dict) -> dict:
     sae.updates.fill_(sae.cfg.resample_every - 1)  # this step is a check
     metrics = sae.codebook_step(z, sae.nearest(z), torch.Generator().manual_seed(7))
     return {"codebook": sae.codebook.tolist(), "cluster_size": sae.cluster_size.tolist(),
-            "usage": sae.usage.tolist(), "resampled": float(metrics["skills/resampled_codes"])}
+            "usage": sae.usage.tolist(), "resampled": float(metrics["codebook/resampled_codes"])}
 
 
 def _sae(collective=None):

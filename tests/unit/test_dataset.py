@@ -367,13 +367,13 @@ def test_a_run_with_media_on_writes_images_videos_and_histograms_to_tensorboard(
     events = EventAccumulator(str(tmp_path / "media" / "tensorboard"), size_guidance={"images": 0, "histograms": 0})
     events.Reload()
     images = {tag: events.Images(tag) for tag in events.Tags()["images"]}
-    assert set(images) == {"skills/codebook", "skills/videos"}
-    steps = [e.step for e in images["skills/videos"]]  # offline: TensorBoard's x axis is updates
+    assert set(images) == {"codebook/plot", "skill_ac/videos"}
+    steps = [e.step for e in images["skill_ac/videos"]]  # offline: TensorBoard's x axis is updates
     assert len(steps) == 2 and 5 <= steps[0] < 10 <= steps[1]
-    assert images["skills/videos"][0].encoded_image_string.startswith(b"GIF")
-    assert images["skills/codebook"][0].encoded_image_string.startswith(b"\x89PNG")
-    assert "skills/code_usage" in events.Tags()["histograms"]
-    assert "skills/resampled_codes" in events.Tags()["scalars"]
+    assert images["skill_ac/videos"][0].encoded_image_string.startswith(b"GIF")
+    assert images["codebook/plot"][0].encoded_image_string.startswith(b"\x89PNG")
+    assert "codebook/usage" in events.Tags()["histograms"]
+    assert "codebook/resampled_codes" in events.Tags()["scalars"]
 
 
 def test_an_offline_run_evaluates_every_so_many_updates(tmp_path):

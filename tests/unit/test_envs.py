@@ -508,23 +508,23 @@ def test_gymnasium_registration():
 
 
 def _readme_gymnasium_snippets() -> list[str]:
-    """The python blocks of README.md's paragraph on gymnasium ids (up to the next heading)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    """The python blocks of docs/environments.md's paragraph on gymnasium ids (up to the next heading)."""
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "environments.md").read_text()
     start = readme.find("registered with gymnasium")
-    assert start >= 0, "README.md no longer says how the ids are registered with gymnasium"
+    assert start >= 0, "docs/environments.md no longer says how the ids are registered with gymnasium"
     end = readme.find("\n#", start)
     return re.findall(r"```python\n(.*?)```", readme[start:end if end >= 0 else None], re.S)
 
 
 def test_readme_gymnasium_snippets_work_in_a_fresh_interpreter():
-    """The README's snippets, exactly as written, make a choreo env through gymnasium alone (a fresh
+    """The documentation's snippets, exactly as written, make a choreo env through gymnasium alone (a fresh
     interpreter: nothing of choreo imported beforehand)."""
     snippets = _readme_gymnasium_snippets()
     assert len(snippets) >= 1
     check = "\nprint(env.spec.id, env.observation_space.shape, obs.shape, obs.dtype)\nenv.close()\n"
     for snippet in snippets:
         out = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, f"README snippet failed:\n{snippet}\n{out.stderr[-3000:]}"
+        assert out.returncode == 0, f"docs/environments.md snippet failed:\n{snippet}\n{out.stderr[-3000:]}"
         assert out.stdout.split("\n")[-2] == "choreo/walker_flip (24,) (24,) float32", (snippet, out.stdout)
 
 

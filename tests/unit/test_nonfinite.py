@@ -143,7 +143,7 @@ def test_codebook_ignores_nonfinite_embeddings_and_skipped_updates():
     bad = z.clone()
     bad[2, 1] = NAN
     m = sae.codebook_step(bad, sae.nearest(bad), g)  # every step is a resampling check
-    assert float(m["skills/resampled_codes"]) == 0.0
+    assert float(m["codebook/resampled_codes"]) == 0.0
     assert not differing(before, snapshot(sae))
     m = sae.codebook_step(z, sae.nearest(z), g, skip=torch.tensor(1.0))  # finite, but the update skipped
     assert not differing(before, snapshot(sae))
@@ -200,7 +200,7 @@ def test_pretrain_update_on_a_nan_in_the_batch_changes_nothing_and_reports_it(wh
     assert metrics["learner/nonfinite"] == 1.0
     assert metrics["world_model/nonfinite"] == 1.0 and math.isnan(metrics["world_model/loss"])
     if where == "action":
-        assert metrics["explore/actor/nonfinite"] == 1.0 and metrics["skill/critic/nonfinite"] == 1.0
+        assert metrics["explore/actor/nonfinite"] == 1.0 and metrics["skill_ac/critic/nonfinite"] == 1.0
     after = snapshot(agent)
     assert all_finite(after)
     assert differing(before, after) <= ALLOWED
@@ -234,7 +234,7 @@ def test_steps_before_the_first_nonfinite_loss_stand_and_later_ones_are_skipped(
     agent.explore_ac.entropy_scale = float("inf")  # the exploration actor's loss is infinite
     metrics = agent.update(_batch(1))
     assert metrics["learner/nonfinite"] == 1.0 and metrics["explore/actor/nonfinite"] == 1.0
-    assert metrics["world_model/nonfinite"] == 0.0 and metrics["skills/nonfinite"] == 0.0
+    assert metrics["world_model/nonfinite"] == 0.0 and metrics["codebook/nonfinite"] == 0.0
     changed = {name for name in names if differing(before[name], snapshot(getattr(agent, name))) - {"/updates"}}
     assert changed == {"wm", "lbs"}  # before it: stepped; from it on: skipped (magnitude restored)
     assert all_finite(snapshot(agent)) and int(agent.updates) == 1
@@ -243,7 +243,7 @@ def test_steps_before_the_first_nonfinite_loss_stand_and_later_ones_are_skipped(
     before = snapshot(agent.skill_ac)
     agent.skill_ac.entropy_scale = float("nan")  # the last part only
     metrics = agent.update(_batch(2))
-    assert metrics["skill/actor/nonfinite"] == 1.0 and metrics["skill/critic/nonfinite"] == 0.0
+    assert metrics["skill_ac/actor/nonfinite"] == 1.0 and metrics["skill_ac/critic/nonfinite"] == 0.0
     assert not differing(before, snapshot(agent.skill_ac)) - {"/updates"}  # critic and target too
     assert all_finite(snapshot(agent))
 

@@ -107,9 +107,9 @@ def test_checks_without_resample_codes_count_windows_and_replace_nothing():
     codebook = sae.codebook.clone()
     for step in range(4):
         metrics = sae.codebook_step(z, sae.nearest(z), torch.Generator())
-        assert metrics["skills/resampled_codes"] == 0
+        assert metrics["codebook/resampled_codes"] == 0
         # the window holds this step and, between checks, the one before
-        assert metrics["skills/window_active_codes"] == 1
+        assert metrics["codebook/window_active_codes"] == 1
         assert int(sae.usage.sum()) == (0 if step % 2 == 1 else 5)
     dead = sae.usage.new_ones(4, dtype=torch.bool)
     dead[sae.nearest(z)[0]] = False
@@ -125,11 +125,11 @@ def test_skill_loss_terms_metrics_and_gradients():
     recon = (sae.decoder(code) - deter.detach().reshape(10, 12)).square().mean()
     commit = (z_e - code).square().mean()
     torch.testing.assert_close(loss, recon + 0.25 * commit)
-    assert set(metrics) == {"skills/loss", "skills/recon", "skills/commitment", "skills/perplexity",
-                            "skills/active_codes"}
+    assert set(metrics) == {"codebook/loss", "codebook/recon", "codebook/commitment", "codebook/perplexity",
+                            "codebook/active_codes"}
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
     active = len(aux["indices"].unique())
-    assert metrics["skills/active_codes"] == active and 1 <= metrics["skills/perplexity"] <= active + 1e-4
+    assert metrics["codebook/active_codes"] == active and 1 <= metrics["codebook/perplexity"] <= active + 1e-4
     torch.testing.assert_close(aux["z_e"], z_e.detach())
     loss.backward()
     assert deter.grad is None  # the skill loss does not train the world model
@@ -152,7 +152,7 @@ def clustered_run(resample_every: int, steps: int = 300, seed: int = 0) -> tuple
         ids = torch.randint(0, 64, (512,), generator=g)
         z_e = centres[ids] + 0.1 * torch.randn(512, 4, generator=g)
         metrics = sae.codebook_step(z_e, sae.nearest(z_e), g)
-        window_active = int(metrics["skills/window_active_codes"])
+        window_active = int(metrics["codebook/window_active_codes"])
     ids = torch.arange(64).repeat(20)
     z_e = centres[ids] + 0.1 * torch.randn(len(ids), 4, generator=g)
     return len(sae.nearest(z_e).unique()), window_active
@@ -187,7 +187,7 @@ def test_state_dict_round_trip_gives_same_outputs_and_same_next_resampling():
     ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     out_a = sae.codebook_step(aux_a["z_e"], aux_a["indices"], ga)
     out_b = restored.codebook_step(aux_b["z_e"], aux_b["indices"], gb)
-    assert out_a["skills/resampled_codes"] > 0
+    assert out_a["codebook/resampled_codes"] > 0
     assert all(torch.equal(out_a[key], out_b[key]) for key in out_a)
     for name, value in sae.state_dict().items():
         assert torch.equal(value, restored.state_dict()[name]), name

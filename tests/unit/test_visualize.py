@@ -103,10 +103,10 @@ def test_learner_media_from_a_batch_leaves_the_agent_alone(pixels, states):
     before = agent.generator.get_state().clone(), {k: v.clone() for k, v in agent.state_dict().items()
                                                    if isinstance(v, torch.Tensor)}
     media = learner_media(agent, batch)
-    assert set(media) == {"skills/codes", "skills/codebook", "skills/code_usage"}
-    assert media["skills/codes"].shape == code_grid(agent).shape
-    assert media["skills/codebook"].dtype == np.uint8 and media["skills/codebook"].shape[-1] == 3
-    usage = media["skills/code_usage"]
+    assert set(media) == {"codebook/decoded_codes", "codebook/plot", "codebook/usage"}
+    assert media["codebook/decoded_codes"].shape == code_grid(agent).shape
+    assert media["codebook/plot"].dtype == np.uint8 and media["codebook/plot"].shape[-1] == 3
+    usage = media["codebook/usage"]
     assert usage.shape == (10,) and usage.min() >= 0 and usage.max() < CODES
     assert torch.equal(agent.generator.get_state(), before[0])
     assert all(torch.equal(v, before[1][k]) for k, v in agent.state_dict().items() if k in before[1])
@@ -114,7 +114,7 @@ def test_learner_media_from_a_batch_leaves_the_agent_alone(pixels, states):
     config, agent = states
     obs_dim = env_shapes(config)[0][0]
     batch[B.OBSERVATION] = rng.normal(size=(2, 5, obs_dim)).astype(np.float32)
-    assert set(learner_media(agent, batch)) == {"skills/codebook", "skills/code_usage"}
+    assert set(learner_media(agent, batch)) == {"codebook/plot", "codebook/usage"}
 
 
 def moving_square(n: int) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_monitor_writes_images_videos_and_histograms(tmp_path):
     monitor = Monitor(tmp_path, total_frames=10, stream=io.StringIO())
     monitor.image("pictures/still", moving_square(1)[0], step=3)
     monitor.video("pictures/clip", moving_square(5), step=3, fps=10)
-    monitor.histogram("skills/code_usage", np.array([0, 1, 1, 2, 2, 2]), step=3)
+    monitor.histogram("codebook/usage", np.array([0, 1, 1, 2, 2, 2]), step=3)
     monitor.media({"m/image": moving_square(1)[0], "m/video": moving_square(2), "m/values": np.arange(4.0)}, step=4)
     monitor.close()
 
@@ -152,7 +152,7 @@ def test_monitor_writes_images_videos_and_histograms(tmp_path):
     events.Reload()
     tags = events.Tags()
     assert {"pictures/still", "pictures/clip", "m/image", "m/video"} <= set(tags["images"])
-    assert {"skills/code_usage", "m/values"} <= set(tags["histograms"])
+    assert {"codebook/usage", "m/values"} <= set(tags["histograms"])
     (still,) = events.Images("pictures/still")
     assert still.step == 3 and still.encoded_image_string.startswith(b"\x89PNG") and (still.width, still.height) == (48, 32)
     (clip,) = events.Images("pictures/clip")
@@ -160,7 +160,7 @@ def test_monitor_writes_images_videos_and_histograms(tmp_path):
     assert clip.encoded_image_string == encode_gif(moving_square(5), 10)
     with Image.open(io.BytesIO(clip.encoded_image_string)) as gif:
         assert gif.n_frames == 5
-    (hist,) = events.Histograms("skills/code_usage")
+    (hist,) = events.Histograms("codebook/usage")
     assert hist.histogram_value.num == 6 and hist.histogram_value.max == 2
 
 
