@@ -292,23 +292,25 @@ class Soak:
         elapsed = now - self.t0
         if not candidates:
             self.skipped[role] += 1
-            self.own_rows += 1
-            self.out(f"[{_clock(elapsed)}] no {ROLE_NAMES[role]} to kill: the driver has not seen the last "
+            self._say(f"[{_clock(elapsed)}] no {ROLE_NAMES[role]} to kill: the driver has not seen the last "
                      f"kills' restarts yet", flush=True)
             return
         i = self.rng.choice(candidates)
         try:
             os.kill(pids[i], signal.SIGKILL)
         except ProcessLookupError:
-            self.own_rows += 1
-            self.out(f"[{_clock(elapsed)}] {ROLE_NAMES[role]} {i} (pid {pids[i]}) was already gone", flush=True)
+            self._say(f"[{_clock(elapsed)}] {ROLE_NAMES[role]} {i} (pid {pids[i]}) was already gone", flush=True)
             return
         self.kills[role] += 1
         self.pending[(role, i)] = (pids[i], now)
-        self.own_rows += 1
-        self.out(f"[{_clock(elapsed)}] SIGKILL {ROLE_NAMES[role]} {i} (pid {pids[i]}); {driver.frames:,} frames, "
+        self._say(f"[{_clock(elapsed)}] SIGKILL {ROLE_NAMES[role]} {i} (pid {pids[i]}); {driver.frames:,} frames, "
                  f"{driver.updates:,} updates; restarts seen so far: workers {sum(driver.runner_restarts)}, "
                  f"shards {sum(driver.shard_restarts)}, learner {driver.learner_restarts}", flush=True)
+
+    def _say(self, text: str, **kwargs: Any) -> None:
+        """One of the soak's own lines: shown, and not counted against the run's rows."""
+        self.own_rows += terminal_rows(text)
+        self.out(text, **kwargs)
 
     # ------------------------------------------------------------------ the hook
 

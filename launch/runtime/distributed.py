@@ -386,10 +386,11 @@ class Driver:
         self.nonfinite_stop: str | None = None
         self.learner_wait_seconds = self.learner_train_seconds = 0.0
         self._write_placement()
-        workers = "offline (no environment workers)" if not plan.workers else \
-            f"{len(self.runners)} environment workers x {config.envs_per_actor} envs"
+        # within 80 columns: the terminal's first lines
+        workers = "no workers (offline)" if not plan.workers else \
+            f"{len(self.runners)} workers x {config.envs_per_actor} envs"
         print(f"Ray: {workers}, "
-              f"{len(self.shards)} replay shards, "
+              f"{len(self.shards)} shards, "
               + (f"{self.learner.world} learner ranks on {learner_info['device']} ({config.learner.scaling} scaling)"
                  if self.learner.world > 1 else f"learner on {learner_info['device']}")
               + (f"; resumed at {self.core.frames:,} frames" if resume else "") + f"; {self._placement_line()}",
@@ -782,4 +783,4 @@ class Driver:
 
     def _placement_line(self) -> str:
         nodes = {n for group in ("runners", "shards") for n in self.placement()[group].values()}
-        return f"workers and shards on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
+        return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}"

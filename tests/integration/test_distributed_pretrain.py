@@ -63,7 +63,7 @@ def test_ray_pretrain_two_workers_two_shards_then_resume(tmp_path, capsys):
            "learner.snapshot_frames=[1000]", "replay.tolerance=0.05"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 environment workers x 1 envs, 2 replay shards, learner on cpu" in done.stdout
+    assert "2 workers x 1 envs, 2 shards, learner on cpu" in done.stdout
     run_dir = tmp_path / "ray"
 
     events = EventAccumulator(str(run_dir / "tensorboard"))

@@ -169,7 +169,7 @@ def simulated_cluster(head_cpus: int):
 def test_pretraining_on_two_nodes_finishes_with_workers_on_both(two_node_run):
     run_dir, nodes = two_node_run["run_dir"], two_node_run["nodes"]
     assert two_node_run["code"] == 0, two_node_run["out"][-3000:]
-    assert "4 environment workers x 1 envs, 2 replay shards, learner on " in two_node_run["out"]
+    assert "4 workers x 1 envs, 2 shards, learner on " in two_node_run["out"]
     assert len(nodes) == 2
     sockets = two_node_run["sockets"]
     assert sum("raylet" in name for name, _, _ in sockets) >= 2, sockets

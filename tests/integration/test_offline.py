@@ -48,7 +48,7 @@ def test_offline_only_on_ray_trains_by_updates_with_pictures(tmp_path, dataset, 
                      "monitor.media_every=15", "agent.choreographer.num_codes=4"]) == 0
     out = capsys.readouterr().out
     assert "loaded 6 episodes, 360 steps" in out and "0 files skipped" in out
-    assert "offline (no environment workers), 2 replay shards" in out
+    assert "no workers (offline), 2 shards" in out
     run_dir = tmp_path / "off"
     assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == ["snapshot_10updates.pt",
                                                                          "snapshot_30updates.pt"]
