@@ -107,13 +107,21 @@ class ChoreographerConfig:
     """With several learners (learner.num_learners): the k-NN particles of each rank's states are
     that rank's own imagined states (`rank`; the paper's estimator when each rank's batch is the
     paper's batch, weak scaling) or every rank's gathered (`global`; the paper's estimator over the
-    whole batch, strong scaling). No effect with one learner."""
+    whole batch, strong scaling; `rank` with learner.scaling=strong is refused). No effect with one
+    learner."""
     exploration_reward_momentum: float = 0.95
     """Momentum of the running magnitude that normalises the LBS exploration reward."""
     reward_gate: float = 1e-4
     """Fine-tuning trains only the world model until a batch holds a reward at least this big."""
     random_skill_every: int = 125
     """Agent steps a random skill is held while the reward gate is closed."""
+    eval_latent: Literal["mode", "sample"] = "mode"
+    """The posterior latent when the policy acts in mode "mode" (fine-tuning's evaluations, skill
+    videos, `run_skills`): `mode`, the argmax of each categorical, so that acting is a deterministic
+    function of the observations and two evaluations on the same seeded episodes differ only by
+    the weights; `sample`, a draw with the policy's generator, as the reference evaluates
+    (`eval_state_mean: False`). Actions are the mean and codes the most likely either way. Default
+    `mode`, for that determinism; with a sharp posterior the two differ little."""
     meta_entropy: float = 1e-4
     """Entropy bonus of the meta-controller."""
 
@@ -156,6 +164,21 @@ class PlannerConfig:
     mix: float = 0.5
     """Discrete skills and codes: weight of the refined categorical per segment against the previous
     one, p <- mix * p_weighted + (1 - mix) * p_previous (1: no memory of the previous iteration)."""
+    execute: Literal["sample", "mean"] = "mean"
+    """How the skill policy executes the chosen skill in the environment (`choreo plan`): `sample`
+    draws its actions, as the reference does (its low-level policy is tf-agents' SAC ActorPolicy,
+    which samples) and as the skills acted when DADS's q was fit to their transitions, so that q's
+    predictions describe this execution; `mean` takes the mean action (less noisy, and what
+    Choreographer's imagined rollouts use). Default `mean`: a plan's outcome then depends on the
+    plan alone, and with a briefly pretrained DADS the sampled execution ended farther from the goal
+    than random skills (docs/dads-and-planning.md, "Differences from the reference")."""
+    initial_mean: Literal["zero", "random"] = "zero"
+    """Continuous skills: the mean each new plan segment starts from (at an episode's start and for
+    the segment appended after each execution): `zero`, the prior's centre, or `random`, a draw
+    from N(0, I) with the planner's seeded generator, as the reference's eval_mppi. Default `zero`:
+    the R refinement iterations move the mean to where the returns are; a random start only adds
+    variance between plans and, where the draw lands outside [-1, 1] (a third of the dimensions),
+    a pull toward that corner, since the candidates are clipped."""
 
 
 @dataclass(frozen=True)

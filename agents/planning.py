@@ -54,7 +54,8 @@ over refinement iterations and model steps only, never over candidates or enviro
   I); each iteration samples K plans, clips them to the prior's support [-1, 1], optionally smooths
   them (z_i <- beta z_{i-1} + (1 - beta) z_i), and sets mu_i = sum_k w_k z_{k,i} with
   w = softmax(gamma (R - max R)). The skill to execute is mu_1 (the reference's expected
-  primitive). mu starts at the prior's centre 0 (the reference draws it at random).
+  primitive). mu starts at the prior's centre 0, or with `PlannerConfig.initial_mean="random"` at
+  a draw from N(0, I) with the policy's generator (the reference's eval_mppi).
 - Discrete skills and codes (`mppi_discrete`): a categorical per environment and segment, starting
   uniform, refined as p_i <- mix * sum_k w_k 1[z_{k,i} = c] + (1 - mix) * p_i; plans reach the
   model as one-hot vectors. The skill to execute is the most likely code of the first segment.
@@ -62,11 +63,13 @@ over refinement iterations and model steps only, never over candidates or enviro
   codes with H_P = 1 and K = 64), every plan is scored once instead and the best one executed (the
   reference's `eval_planning`, with H_Z-step rollouts).
 - Warm start (`shift`): after each plan the executed segment is dropped and a fresh one (the
-  prior's centre, or uniform) appended; a new episode restarts from the prior.
+  prior's centre or a fresh N(0, I) draw, as `initial_mean` says; or uniform) appended; a new
+  episode restarts from the prior.
 - Model rollouts are deterministic: q's mixture mean; in the world model the skill actor's mean
   action and (by default) the most likely latent of each prior step (`imagination="sample"`
   samples the latents, as the skill actor's training did). The executor acts with its mean action
-  in mode "mode" and samples in mode "sample".
+  in mode "mode" and samples in mode "sample"; `choreo plan` acts in the mode that
+  `PlannerConfig.execute` names (`execution_mode`: sampled actions by default, as the reference).
 """
 
 from __future__ import annotations
@@ -94,6 +97,12 @@ ReturnsFn = Callable[[Tensor], Tensor]
 """returns_fn(plans [M, K, H_P, D]) -> returns [M, K]: the predicted return of each candidate."""
 
 MODES = ("sample", "mode")
+
+
+def execution_mode(cfg: PlannerConfig) -> Literal["sample", "mode"]:
+    """The acting mode (`act`'s `mode`) that executes the planned skills as `cfg.execute` says:
+    "sample" draws the skill policy's actions, "mode" takes its mean action."""
+    return "sample" if cfg.execute == "sample" else "mode"
 
 
 class SkillModel(Protocol):
@@ -227,8 +236,10 @@ def exhaustive_discrete(returns_fn: ReturnsFn, m: int, num_codes: int, horizon: 
 
 def shift(plan: Tensor, fill: Tensor) -> Tensor:
     """Warm start for the next plan: drop the executed first segment of `plan [M, H_P, X]` and
-    append `fill [X]` (zeros for continuous means, uniform probabilities for categoricals)."""
-    return torch.cat([plan[:, 1:], fill.to(plan).expand(plan.shape[0], 1, plan.shape[-1])], 1)
+    append `fill`, one segment for all environments `[X]` or one each `[M, X]` (continuous means,
+    uniform probabilities for categoricals)."""
+    fill = fill.to(plan).reshape(-1, 1, plan.shape[-1]).expand(plan.shape[0], 1, plan.shape[-1])
+    return torch.cat([plan[:, 1:], fill], 1)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -256,7 +267,8 @@ class SkillSequencePolicy:
     """Holds a skill per environment for `hold` steps and executes it with the skill model's
     actor; `choose` decides the new skills (planning or random). See the module docstring."""
 
-    def __init__(self, model: SkillModel, hold: int, horizon: int, seed: int, version: int) -> None:
+    def __init__(self, model: SkillModel, hold: int, horizon: int, seed: int, version: int,
+                 initial_mean: Literal["zero", "random"] = "zero") -> None:
         if hold < 1 or horizon < 1:
             raise ValueError(f"planner hold and horizon must be at least 1, got {hold} and {horizon}")
         self.model = model
@@ -265,6 +277,7 @@ class SkillSequencePolicy:
         self.skill_dim = model.skill_dim
         self.discrete = model.skill_type == "discrete"
         self.version = int(version)
+        self.initial_mean = initial_mean
         self.generator = torch.Generator(model.device).manual_seed(seed)
 
     def load_weights(self, arrays: dict[str, np.ndarray], version: int) -> None:
@@ -278,9 +291,13 @@ class SkillSequencePolicy:
         self.version = int(version)
 
     def _prior_plan(self, n: int, device: torch.device) -> Tensor:
-        """The plan distribution's prior `[n, H_P, D]`: zero means, or uniform categoricals."""
-        fill = 1.0 / self.skill_dim if self.discrete else 0.0
-        return torch.full((n, self.horizon, self.skill_dim), fill, device=device)
+        """The plan distribution's prior `[n, H_P, D]`: uniform categoricals, or the continuous
+        means `initial_mean` names: zeros, or draws from N(0, I) with the policy's generator."""
+        if self.discrete:
+            return torch.full((n, self.horizon, self.skill_dim), 1.0 / self.skill_dim, device=device)
+        if self.initial_mean == "random":
+            return torch.randn(n, self.horizon, self.skill_dim, generator=self.generator, device=device)
+        return torch.zeros(n, self.horizon, self.skill_dim, device=device)
 
     def initial_state(self, n: int) -> SkillPlanState:
         device = self.model.device
@@ -336,7 +353,7 @@ class PlanningPolicy(SkillSequencePolicy):
         for key in ("candidates", "iterations"):
             if getattr(planner_cfg, key) < 1:
                 raise ValueError(f"planner {key} must be at least 1, got {getattr(planner_cfg, key)}")
-        super().__init__(model, planner_cfg.hold, planner_cfg.horizon, seed, version)
+        super().__init__(model, planner_cfg.hold, planner_cfg.horizon, seed, version, planner_cfg.initial_mean)
         self.reward_fn = reward_fn
         self.cfg = planner_cfg
         self.exhaustive = exhaustive and self.discrete and self.skill_dim ** self.horizon <= planner_cfg.candidates
@@ -361,7 +378,7 @@ class PlanningPolicy(SkillSequencePolicy):
 
         if not self.discrete:
             mean, best = mppi_continuous(returns_fn, warm, self.cfg, self.generator)
-            return mean[:, 0], shift(mean, torch.zeros(self.skill_dim)), best
+            return mean[:, 0], shift(mean, self._prior_plan(len(rows), warm.device)[:, 0]), best
         if self.exhaustive:
             probs, best = exhaustive_discrete(returns_fn, len(rows), self.skill_dim, self.horizon, warm.device)
         else:

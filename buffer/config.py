@@ -20,7 +20,10 @@ class ReplayConfig:
     tolerance: float = 0.1
     """Relative tolerance around samples_per_insert before the learner or the actors wait."""
     min_size: int = 4000
-    """Steps the replay must hold before the learner starts sampling."""
+    """Frames (agent steps x action repeat, as learner.seed_frames counts them) collected before
+    the learner starts sampling: the reference's 4,000 seed frames, which are 4,000 agent steps at
+    action repeat 1 and 2,000 at 2 (pixels, Meta-World). The rate limiter holds back
+    ceil(min_size / action repeat) steps."""
     size_refresh_every: int = 10
     """Batches between two refreshes of the shard sizes that the replay client caches for sampling."""
 

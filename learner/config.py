@@ -38,7 +38,8 @@ class LearnerConfig:
     scaling: Literal["weak", "strong"] = "weak"
     """With several learners: `weak` gives each rank a batch of replay.batch_size (the global batch
     grows with num_learners, and every learning rate is multiplied by sqrt(num_learners));
-    `strong` splits replay.batch_size over the ranks (same global batch, same learning rates)."""
+    `strong` splits replay.batch_size over the ranks (same global batch, same learning rates; it
+    needs agent.choreographer.knn_pool=global, so that the k-NN reward is the single learner's)."""
     group_timeout_s: float = 120.0
     """With several learners: seconds a rank waits in a collective for the others before its call
     fails; the whole group then restarts from the last checkpoint (a rank that hangs)."""

@@ -6,6 +6,8 @@ A plain class: `launch/` runs it in the driver process (`--local`) or wraps it a
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import queue
 import threading
@@ -32,7 +34,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 GROUP_CHECK_EVERY = 1000
-"""Updates between checks that the ranks of a learner group hold the same parameters."""
+"""Updates between checks that the ranks of a learner group hold the same parameters and buffers."""
 
 NONFINITE = "learner/nonfinite"
 """The agent's metric: 1.0 when a loss or gradient of the update was not finite (and skipped)."""
@@ -174,13 +176,22 @@ class Learner:
         return metrics
 
     def check_ranks_agree(self) -> None:
-        """Raises on every rank when the ranks' parameters differ (a sum per rank, gathered):
-        a bug or a hardware fault, which the group's restart from the last checkpoint repairs."""
-        total = torch.stack([p.detach().double().sum() for p in self.agent.parameters()]).sum().reshape(1)
-        sums = self.collective.gather(total).tolist()
-        if any(s != sums[0] for s in sums):
-            raise RuntimeError(f"the learner ranks' parameters drifted apart at update {self.updates} "
-                               f"(parameter sums by rank: {sums})")
+        """Raises on every rank when the ranks' states differ: an exact digest of each of the agent's
+        tensors (every parameter and buffer: the codebook, its EMA sums and counts, code usage, the
+        exploration reward's magnitude, the reward gate, the counters) is gathered from every rank
+        and compared, and the error names the first tensor that differs. A bug or a hardware fault,
+        which the group's restart from the last checkpoint repairs."""
+        names, digests = tensor_digests(self.agent)
+        device = next((p.device for p in self.agent.parameters()), torch.device("cpu"))  # NCCL gathers on the GPU
+        table = self.collective.gather(torch.tensor(digests, dtype=torch.int64, device=device))
+        table = table.reshape(self.collective.world, len(names)).cpu()
+        differ = (table != table[0]).any(0)
+        if bool(differ.any()):
+            first = int(differ.nonzero()[0, 0])
+            ranks = [r for r in range(1, self.collective.world) if table[r, first] != table[0, first]]
+            raise RuntimeError(f"the learner ranks' states drifted apart at update {self.updates}: "
+                               f"{int(differ.sum())} of {len(names)} tensors differ, the first '{names[first]}' "
+                               f"(on rank {', '.join(map(str, ranks))} against rank 0)")
 
     def _nonfinite_message(self) -> str:
         names = sorted(self._nonfinite_names)
@@ -284,3 +295,21 @@ def load_torch_file(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for truncated or foreign files
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def tensor_digests(module: torch.nn.Module) -> tuple[list[str], list[int]]:
+    """The names of `module`'s tensors (every parameter and buffer, in registration order) and an
+    exact digest of each: BLAKE2b over its dtype, shape and bytes, cut to a signed 64-bit integer,
+    so that one gather compares them all. Equal digests mean bit-identical tensors (but for a
+    2^-64 collision); a sum of the values would miss a change that keeps the sum (two entries
+    swapped) and every buffer outside the parameters."""
+    names: list[str] = []
+    digests: list[int] = []
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h = hashlib.blake2b(f"{tensor.dtype}{tuple(tensor.shape)}".encode(), digest_size=8)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+        names.append(name)
+        digests.append(int.from_bytes(h.digest(), "little", signed=True))
+    return names, digests

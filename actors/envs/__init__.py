@@ -8,6 +8,8 @@ terminate). Build one with `make_env` / `make_env_from_config`, or through gymna
 package registers every id as `choreo/<id>`, and gymnasium imports it for an id that names it,
 `gymnasium.make("choreo.actors.envs:choreo/walker_flip", obs="pixels")` (gymnasium 1.x loads no
 plugins from entry points, so the plain `choreo/walker_flip` needs `import choreo.actors.envs` first).
+Rendering follows gymnasium: `render_mode="rgb_array"` (the default) and `render()` returns the
+frame [H, W, 3] uint8; through `gymnasium.make`, "rgb_array_list" collects the frames.
 
 The navigation tasks share an interface on `env.unwrapped` for planners and evaluation (`xy_indices`,
 `goal`, `set_goal`, `goal_reward`, `info["xy"]`) and the normalised distance metric: see
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium
 
-from choreo.actors.envs.base import OBS_KINDS
+from choreo.actors.envs.base import OBS_KINDS, RENDER_MODES, check_render_mode
 from choreo.actors.envs.navigation import GOAL_REWARDS, normalised_distance
 
 if TYPE_CHECKING:
@@ -169,6 +171,7 @@ def make_env(
     goal_reward: str = "dense",
     goal_radius: float = 0.0,
     gym_kwargs: Iterable[str] | Mapping[str, Any] = (),
+    render_mode: str | None = "rgb_array",
 ) -> gymnasium.Env:
     """Build environment `task`.
 
@@ -182,9 +185,12 @@ def make_env(
         1 unit, ant_nav 1.5 m). Ignored by other tasks.
     gym_kwargs: keyword arguments for `gymnasium.make` of a `gym:<id>` task, `name=value` entries
         (values read as YAML) or a mapping; refused for the other tasks.
+    render_mode: "rgb_array" (`render()` returns the frame [image_size, image_size, 3] uint8; a
+        `gym:<id>` states environment whose id cannot render gets None) or None.
     """
     if obs not in OBS_KINDS:
         raise ValueError(f"obs must be one of {OBS_KINDS}, got {obs!r}")
+    check_render_mode(render_mode)
     if task not in ENV_IDS and not is_gym_id(task):
         raise _unknown(task)
     if action_repeat is None:
@@ -203,28 +209,31 @@ def make_env(
     if is_gym_id(task):
         from choreo.actors.envs.gym_adapter import GymEnv
 
-        return GymEnv(task, obs, action_repeat, image_size, seed, gym_kwargs=gym_kwargs)
+        return GymEnv(task, obs, action_repeat, image_size, seed, gym_kwargs=gym_kwargs, render_mode=render_mode)
     domain = _domain(task)
     radius = float(goal_radius) if goal_radius > 0 else None
     if domain == "point_mass":
         from choreo.actors.envs.point_mass import PointMassNav
 
-        return PointMassNav(task, obs, action_repeat, image_size, seed, goal_reward=goal_reward, goal_radius=radius)
+        return PointMassNav(task, obs, action_repeat, image_size, seed, goal_reward=goal_reward, goal_radius=radius,
+                            render_mode=render_mode)
     if domain == "ant":
         from choreo.actors.envs.ant_nav import AntNav
 
-        return AntNav(task, obs, action_repeat, image_size, seed, goal_reward=goal_reward, goal_radius=radius)
+        return AntNav(task, obs, action_repeat, image_size, seed, goal_reward=goal_reward, goal_radius=radius,
+                      render_mode=render_mode)
     if domain in ("walker", "quadruped"):
         from choreo.actors.envs.dmc import DMCEnv
 
-        return DMCEnv(task, obs, action_repeat, image_size, seed)
+        return DMCEnv(task, obs, action_repeat, image_size, seed, render_mode=render_mode)
     if domain == "jaco":
         from choreo.actors.envs.jaco import JacoEnv
 
-        return JacoEnv(task, obs, action_repeat, image_size, seed)
+        return JacoEnv(task, obs, action_repeat, image_size, seed, render_mode=render_mode)
     from choreo.actors.envs.metaworld_reach import MetaWorldReach
 
-    return MetaWorldReach(task, obs, action_repeat, image_size, seed, goal_set=goal_set, goal_index=goal_index)
+    return MetaWorldReach(task, obs, action_repeat, image_size, seed, goal_set=goal_set, goal_index=goal_index,
+                          render_mode=render_mode)
 
 
 def make_env_from_config(cfg: EnvConfig, seed: int) -> gymnasium.Env:
@@ -278,6 +287,11 @@ def _registered_entry(**kwargs) -> gymnasium.Env:
     return make_env(**kwargs)
 
 
+# gymnasium.make reads the render modes from the entry point before it makes an environment: with
+# them it serves "rgb_array_list" (RenderCollection over "rgb_array") and "human" (HumanRendering).
+_registered_entry.metadata = {"render_modes": list(RENDER_MODES)}  # type: ignore[attr-defined]
+
+
 def register_envs() -> None:
     """Register every built-in id with gymnasium as `choreo/<id>` (idempotent)."""
     for task in ENV_IDS:
@@ -295,7 +309,8 @@ def register_envs() -> None:
 register_envs()
 
 __all__ = [
-    "ENV_IDS", "EnvSpec", "GOAL_REWARDS", "GYM_PREFIX", "METAWORLD_IDS", "NAV_IDS", "OBS_KINDS", "URLB_IDS",
+    "ENV_IDS", "EnvSpec", "GOAL_REWARDS", "GYM_PREFIX", "METAWORLD_IDS", "NAV_IDS", "OBS_KINDS", "RENDER_MODES",
+    "URLB_IDS",
     "env_spec", "is_gym_id", "make_env", "make_env_from_config", "metaworld_goals", "normalised_distance",
     "register_envs",
 ]  # fmt: skip

@@ -46,12 +46,12 @@ class AntNav(GoalNavigation, GymEnv):
         seed: int | None,
         goal_reward: str = "dense",
         goal_radius: float | None = None,
+        render_mode: str | None = "rgb_array",
     ) -> None:
         self._init_navigation(GOAL_RANGE, goal_reward, DEFAULT_RADIUS if goal_radius is None else goal_radius)
-        kwargs = dict(ANT_KWARGS)
-        if obs == "pixels":
-            kwargs["camera_name"] = "track"
-        super().__init__(task, obs, action_repeat, image_size, seed, gym_kwargs=kwargs, gym_id=GYM_ID)
+        kwargs = {**ANT_KWARGS, "camera_name": "track"}  # pixels and render() alike
+        super().__init__(task, obs, action_repeat, image_size, seed, gym_kwargs=kwargs, gym_id=GYM_ID,
+                         render_mode=render_mode)
         self._data = self.inner.unwrapped.data
 
     def current_xy(self) -> np.ndarray:

@@ -8,7 +8,11 @@ units and single simulator frames; this class turns them into a `gymnasium.Env` 
 - an episode length counted in agent steps: `truncated` is True on the last step, `terminated`
   only where the task really ends (never for the built-in tasks);
 - float32 flat state vectors or uint8 channels-first `[3, S, S]` images;
-- explicit seeding: the constructor seed drives the first episode, `reset(seed=...)` reseeds.
+- explicit seeding: the constructor seed drives the first episode, `reset(seed=...)` reseeds;
+- gymnasium's rendering conventions: `render_mode="rgb_array"` (the default) and `render()` returns
+  the current frame [S, S, 3] uint8 (the camera of the pixel observations), with
+  `metadata["render_fps"]` the agent steps per simulated second, so that gymnasium's wrappers
+  (RecordVideo, RenderCollection) and `check_env` work.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ import numpy as np
 from gymnasium import spaces
 
 OBS_KINDS = ("states", "pixels")
+RENDER_MODES = ("rgb_array",)
+
+
+def check_render_mode(render_mode: object) -> None:
+    """Raise ValueError unless `render_mode` is one this package's environments take."""
+    if render_mode is not None and render_mode not in RENDER_MODES:
+        raise ValueError(f"render_mode must be 'rgb_array' (render() returns the frame [H, W, 3] uint8) or None, "
+                         f"got {render_mode!r}; through gymnasium.make, 'rgb_array_list' collects the frames")
 
 
 def episode_steps(frames: int | None, action_repeat: int) -> int | None:
@@ -68,7 +80,7 @@ class ObsFlattener:
 class ChoreoEnv(gymnasium.Env):
     """Base class; subclasses implement `_reset_sim`, `_frame`, `_state_obs` and `_render_frame`."""
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": list(RENDER_MODES)}
     has_success = False
 
     def __init__(
@@ -82,14 +94,24 @@ class ChoreoEnv(gymnasium.Env):
         episode_frames: int | None,
         state_dim: int,
         seed: int | None,
+        render_mode: str | None = "rgb_array",
+        frame_seconds: float | None = None,
     ) -> None:
+        """render_mode: "rgb_array" or None (`render()` draws the frame either way, only when called).
+        frame_seconds: simulated seconds of one frame, for `metadata["render_fps"]` (None: not declared)."""
         if obs not in OBS_KINDS:
             raise ValueError(f"obs must be one of {OBS_KINDS}, got {obs!r}")
+        check_render_mode(render_mode)
         self.task_id = task
         self.obs_kind = obs
         self.action_repeat = int(action_repeat)
         self.image_size = int(image_size)
-        self.render_mode = "rgb_array"
+        self.render_mode = render_mode
+        # Per instance: the frame rate depends on the action repeat, and gymnasium's RenderCollection
+        # appends to the render modes of the environment it wraps.
+        self.metadata = {"render_modes": list(RENDER_MODES)}
+        if frame_seconds:
+            self.metadata["render_fps"] = 1.0 / (frame_seconds * self.action_repeat)
         low = np.asarray(native_low, np.float64)
         high = np.asarray(native_high, np.float64)
         if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
@@ -185,7 +207,8 @@ class ChoreoEnv(gymnasium.Env):
         return self._observe(), total, terminated, truncated, info
 
     def render(self) -> np.ndarray:
-        """The current frame [S, S, 3] uint8 (the pixel observation before transposition)."""
+        """The current frame [S, S, 3] uint8 (the pixel observation before transposition), drawn
+        when called."""
         return self._render_frame()
 
     def render_states(self, states: np.ndarray) -> np.ndarray:

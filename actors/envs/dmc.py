@@ -148,7 +148,8 @@ class DMCEnv(ChoreoEnv):
     """A dm_control suite task stepped directly through its task and physics (no dm_env
     TimeStep per frame; the observation is computed once per agent step)."""
 
-    def __init__(self, task: str, obs: str, action_repeat: int, image_size: int, seed: int | None) -> None:
+    def __init__(self, task: str, obs: str, action_repeat: int, image_size: int, seed: int | None,
+                 render_mode: str | None = "rgb_array") -> None:
         domain, name = task.split("_", 1)
         build, frames, state_dim = DOMAINS[domain]
         self._rng = np.random.RandomState(seed)
@@ -162,7 +163,8 @@ class DMCEnv(ChoreoEnv):
         self._camera_id = PIXEL_CAMERA[domain]
         spec = self._env.action_spec()
         self._flatten: ObsFlattener | None = None
-        super().__init__(task, obs, action_repeat, image_size, spec.minimum, spec.maximum, frames, state_dim, seed)
+        super().__init__(task, obs, action_repeat, image_size, spec.minimum, spec.maximum, frames, state_dim, seed,
+                         render_mode=render_mode, frame_seconds=self._env.control_timestep())
 
     @property
     def physics(self) -> Any:

@@ -6,8 +6,10 @@ uint8 [3, S, S] pixels from `render()`).
 Keyword arguments for `gymnasium.make` come from `EnvConfig.gym_kwargs`, entries `name=value` with
 the value read as YAML (`true`, `3`, `0.5`, `[1, 2]`, text), e.g. DADS's x-y prior on Ant:
 `env.task=gym:Ant-v5 env.gym_kwargs=[exclude_current_positions_from_observation=false]` puts the
-torso's x, y first in the observation. `render_mode`, `width` and `height` are set from `obs` and
-`image_size` and cannot be given."""
+torso's x, y first in the observation. `render_mode`, `width` and `height` cannot be among them:
+they follow `obs`, `render_mode` and `image_size`. The inner environment renders (`rgb_array`) for
+pixels, and for `render()` of a states environment when its id declares `rgb_array` (otherwise
+that environment's `render_mode` is None)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from choreo.actors.envs.base import ChoreoEnv
+from choreo.actors.envs.base import ChoreoEnv, check_render_mode
 
 
 def resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
@@ -92,7 +94,21 @@ def parse_gym_kwargs(entries: Iterable[str] | Mapping[str, Any] | None) -> dict[
     return out
 
 
-def _make_inner(gym_id: str, pixels: bool, image_size: int, kwargs: Mapping[str, Any] | None = None) -> gymnasium.Env:
+def declared_render_modes(gym_id: str) -> list[str]:
+    """The render modes a registered gymnasium id declares before it is made (its entry point's
+    metadata, as `gymnasium.make` reads them)."""
+    from gymnasium.envs.registration import load_env_creator
+
+    entry = gymnasium.spec(gym_id).entry_point
+    creator = entry if callable(entry) else load_env_creator(entry)
+    metadata = getattr(creator, "metadata", None)
+    return list(metadata.get("render_modes") or []) if isinstance(metadata, dict) else []
+
+
+def _make_inner(gym_id: str, pixels: bool, image_size: int, kwargs: Mapping[str, Any] | None = None,
+                render: bool = False) -> tuple[gymnasium.Env, bool]:
+    """The gymnasium environment, and whether it renders: always for pixels; for `render` when
+    the id declares "rgb_array" (a states environment that cannot render is still made)."""
     kwargs = dict(kwargs or {})
     gym_id = import_gym_module(gym_id)
     if gym_id not in gymnasium.registry:
@@ -101,8 +117,13 @@ def _make_inner(gym_id: str, pixels: bool, image_size: int, kwargs: Mapping[str,
         close = difflib.get_close_matches(gym_id, list(gymnasium.registry), n=3)
         hint = f"; did you mean {', '.join('gym:' + c for c in close)}?" if close else ""
         raise ValueError(f"unknown gymnasium environment 'gym:{gym_id}'{hint}")
+    renders = pixels or (render and "rgb_array" in declared_render_modes(gym_id))
+    return _make(gym_id, renders, image_size, kwargs), renders
+
+
+def _make(gym_id: str, renders: bool, image_size: int, kwargs: dict[str, Any]) -> gymnasium.Env:
     try:
-        if not pixels:
+        if not renders:
             return gymnasium.make(gym_id, **kwargs)
         try:  # MuJoCo-based envs take the image size directly: no large render to shrink
             return gymnasium.make(gym_id, render_mode="rgb_array", width=image_size, height=image_size, **kwargs)
@@ -124,12 +145,16 @@ class GymEnv(ChoreoEnv):
         seed: int | None,
         gym_kwargs: Iterable[str] | Mapping[str, Any] | None = None,
         gym_id: str | None = None,
+        render_mode: str | None = "rgb_array",
     ) -> None:
         """gym_kwargs: for `gymnasium.make` (see `parse_gym_kwargs`); gym_id: the gymnasium id
-        (default: `task` without its `gym:` prefix; built-in tasks wrapping one name it)."""
+        (default: `task` without its `gym:` prefix; built-in tasks wrapping one name it);
+        render_mode: "rgb_array" (kept only where the inner environment can render) or None."""
+        check_render_mode(render_mode)
         if gym_id is None:
             gym_id = task[len("gym:"):]
-        inner = _make_inner(gym_id, obs == "pixels", image_size, parse_gym_kwargs(gym_kwargs))
+        inner, renders = _make_inner(gym_id, obs == "pixels", image_size, parse_gym_kwargs(gym_kwargs),
+                                     render=render_mode is not None)
         if not isinstance(inner.action_space, spaces.Box):
             space = inner.action_space
             inner.close()
@@ -149,7 +174,8 @@ class GymEnv(ChoreoEnv):
         self._last_obs: Any = None
         low, high = inner.action_space.low, inner.action_space.high
         self._action_dtype = inner.action_space.dtype
-        super().__init__(task, obs, action_repeat, image_size, low.ravel(), high.ravel(), limit, state_dim, seed)
+        super().__init__(task, obs, action_repeat, image_size, low.ravel(), high.ravel(), limit, state_dim, seed,
+                         render_mode=render_mode if renders else None, frame_seconds=_frame_seconds(inner))
         self._action_shape = inner.action_space.shape
         inner.action_space.seed(seed)
 
@@ -187,6 +213,16 @@ class GymEnv(ChoreoEnv):
         if inner is not None:
             inner.close()
             self._inner = None
+
+
+def _frame_seconds(env: gymnasium.Env) -> float | None:
+    """Simulated seconds of one step of a gymnasium environment: MuJoCo's `dt`, else 1 / its
+    declared `render_fps`, else None."""
+    dt = getattr(env.unwrapped, "dt", None)
+    if isinstance(dt, (int, float)) and dt > 0:
+        return float(dt)
+    fps = env.metadata.get("render_fps")
+    return 1.0 / fps if isinstance(fps, (int, float)) and fps > 0 else None
 
 
 def gym_episode_frames(gym_id: str) -> int | None:

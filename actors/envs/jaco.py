@@ -113,7 +113,8 @@ class JacoEnv(ChoreoEnv):
 
     has_success = True
 
-    def __init__(self, task: str, obs: str, action_repeat: int, image_size: int, seed: int | None) -> None:
+    def __init__(self, task: str, obs: str, action_repeat: int, image_size: int, seed: int | None,
+                 render_mode: str | None = "rgb_array") -> None:
         corner = task[len("jaco_reach_"):]
         self._rng = np.random.RandomState(seed)
         self._task = JacoReach(TARGETS[corner])
@@ -127,7 +128,8 @@ class JacoEnv(ChoreoEnv):
         self._flatten: ObsFlattener | None = None
         spec = self._env.action_spec()
         super().__init__(
-            task, obs, action_repeat, image_size, spec.minimum, spec.maximum, EPISODE_FRAMES, STATE_DIM, seed
+            task, obs, action_repeat, image_size, spec.minimum, spec.maximum, EPISODE_FRAMES, STATE_DIM, seed,
+            render_mode=render_mode, frame_seconds=CONTROL_TIMESTEP,
         )
 
     @property

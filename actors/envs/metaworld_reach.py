@@ -74,6 +74,7 @@ class MetaWorldReach(ChoreoEnv):
         seed: int | None,
         goal_set: int = 1,
         goal_index: int = 0,
+        render_mode: str | None = "rgb_array",
     ) -> None:
         if not 0 <= goal_index < GOALS_PER_SET:
             raise ValueError(f"{task}: goal_index must be in [0, {GOALS_PER_SET}), got {goal_index}")
@@ -102,7 +103,7 @@ class MetaWorldReach(ChoreoEnv):
         self._last_obs: np.ndarray | None = None
         super().__init__(
             task, obs, action_repeat, image_size, -np.ones(ACTION_DIM), np.ones(ACTION_DIM),
-            EPISODE_FRAMES, STATE_DIM, seed,
+            EPISODE_FRAMES, STATE_DIM, seed, render_mode=render_mode, frame_seconds=mw.dt,
         )  # fmt: skip
 
     @property

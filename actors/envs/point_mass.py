@@ -49,13 +49,14 @@ class PointMassNav(GoalNavigation, ChoreoEnv):
         seed: int | None,
         goal_reward: str = "dense",
         goal_radius: float | None = None,
+        render_mode: str | None = "rgb_array",
     ) -> None:
         self._init_navigation(GOAL_RANGE, goal_reward, DEFAULT_RADIUS if goal_radius is None else goal_radius)
         self.pos = np.zeros(2)
         self.vel = np.zeros(2)
         super().__init__(
             task, obs, action_repeat, image_size, -ACCEL * np.ones(ACTION_DIM), ACCEL * np.ones(ACTION_DIM),
-            EPISODE_FRAMES, STATE_DIM, seed,
+            EPISODE_FRAMES, STATE_DIM, seed, render_mode=render_mode, frame_seconds=DT,
         )  # fmt: skip
         # World coordinates of the pixel centres (row 0 at the top: y = +ARENA).
         centres = -ARENA + (np.arange(self.image_size) + 0.5) * (2 * ARENA / self.image_size)

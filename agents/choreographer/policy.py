@@ -14,10 +14,11 @@ environments. Behaviours:
              `random_skill_every` steps (and redrawn at every episode start), so that the
              pretrained skills explore the task consistently until a reward is found.
 Modes: "sample" (training) draws from the distributions: the posterior latent, the action and the
-meta-controller's code. "mode" (evaluation) takes their modes: the one-hot argmax of each latent
-categorical, the mean action, the most likely code; acting then draws nothing from the policy's
-generator except the meta behaviour's random codes before the gate opens, so the explore and
-skill behaviours act as a deterministic function of the observations. The recurrent state of an
+meta-controller's code. "mode" (evaluation) takes the mean action and the most likely code, and
+the latent that `agent.choreographer.eval_latent` names: by default the one-hot argmax of each
+latent categorical, so that acting draws nothing from the policy's generator except the meta
+behaviour's random codes before the gate opens, and the explore and skill behaviours act as a
+deterministic function of the observations; with `sample` a draw, as the reference evaluates. The recurrent state of an
 environment is reset where `is_first` is set.
 """
 
@@ -149,7 +150,8 @@ class ChoreographerPolicy(nn.Module):
         obs = torch.as_tensor(observation)
         first = torch.as_tensor(is_first, dtype=torch.bool)
         embed = self.encoder(preprocess_observation(obs, pixels=len(self.obs_shape) == 3))
-        latent = self.rssm.posterior_step(state.latent, state.prev_action, embed, first, self.generator, sample=sample)
+        latent = self.rssm.posterior_step(state.latent, state.prev_action, embed, first, self.generator,
+                                          sample=sample or self.cfg.choreographer.eval_latent == "sample")
         feat = self.rssm.feature(latent)
 
         skill, steps = state.skill, state.skill_steps

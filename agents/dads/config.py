@@ -77,9 +77,10 @@ class DadsConfig:
     entropy coefficient beta = 0.1 (the temperature then adapts from 1)."""
     initial_log_alpha: float = 0.0
     """Initial log of SAC's learned temperature."""
-    target_entropy_scale: float = 1.0
-    """The temperature's target entropy is -scale * action_dim (1: standard SAC; the reference's
-    tf-agents 0.4.0 default corresponds to 0.5)."""
+    target_entropy_scale: float = 0.5
+    """The temperature's target entropy is -scale * action_dim. 0.5, -|A| / 2, is the default of
+    tf-agents' SacAgent (checked in the 0.4.0 wheel the reference pins), which the reference's SAC
+    uses without setting it; 1 is the SAC paper's -|A|."""
     log_std_min: float = -20.0
     """Lower clip of the actor's log standard deviation (before the tanh squash)."""
     log_std_max: float = 2.0

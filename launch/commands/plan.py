@@ -71,12 +71,14 @@ def planning_policy(config: Config, agent: Any, envs: list, policy: str, seed: i
 
 def run_job(config: Config, snapshot: str, episodes: int, index: int, policy: str) -> dict[str, Any]:
     """One job: `episodes` episodes on `min(episodes, PLAN_ENVS)` environments seeded for job
-    `index`, acting with the planner (mean actions); returns the runner's evaluation with the
+    `index`, acting with the planner (its skills executed with sampled or mean actions, as
+    agent.planner.execute says); returns the runner's evaluation with the
     episodes' positions and goals."""
     import torch
 
     from choreo.actors.envs import make_env_from_config
     from choreo.actors.runner import EnvRunner, env_seed
+    from choreo.agents.planning import execution_mode
     from choreo.launch.runtime.snapshot import Snapshot
 
     torch.set_num_threads(1)
@@ -86,7 +88,8 @@ def run_job(config: Config, snapshot: str, episodes: int, index: int, policy: st
         agent = Snapshot.open(snapshot, config=config).make_agent()
         agent.eval()
         planner = planning_policy(config, agent, envs, policy, derive_seed(root, "job", index))
-        runner = EnvRunner(envs, planner, chunk_length=1, runner_id=index, seed=root, mode="mode")
+        runner = EnvRunner(envs, planner, chunk_length=1, runner_id=index, seed=root,
+                           mode=execution_mode(config.agent.planner))
         return runner.evaluate(episodes, positions=True)
     finally:
         for env in envs:

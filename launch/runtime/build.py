@@ -26,7 +26,7 @@ from choreo.buffer.dataset import (MANIFEST, STREAM_BASE, DatasetError, EpisodeS
                                    load_into, missing_from_manifest, read_manifest, split_files)
 from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayShard
-from choreo.launch.runtime.config import Config
+from choreo.launch.runtime.config import Config, warmup_steps
 from choreo.launch.runtime.plan import StartUp, resolve_plan
 from choreo.launch.runtime.snapshot import Snapshot
 from choreo.vocabulary import derive_seed
@@ -148,12 +148,13 @@ def make_shard(config: Config, index: int) -> ReplayShard:
 
 
 def make_limiter(config: Config, dataset_steps: int = 0) -> RateLimiter:
-    """The samples-per-insert limiter. With a dataset loaded (`dataset_steps`), its steps are the
+    """The samples-per-insert limiter; its warm-up is `replay.min_size` frames in agent steps
+    (`warmup_steps`). With a dataset loaded (`dataset_steps`), its steps are the
     warm-up: the ratio counts only what the workers collect after it, and an offline-only run has
     no ratio (nothing is inserted while it trains)."""
     rc, plan = config.replay, resolve_plan(config)
     if not plan.dataset:
-        return RateLimiter(rc.samples_per_insert, rc.tolerance, rc.min_size)
+        return RateLimiter(rc.samples_per_insert, rc.tolerance, warmup_steps(config))
     return RateLimiter(rc.samples_per_insert if plan.workers else 0.0, rc.tolerance, dataset_steps)
 
 

@@ -734,6 +734,12 @@ def check_learner_group(config: Config) -> None:
     if lc.scaling == "strong" and config.replay.batch_size % world:
         raise ConfigError(f"config key 'replay.batch_size': learner.scaling=strong splits the batch over "
                           f"learner.num_learners={world} ranks, and {config.replay.batch_size} does not divide by {world}")
+    if lc.scaling == "strong" and config.agent.choreographer.knn_pool == "rank":
+        raise ConfigError(f"config keys 'learner.scaling' and 'agent.choreographer.knn_pool': learner.scaling=strong "
+                          f"splits the batch over learner.num_learners={world} ranks, and knn_pool=rank would score "
+                          f"each rank's imagined states among its own share only (a pool {world} times smaller, "
+                          f"with longer distances: not the single learner's reward); "
+                          f"set agent.choreographer.knn_pool=global")
 
 
 def rank_batch_size(config: Config) -> int:
@@ -746,6 +752,13 @@ def rank_batch_size(config: Config) -> int:
 def group_batch_size(config: Config) -> int:
     """Sequences one update of the whole learner group trains on (what the rate limiter counts)."""
     return rank_batch_size(config) * config.learner.num_learners
+
+
+def warmup_steps(config: Config) -> int:
+    """Agent steps the replay holds before the learner samples: `replay.min_size` counts frames,
+    as the reference's 4,000 seed frames do, so it is divided by the action repeat, rounded up
+    (never fewer frames than asked)."""
+    return -(-config.replay.min_size // config.env.action_repeat)
 
 
 # ----------------------------------------------------------------------------- output

@@ -53,6 +53,7 @@ from choreo.launch.runtime.media import MediaSchedule, training_media
 from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.ray_runtime import ShardActor, connect_ray, remote_runner_class, shutdown_ray, start_local_ray
 from choreo.launch.runtime.rundir import RunDir
+from choreo.launch.runtime.signals import polled, signals_stop_the_run, stop_requested
 from choreo.learner.learner import NonFiniteLossError
 from choreo.vocabulary import WriteFailed
 
@@ -295,8 +296,6 @@ def drive(config: Config, run_dir: Path, address: str | None = None, resume: boo
         start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus), dashboard=dashboard, messages=messages)
     import ray  # after the start above, which sets Ray's loopback and auth settings before importing it
 
-    from choreo.launch.runtime.signals import signals_stop_the_run
-
     with signals_stop_the_run():  # after ray.init, which installs a SIGTERM handler of its own
         try:
             driver = Driver(ray, config, Path(run_dir), resume, on_tick, learner_actor or LearnerActor)
@@ -407,10 +406,16 @@ class Driver:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
+        with polled():  # a signal becomes the KeyboardInterrupt below at the top of a loop turn
+            return self._run()
+
+    def _run(self) -> int:
         core = self.core
         last_stats = time.monotonic()
         try:
             while not core.finished and not self.nonfinite_stop and not core.stopping:
+                if stop_requested():
+                    raise KeyboardInterrupt
                 for ref in self._ready():
                     if ref == self.train_ref:
                         self._trained(ref)

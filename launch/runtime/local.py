@@ -23,6 +23,7 @@ from choreo.launch.runtime.core import MAX_OUTSTANDING_BATCHES, RunCore
 from choreo.launch.runtime.media import MediaSchedule, training_media
 from choreo.launch.runtime.plan import resolve_plan
 from choreo.launch.runtime.rundir import RunDir
+from choreo.launch.runtime.signals import polled, stop_requested
 from choreo.learner.learner import NonFiniteLossError
 from choreo.vocabulary import WriteFailed
 
@@ -48,7 +49,7 @@ def learner_threads(config: Config) -> Iterator[int]:
 def run_local(config: Config, run_dir: Path, resume: bool = False) -> int:
     """Runs the mode of `config` in this process, in `run_dir` (continuing it with `resume`);
     returns the exit status."""
-    with learner_threads(config):
+    with learner_threads(config), polled():  # a signal becomes a KeyboardInterrupt between steps
         return _run(config, run_dir, resume)
 
 
@@ -98,6 +99,8 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
     last_stats = time.monotonic()
     try:
         while not core.finished:
+            if stop_requested():
+                raise KeyboardInterrupt
             if core.eval_due():
                 core.evaluated(core.start_eval(), evaluator.evaluate(config.eval.episodes)["returns"])
             if runner is not None and core.may_collect(0, steps_per_call):
@@ -105,7 +108,7 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
                     shard.add(chunk, stream)
                 core.collected(steps_per_call, runner.version)
             for _ in range(MAX_OUTSTANDING_BATCHES):  # then back to the worker, the logs and the checkpoints
-                if not (core.grant() or core.outstanding):
+                if stop_requested() or not (core.grant() or core.outstanding):
                     break
                 metrics = learner.step()
                 if metrics is None:  # the replay holds no full window yet

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from choreo.launch.runtime.config import Config, available_presets
+from choreo.launch.runtime.config import Config, available_presets, warmup_steps
 
 WARMUP_UPDATES = 2
 """Untimed updates before the timed ones: the first ones allocate memory and pick kernels."""
@@ -150,7 +150,7 @@ def run_estimate(config: Config) -> tuple[int, float, UpdateTiming, float]:
 
     rc = config.replay
     steps = config.learner.total_frames / config.env.action_repeat
-    updates = int(max(steps - rc.min_size, 0) * rc.samples_per_insert / (rc.batch_size * rc.batch_length))
+    updates = int(max(steps - warmup_steps(config), 0) * rc.samples_per_insert / (rc.batch_size * rc.batch_length))
     share = CPU_SHARE if resolve_device(config.learner.device).type == "cpu" else 1.0
     timing = seconds_per_update(config)
     return updates, START_SECONDS + updates * timing.seconds * share, timing, share

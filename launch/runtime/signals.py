@@ -1,5 +1,11 @@
 """Signals end a run cleanly: the first SIGTERM or SIGINT raises KeyboardInterrupt in the main
-thread, so that the loop writes its final checkpoint; later ones only say that it is stopping."""
+thread, so that the loop writes its final checkpoint; later ones only say that it is stopping.
+
+Inside a run's loop (`polled`), the first signal only sets a flag that the loop reads between its
+steps (`stop_requested`) and turns into the same KeyboardInterrupt there: raised wherever the main
+thread happens to be, it could land inside a library's lock (TensorBoard's event queue takes one
+for every scalar), leave the lock held, and the final checkpoint's own logging would wait on it
+forever."""
 
 from __future__ import annotations
 
@@ -10,6 +16,10 @@ import signal
 
 _stopping = False
 """Set by the first SIGTERM or SIGINT: the run is stopping (writing its final checkpoint)."""
+_polling = False
+"""A loop reads `stop_requested` between its steps (`polled`)."""
+_requested = False
+"""A signal asked the polling loop to stop."""
 
 ALREADY_STOPPING = "already stopping: writing the final checkpoint ... (kill -KILL {pid} to stop without it)"
 
@@ -41,12 +51,29 @@ def signals_stop_the_run():
 
 def reset_interrupt() -> None:
     """Forget an earlier signal: the next SIGTERM or SIGINT raises KeyboardInterrupt again (tests)."""
-    global _stopping
-    _stopping = False
+    global _stopping, _requested
+    _stopping = _requested = False
+
+
+@contextlib.contextmanager
+def polled():
+    """While active, a signal sets `stop_requested` instead of raising (see the module docstring)."""
+    global _polling
+    previous, _polling = _polling, True
+    try:
+        yield
+    finally:
+        _polling = previous
+
+
+def stop_requested() -> bool:
+    """Whether a signal asked the loop (inside `polled`) to stop: it raises KeyboardInterrupt then,
+    at a point of its own choosing."""
+    return _requested
 
 
 def _raise_interrupt(signum, frame) -> None:
-    global _stopping
+    global _stopping, _requested
     if _stopping:
         # os.write, not print: the handler may run while the main thread is inside a write to
         # sys.stderr, and a buffered stream refuses a reentrant call.
@@ -57,4 +84,7 @@ def _raise_interrupt(signum, frame) -> None:
             pass
         return
     _stopping = True
+    if _polling:
+        _requested = True
+        return
     raise KeyboardInterrupt

@@ -11,7 +11,7 @@ snapshot as one Python object for analyses you script yourself.
     out["observations"].shape                                # (3, 101, *obs_shape)
     out["actions"].shape, out["rewards"].shape               # (3, 100, action_dim), (3, 100)
     policy = pre.policy("explore", seed=1)                   # an acting policy with the snapshot's weights
-    envs = pre.make_envs(4, seed=1)                          # environments of the run's task
+    envs = pre.make_envs(4, seed=1)                          # a gymnasium SyncVectorEnv of the run's task
     pre.agent                                                # the learner-side agent (world model, ...)
 
 `load_snapshot(path, *overrides, device="cpu", task=None) -> Pretrained` reads the snapshot (a
@@ -37,13 +37,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from choreo.actors.rollout import rollout
 from choreo.launch.runtime.config import Config, ConfigError, ConfigFile, as_config_file
 from choreo.vocabulary import derive_seed
+
+if TYPE_CHECKING:
+    from gymnasium.vector import SyncVectorEnv
 
 MODES = ("sample", "mode")
 
@@ -97,23 +100,34 @@ class Pretrained:
         policy.load_weights(self.agent.policy_weights(), self.updates)
         return policy
 
-    def make_envs(self, n: int, seed: int = 0) -> list[Any]:
-        """n environments of the config's task (`config.env`), environment i seeded with
-        `derive_seed(seed, "env", i)`. Close them when done (`env.close()`)."""
+    def make_envs(self, n: int, seed: int = 0) -> SyncVectorEnv:
+        """A gymnasium vector environment of n environments of the config's task (`config.env`),
+        `gymnasium.vector.SyncVectorEnv`: `reset()` starts environment i from its own seed
+        `derive_seed(seed, "env", i)`, `step(actions [n, A])` steps them all (gymnasium's
+        autoreset: an episode that ends restarts on the next step), `.envs` holds the single
+        environments. Close it when done (`close()`)."""
+        from functools import partial
+
+        from gymnasium.vector import SyncVectorEnv
+
         from choreo.actors.envs import make_env_from_config
 
         if n < 1:
             raise ValueError(f"make_envs: n must be at least 1, got {n}")
-        return [make_env_from_config(self.config.env, seed=derive_seed(seed, "env", i)) for i in range(n)]
+        return SyncVectorEnv([partial(make_env_from_config, self.config.env, seed=derive_seed(seed, "env", i))
+                              for i in range(n)])
 
-    def run_skills(self, skills: Any, steps: int, envs: Sequence[Any] | None = None, mode: str = "mode",
-                   seed: int = 0) -> dict[str, np.ndarray]:
+    def run_skills(self, skills: Any, steps: int, envs: SyncVectorEnv | Sequence[Any] | None = None,
+                   mode: str = "mode", seed: int = 0) -> dict[str, np.ndarray]:
         """Plays environment i with skill `skills[i]` for `steps` agent steps, all environments
         stepped together by the skill policy (one batched call per step), the skill held for the
         whole call. skills: Choreographer, `[N]` integer codes; DADS, `[N, D]` vectors (or `[N]`
         indices of discrete skills). envs: N environments of this snapshot's observation and action
-        shapes (default: `make_envs(N, seed)`, closed afterwards). Every environment is reset first,
-        environment i with seed `derive_seed(seed, "reset", i)`; the policy is seeded with `seed`.
+        shapes, the vector environment of `make_envs` or a sequence of single ones (default:
+        `make_envs(N, seed)`, closed afterwards); a vector environment's single environments are
+        stepped one by one, so reset it before stepping it yourself again. Every environment is
+        reset first, environment i with seed `derive_seed(seed, "reset", i)`; the policy is seeded
+        with `seed`.
         mode: "mode" (deterministic: latent modes and mean actions) or "sample".
 
         Returns numpy arrays: "observations" `[N, steps + 1, *obs_shape]` (the reset observation,
@@ -127,20 +141,18 @@ class Pretrained:
             raise ValueError(f"run_skills: steps must be an integer of at least 1, got {steps!r}")
         skills = self._check_skills(skills)
         n = len(skills)
-        own = envs is None
-        if own:
-            envs = self.make_envs(n, seed)
+        own = self.make_envs(n, seed) if envs is None else None
         try:
-            self._check_envs(envs, n)
+            played = _single_envs(own if own is not None else envs)
+            self._check_envs(played, n)
             policy = self.policy("skill", seed=seed)
             state = policy.initial_state(n, skill=skills)
-            out = rollout(policy, envs, int(steps), state=state, mode=mode,
+            out = rollout(policy, played, int(steps), state=state, mode=mode,
                           seeds=[derive_seed(seed, "reset", i) for i in range(n)],
                           record=("observations", "actions", "rewards", "is_first", "xy"))
         finally:
-            if own:
-                for env in envs:
-                    env.close()
+            if own is not None:
+                own.close()
         out["skills"] = skills
         return out
 
@@ -178,6 +190,20 @@ class Pretrained:
                 raise ValueError(f"run_skills: environment {i} has observations {obs_shape} and {action_dim} actions; "
                                  f"the snapshot {self.path} acts on observations {self.obs_shape} with "
                                  f"{self.action_dim} actions ({self.config.env.task}, {self.config.env.obs})")
+
+
+def _single_envs(envs: Any) -> list[Any]:
+    """The single environments of a vector environment that holds them in this process (`.envs`,
+    as SyncVectorEnv does), or of a sequence: the rollout steps environments one by one."""
+    from gymnasium.vector import VectorEnv
+
+    if isinstance(envs, VectorEnv):
+        single = getattr(envs, "envs", None)
+        if single is None:
+            raise ValueError(f"run_skills: a {type(envs).__name__} runs its environments in other processes; give "
+                             "the SyncVectorEnv of make_envs, or a list of environments")
+        return list(single)
+    return list(envs)
 
 
 def load_snapshot(path: str | os.PathLike, *overrides: str, device: str = "cpu", task: str | None = None) -> Pretrained:

@@ -432,3 +432,22 @@ def test_mode_acting_is_deterministic_and_sampling_unchanged(behaviour):
     assert torch.equal(state.latent.stoch, post.stoch)
     with pytest.raises(ValueError, match="unknown mode"):
         p.act(obs[0], np.ones(3, bool), p.initial_state(3), mode="mean")
+
+
+def test_evaluation_takes_the_latents_mode_or_samples_it_as_configured():
+    assert tiny().choreographer.eval_latent == "mode"
+    cfg = tiny("agent.choreographer.eval_latent=sample")  # the reference's eval_state_mean: False
+    agent = make(cfg=cfg)
+    policy = ChoreographerPolicy(STATE_SHAPE, ACTIONS, cfg, behaviour="explore")
+    policy.load_weights(agent.policy_weights(), 0)
+    obs = np.random.default_rng(3).standard_normal((3, *STATE_SHAPE)).astype(np.float32)
+    policy.generator.manual_seed(5)
+    action, state, _ = policy.act(obs, np.ones(3, bool), policy.initial_state(3), mode="mode")
+    with torch.no_grad():
+        embed = agent.wm.encode(torch.from_numpy(obs))
+        post = agent.wm.rssm.posterior_step(agent.wm.rssm.initial(3), torch.zeros(3, ACTIONS), embed,
+                                            torch.ones(3, dtype=torch.bool), torch.Generator().manual_seed(5))
+        mean = TruncatedNormal.from_output(policy.explore_actor(agent.wm.rssm.feature(post)),
+                                           cfg.actor_critic.actor_min_std).mode
+    assert torch.equal(state.latent.stoch, post.stoch)  # a draw from the posterior, with the policy's generator
+    np.testing.assert_allclose(action, mean.numpy(), atol=1e-6)  # the action is still the mean

@@ -364,3 +364,19 @@ def test_agent_drives_planning_with_its_skill_dynamics():
     action, state, _ = policy.act(start.numpy(), np.ones(3, bool), policy.initial_state(3))
     assert action.shape == (3, ACTIONS) and state.skill.shape == (3, 2) and torch.isfinite(state.skill).all()
     assert torch.isfinite(state.predicted_return).all()
+
+
+def test_the_temperature_targets_minus_half_the_action_dims_as_the_reference_sac():
+    from choreo.agents.dads.sac import alpha_loss
+    from choreo.launch.runtime.config import load_config
+
+    assert DadsConfig().target_entropy_scale == 0.5  # tf-agents 0.4.0 SacAgent's default, -|A| / 2
+    assert load_config([], ["algo=dads"]).agent.dads.target_entropy_scale == 0.5
+    agent, _ = agent_and_policy()
+    assert agent.sac.target_entropy == -ACTIONS / 2
+    # A policy whose entropy (-log pi = -2) is below -|A| / 2 = -1.5 but above -|A| = -3: alpha must
+    # grow (a negative gradient on log alpha); with SAC's usual target -|A| it would shrink.
+    log_alpha = torch.zeros((), requires_grad=True)
+    loss, _ = alpha_loss(log_alpha, torch.full((8,), 2.0), agent.sac.target_entropy, torch.ones(8, dtype=torch.bool))
+    loss.backward()
+    assert log_alpha.grad < 0

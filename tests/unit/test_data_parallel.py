@@ -10,6 +10,7 @@ ranks on two halves of a batch do what one process does on the whole batch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,12 @@ def test_learner_group_settings_are_checked():
         load_config(["tiny"], ["algo=dads", "learner.num_learners=2"])
     with pytest.raises(ConfigError, match="replay.batch_size"):
         load_config(["tiny"], ["learner.num_learners=2", "learner.scaling=strong", "replay.batch_size=3"])
+    # strong scaling splits the batch: each rank's k-NN pool alone would not be the paper's
+    with pytest.raises(ConfigError, match=r"'learner.scaling' and 'agent.choreographer.knn_pool'.*knn_pool=global"):
+        load_config(["tiny"], ["learner.num_learners=2", "learner.scaling=strong", "replay.batch_size=4"])
+    load_config(["tiny"], ["learner.num_learners=2", "learner.scaling=strong", "replay.batch_size=4",
+                           "agent.choreographer.knn_pool=global"])
+    load_config(["tiny"], ["learner.scaling=strong"])  # one learner: nothing is split
     with pytest.raises(ConfigError, match="learner.gpus_per_learner.*NCCL refuses two ranks on one GPU"):
         load_config(["tiny"], ["learner.num_learners=2", "learner.gpus_per_learner=0.5"])
     with pytest.raises(ConfigError, match="learner.gpus_per_learner.*learner.device=cuda"):
@@ -258,7 +265,8 @@ def test_weak_scaling_multiplies_learning_rates_by_sqrt_world():
 
     one = load_config(["tiny"])
     weak = load_config(["tiny"], ["learner.num_learners=4"])
-    strong = load_config(["tiny"], ["learner.num_learners=2", "learner.scaling=strong", "replay.batch_size=4"])
+    strong = load_config(["tiny"], ["learner.num_learners=2", "learner.scaling=strong", "replay.batch_size=4",
+                                    "agent.choreographer.knn_pool=global"])
     assert group_agent_config(one) is one.agent
     assert group_agent_config(weak).world_model.lr == pytest.approx(2 * one.agent.world_model.lr)
     assert group_agent_config(weak).choreographer.skill_lr == pytest.approx(2 * one.agent.choreographer.skill_lr)
@@ -267,26 +275,52 @@ def test_weak_scaling_multiplies_learning_rates_by_sqrt_world():
     assert (rank_batch_size(strong), group_batch_size(strong)) == (2, 4)
 
 
-class _TwoRanks(SOLO.__class__):
-    """A stand-in group of two for one process: the other rank's gathered values are `offset` away."""
+class _OtherRank(SOLO.__class__):
+    """A stand-in group of two for one process: the other rank holds `other`, a module of the same shapes."""
 
     world = 2
 
-    def __init__(self, offset: float) -> None:
-        self.offset = offset
+    def __init__(self, other: torch.nn.Module) -> None:
+        self.other = other
 
     def gather(self, tensor):
-        return torch.cat([tensor, tensor + self.offset])
+        from choreo.learner.learner import tensor_digests
+
+        return torch.cat([tensor, torch.tensor(tensor_digests(self.other)[1], dtype=tensor.dtype)])
 
 
-def test_learner_stops_when_the_ranks_parameters_differ(tmp_path):
+def test_learner_stops_naming_the_first_tensor_the_ranks_disagree_on(tmp_path):
     from choreo.learner.config import LearnerConfig
-    from choreo.learner.learner import Learner
+    from choreo.learner.learner import Learner, tensor_digests
 
-    model = torch.nn.Linear(3, 2)
-    model.generator = torch.Generator()
-    Learner(model, lambda: None, lambda w, v: None, LearnerConfig(), tmp_path, prefetch=0,
-            collective=_TwoRanks(0.0)).check_ranks_agree()
-    with pytest.raises(RuntimeError, match="drifted apart at update 0"):
-        Learner(model, lambda: None, lambda w, v: None, LearnerConfig(), tmp_path, prefetch=0,
-                collective=_TwoRanks(1.0)).check_ranks_agree()
+    cfg = tiny_agent_config()
+    mine, other = (ChoreographerAgent((24,), 6, cfg, seed=0, device="cpu") for _ in range(2))
+    names, digests = tensor_digests(mine)
+    assert digests == tensor_digests(other)[1]
+    # every parameter and buffer: the codebook, its EMA sums and counts, usage, the exploration
+    # reward's magnitude, the gate, the counters
+    buffers = [name for name, _ in mine.named_buffers()]
+    assert set(buffers) <= set(names) and {n for n, _ in mine.named_parameters()} <= set(names)
+    for part in ("codebook", "embed_avg", "cluster_size", "usage", "mag", "gate_open", "updates"):
+        assert any(n.split(".")[-1] == part for n in buffers), part
+
+    def check() -> None:
+        Learner(mine, lambda: None, lambda w, v: None, LearnerConfig(), tmp_path, prefetch=0,
+                collective=_OtherRank(other)).check_ranks_agree()
+
+    check()
+    usage = next(n for n in buffers if n.endswith("usage"))
+    other.get_buffer(usage).add_(1)  # a count no gradient and no parameter sum sees
+    with pytest.raises(RuntimeError, match=rf"drifted apart at update 0: 1 of {len(names)} tensors differ, "
+                                           rf"the first '{re.escape(usage)}'"):
+        check()
+    other.get_buffer(usage).sub_(1)
+    check()
+    # two entries of a parameter swapped: its sum is the same, its digest is not
+    name, param = next((n, p) for n, p in other.named_parameters()
+                       if p.numel() > 1 and p.flatten()[0] != p.flatten()[1])
+    with torch.no_grad():
+        flat = param.view(-1)
+        flat[[0, 1]] = flat[[1, 0]].clone()
+    with pytest.raises(RuntimeError, match=rf"the first '{re.escape(name)}'"):
+        check()

@@ -507,13 +507,18 @@ def test_gymnasium_registration():
         env.close()
 
 
+def _doc_snippets(marker: str) -> list[str]:
+    """The python blocks of docs/environments.md from `marker` up to the next heading."""
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "environments.md").read_text()
+    start = readme.find(marker)
+    assert start >= 0, f"docs/environments.md no longer has {marker!r}"
+    end = readme.find("\n#", start + 1)
+    return re.findall(r"```python\n(.*?)```", readme[start:end if end >= 0 else None], re.S)
+
+
 def _readme_gymnasium_snippets() -> list[str]:
     """The python blocks of docs/environments.md's paragraph on gymnasium ids (up to the next heading)."""
-    readme = (Path(__file__).resolve().parents[2] / "docs" / "environments.md").read_text()
-    start = readme.find("registered with gymnasium")
-    assert start >= 0, "docs/environments.md no longer says how the ids are registered with gymnasium"
-    end = readme.find("\n#", start)
-    return re.findall(r"```python\n(.*?)```", readme[start:end if end >= 0 else None], re.S)
+    return _doc_snippets("registered with gymnasium")
 
 
 def test_readme_gymnasium_snippets_work_in_a_fresh_interpreter():
@@ -528,6 +533,14 @@ def test_readme_gymnasium_snippets_work_in_a_fresh_interpreter():
         assert out.stdout.split("\n")[-2] == "choreo/walker_flip (24,) (24,) float32", (snippet, out.stdout)
 
 
+def test_readme_rendering_snippet_works_in_a_fresh_interpreter():
+    (snippet,) = _doc_snippets("## Rendering")
+    check = "\nprint(env.render_mode, frame.shape, frame.dtype, obs.shape)\nenv.close()\n"
+    out = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"docs/environments.md snippet failed:\n{snippet}\n{out.stderr[-3000:]}"
+    assert out.stdout.split("\n")[-2] == "rgb_array (64, 64, 3) uint8 (24,)", (snippet, out.stdout)
+
+
 def test_mujoco_gl_set_on_import_unless_given():
     code = "import os, choreo.actors.envs; print(os.environ.get('MUJOCO_GL'))"
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
@@ -537,6 +550,102 @@ def test_mujoco_gl_set_on_import_unless_given():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "osmesa"
 
+
+# ------------------------------------------------------------------------------------ rendering
+
+
+@pytest.mark.parametrize("task", ["walker_stand", "mw_reach", "point_mass_nav", "ant_nav"])
+def test_render_mode_rgb_array_through_gymnasium(task):
+    """gymnasium's convention: `render_mode="rgb_array"` is taken, and render() returns the frame."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the env checker's render checks (declared modes, render_fps) pass
+        env = gymnasium.make("choreo/" + task, render_mode="rgb_array")
+        try:
+            obs, _ = env.reset(seed=0)
+            assert obs.shape == (env_spec(task).state_dim,)  # still states: rendering is a view of its own
+            frame = env.render()
+            env.step(env.action_space.sample())
+            after = env.render()
+        finally:
+            env.close()
+    assert env.render_mode == "rgb_array"
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8 and after.shape == frame.shape
+    assert frame.std() > 0  # a picture, not a blank
+    assert env.metadata["render_modes"] == ["rgb_array"] and env.metadata["render_fps"] > 0
+
+
+def test_render_mode_values():
+    env = make_env("point_mass_nav", render_mode=None)
+    try:
+        assert env.render_mode is None and env.render().shape == (64, 64, 3)  # drawn when asked, all the same
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="render_mode must be 'rgb_array'"):
+        make_env("point_mass_nav", render_mode="human")
+    # render_fps is agent steps per simulated second: walker's control step of 0.025 s gives 40 at action
+    # repeat 1, 20 at 2
+    for action_repeat, fps in ((1, 40.0), (2, 20.0)):
+        env = make_env("walker_stand", action_repeat=action_repeat)
+        assert env.metadata["render_fps"] == pytest.approx(fps)
+        env.close()
+
+
+def test_check_env_with_rendering():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gymnasium.make("choreo/point_mass_nav", render_mode="rgb_array")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)  # its render checks make the id again with every declared render mode
+    env.close()
+    # the only remarks: state observations are unbounded boxes, as every built-in id declares them
+    remarks = [str(w.message) for w in caught]
+    assert all("Box observation space" in r and "infinity" in r for r in remarks), remarks
+
+
+def test_render_collection_and_record_video(tmp_path, monkeypatch):
+    # "rgb_array_list": gymnasium.make wraps the env in RenderCollection, one frame per reset and step
+    env = gymnasium.make("choreo/point_mass_nav", render_mode="rgb_array_list")
+    env.reset(seed=0)
+    for _ in range(10):
+        env.step(np.ones(2, np.float32))  # full acceleration: a few pixels' way in 10 steps
+    frames = env.render()
+    env.close()
+    assert len(frames) == 11 and all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
+    assert not np.array_equal(frames[0], frames[-1])  # the point moved
+
+    # RecordVideo: with moviepy it writes an mp4; without it (not a dependency), a stand-in for
+    # moviepy's clip receives what RecordVideo would encode: every frame, at the env's render_fps
+    written: list[tuple[list[np.ndarray], float, str]] = []
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        import types
+
+        class Clip:
+            def __init__(self, frames: list[np.ndarray], fps: float) -> None:
+                self.frames, self.fps = frames, fps
+
+            def write_videofile(self, path: str, logger: object = None) -> None:
+                written.append((self.frames, self.fps, path))
+                Path(path).write_bytes(b"")
+
+        clip_module = types.ModuleType("moviepy.video.io.ImageSequenceClip")
+        clip_module.ImageSequenceClip = Clip
+        for name in ("moviepy", "moviepy.video", "moviepy.video.io"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "moviepy.video.io.ImageSequenceClip", clip_module)
+    inner = gymnasium.make("choreo/point_mass_nav", render_mode="rgb_array", max_episode_steps=5)
+    env = gymnasium.wrappers.RecordVideo(inner, str(tmp_path / "videos"), disable_logger=True)
+    env.reset(seed=0)
+    for _ in range(5):
+        env.step(env.action_space.sample())
+    env.close()
+    assert [p.suffix for p in (tmp_path / "videos").iterdir()] == [".mp4"]
+    if written:
+        ((frames, fps, _),) = written
+        assert len(frames) == 6 and all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
+        assert fps == pytest.approx(10.0)  # point_mass_nav: 0.1 s a step
 
 # ------------------------------------------------------------------------------------ CLI
 

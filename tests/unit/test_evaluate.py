@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gymnasium
 import numpy as np
+import pytest
 from gymnasium import spaces
 
 from choreo.actors.runner import EnvRunner
 from choreo.launch.runtime.config import load_config
-from choreo.launch.commands.evaluate import JOB_EPISODES, plan_jobs, summarise
+from choreo.launch.commands.evaluate import JOB_EPISODES, plan_jobs, success_threshold, summarise, summary_line
 
 
 class ReachEnv(gymnasium.Env):
@@ -57,16 +58,55 @@ def test_a_scripted_policy_is_counted_exactly():
     jobs = [{"goal": None, **out}]
     summary = summarise("jaco_reach_top_left", jobs, threshold=1e-4)
     assert summary["episodes"] == 8 and summary["episodes_found"] == 3 and summary["episode_success"] == 3 / 8
+    assert summary["success"] == 3 / 8  # returns of 5 and 0 against 1e-4
 
 
-def test_goals_are_found_in_any_of_their_episodes():
-    jobs = [{"goal": 0, "returns": [0, 0], "max_rewards": [0.0, 0.0]},
-            {"goal": 1, "returns": [0, 2], "max_rewards": [0.0, 1.0]},
-            {"goal": 2, "returns": [1, 1], "max_rewards": [1.0, 1.0]},
-            {"goal": 3, "returns": [0, 0], "max_rewards": [5e-5, 0.0]}]  # under the threshold
-    summary = summarise("mw_reach", jobs, threshold=1e-4)
-    assert summary["goals"] == 4 and summary["goals_found"] == 2 and summary["goal_success"] == 0.5
-    assert summary["found_goals"] == [1, 2] and summary["episodes_found"] == 3
+def test_an_episode_succeeds_when_its_return_exceeds_the_reference_threshold():
+    # Jaco: return > 1e-4 (a return of exactly 1e-4 does not count); the largest step reward plays no part:
+    # the second episode pays 5e-5 at every one of its steps and succeeds, the fourth pays 1e-4 once and does not.
+    jaco = summarise("jaco_reach_top_left", [{"goal": None, "returns": [5e-5, 2e-4, 0.0, 1e-4],
+                                              "max_rewards": [5e-5, 5e-5, 0.0, 1e-4]}],
+                     success_threshold("jaco_reach_top_left"))
+    assert success_threshold("jaco_reach_top_left") == 1e-4 and success_threshold("mw_reach") == 0.0
+    assert jaco["episodes_found"] == 1 and jaco["success"] == jaco["episode_success"] == 0.25
+    assert jaco["threshold"] == 1e-4 and "return > 0.0001" in jaco["success_rule"]
+    # Meta-World: return > 0 (its reward is the success flag summed over the action repeat)
+    mw = summarise("mw_reach", [{"goal": 0, "returns": [0.0, 1.0], "max_rewards": [0.0, 1.0]}], 0.0)
+    assert mw["success"] == 0.5 and mw["goal_success_rates"] == {"0": 0.5}
+
+
+def test_the_headline_is_the_mean_over_goals_of_each_goals_success_rate():
+    # goal 0: 1 of 4 episodes; goal 1: 4 of 4 over two jobs; goal 2: 0 of 2. The mean of the per-goal
+    # rates (1/4 + 1 + 0) / 3 differs from the fraction of episodes (5/10) and of goals found in any
+    # episode (2/3), the second figure.
+    jobs = [{"goal": 0, "returns": [0.0, 2.0, 0.0, 0.0], "max_rewards": [0.0, 1.0, 0.0, 0.0]},
+            {"goal": 1, "returns": [1.0, 1.0], "max_rewards": [1.0, 1.0]},
+            {"goal": 1, "returns": [3.0, 2.0], "max_rewards": [2.0, 1.0]},
+            {"goal": 2, "returns": [0.0, 0.0], "max_rewards": [0.0, 0.0]}]
+    summary = summarise("mw_reach", jobs, threshold=0.0)
+    assert summary["success"] == pytest.approx((0.25 + 1.0 + 0.0) / 3)
+    assert summary["goal_success_rates"] == {"0": 0.25, "1": 1.0, "2": 0.0}
+    assert summary["episodes"] == 10 and summary["episodes_found"] == 5 and summary["episode_success"] == 0.5
+    assert summary["goals"] == 3 and summary["goals_found_any"] == 2
+    assert summary["goal_any_success"] == pytest.approx(2 / 3) and summary["found_goals"] == [0, 1]
+    line = summary_line(summary, "random actions")
+    assert line.startswith("mw_reach, random actions: success 0.417 (mean over 3 goals of each goal's fraction "
+                           "of episodes with a return > 0)")
+    assert "2 of 3 goals found in any episode (0.667)" in line and "5 of 10 episodes" in line
+    jaco = summarise("jaco_reach_top_left", [{"goal": None, "returns": [1.0, 0.0], "max_rewards": [1.0, 0.0]}], 1e-4)
+    assert summary_line(jaco, "the skills of s.pt").startswith(
+        "jaco_reach_top_left, the skills of s.pt: success 0.500 (1 of 2 episodes with a return > 0.0001)")
+
+
+def test_meta_world_evaluation_draws_a_new_skill_every_50_steps():
+    def every(presets, *overrides):
+        return load_config(presets, list(overrides)).agent.choreographer.random_skill_every
+
+    assert every(["metaworld"], "mode=evaluate") == 50  # the reference's Meta-World protocol
+    assert every(["tiny", "metaworld"], "mode=evaluate") == 50
+    assert every(["metaworld"], "mode=evaluate", "agent.choreographer.random_skill_every=7") == 7  # --skill-every
+    assert every(["metaworld"]) == 125  # pretraining and fine-tuning keep theirs
+    assert every([], "mode=evaluate", "env.task=jaco_reach_top_left") == 1_000_000_000  # one skill an episode
 
 
 def test_jobs_split_by_goal_or_by_episodes():

@@ -53,3 +53,17 @@ def test_reset_makes_the_next_signal_interrupt_again(handlers, capfd):
     with pytest.raises(KeyboardInterrupt):
         _send(signal.SIGINT)
     assert capfd.readouterr().err == ""
+
+
+def test_inside_a_loop_the_first_signal_only_asks_it_to_stop(handlers, capfd):
+    """A run's loop turns the signal into KeyboardInterrupt between its steps: raised anywhere, it
+    could land inside a library's lock (TensorBoard's event queue) and leave it held."""
+    with signals.polled():
+        _send(signal.SIGTERM)  # no KeyboardInterrupt here
+        assert signals.stop_requested()
+        _send(signal.SIGINT)
+        assert "already stopping" in capfd.readouterr().err
+    signals.reset_interrupt()
+    assert not signals.stop_requested()
+    with pytest.raises(KeyboardInterrupt):  # outside a loop, as before
+        _send(signal.SIGTERM)

@@ -172,3 +172,14 @@ def test_wait_accounting_and_helpers():
     assert lim.ratio() == pytest.approx(1.1)
     with pytest.raises(ValueError, match="steps"):
         lim.on_insert(-3)
+
+
+def test_the_warm_up_counts_frames_whatever_the_action_repeat():
+    from choreo.launch.runtime.build import make_limiter
+    from choreo.launch.runtime.config import load_config
+
+    for preset, repeat in (("states", 1), ("pixels", 2), ("metaworld", 2)):
+        config = load_config([preset])
+        assert config.env.action_repeat == repeat and config.replay.min_size == 4000  # the reference's seed frames
+        assert make_limiter(config).min_size == 4000 // repeat
+    assert make_limiter(load_config(["pixels"], ["replay.min_size=4001"])).min_size == 2001  # never fewer frames

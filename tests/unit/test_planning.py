@@ -641,3 +641,51 @@ def test_policies_default_to_the_agents_planner_settings():
         assert policy.cfg == settings and policy.hold == 2
     for agent in (dads, choreographer):
         assert RandomSkillPolicy(agent).hold == 2
+
+
+def test_the_executor_samples_or_takes_the_mean_action_as_agent_planner_execute_says(monkeypatch):
+    # The same plan (same seed) executed both ways: the mean action of the stand-in actor is the
+    # skill itself; a sampled action is not.
+    agent = known_dads(monkeypatch)
+    assert PlannerConfig().execute == "mean" and planning.execution_mode(PlannerConfig()) == "mode"
+    obs = np.zeros((3, OBS), np.float32)
+    out = {}
+    for execute in ("sample", "mean"):
+        cfg = PlannerConfig(candidates=8, iterations=2, execute=execute)
+        policy = DadsPlanningPolicy(agent, goal_reward(torch.tensor([[0.3, 0.0]] * 3)), cfg, seed=0)
+        action, state, _ = policy.act(obs, np.ones(3, bool), policy.initial_state(3), mode=planning.execution_mode(cfg))
+        out[execute] = (action, state.skill.numpy())
+    np.testing.assert_array_equal(out["sample"][1], out["mean"][1])  # one plan
+    np.testing.assert_allclose(out["mean"][0], out["mean"][1].clip(-0.999, 0.999), atol=1e-5)  # the actor's clamp
+    assert np.abs(out["sample"][0] - out["sample"][1]).max() > 0.05
+
+
+def test_a_random_initial_mean_is_drawn_from_the_standard_normal_with_the_planners_seed(monkeypatch):
+    starts = []
+    mppi = planning.mppi_continuous
+
+    def recording(returns_fn, mean, cfg, generator=None, **kwargs):
+        starts.append(mean.clone())
+        return mppi(returns_fn, mean, cfg, generator, **kwargs)
+
+    monkeypatch.setattr(planning, "mppi_continuous", recording)
+
+    def reward(observations, env):
+        return -observations.square().sum(-1)
+
+    assert PlannerConfig().initial_mean == "zero"
+    cfg = PlannerConfig(horizon=2, hold=2, candidates=8, iterations=2, initial_mean="random")
+    policy = PlanningPolicy(PointModel(), reward, cfg, seed=7)
+    state = policy.initial_state(3)
+    draws = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(state.warm, torch.randn(3, 2, 2, generator=draws), rtol=0, atol=0)
+    # an episode's first plan starts from a fresh draw of the same stream; after it, the appended
+    # segment is a draw too (one per environment)
+    _, state, _ = policy.act(np.zeros((3, 2), np.float32), np.ones(3, bool), state)
+    torch.testing.assert_close(starts[0], torch.randn(3, 2, 2, generator=draws), rtol=0, atol=0)
+    fresh = state.warm[:, 1]
+    assert fresh.abs().min() > 0 and not torch.equal(fresh[0], fresh[1])
+    # the prior's centre, the default: zeros throughout
+    zero = PlanningPolicy(PointModel(), reward, dataclasses.replace(cfg, initial_mean="zero"), seed=7)
+    _, state, _ = zero.act(np.zeros((3, 2), np.float32), np.ones(3, bool), zero.initial_state(3))
+    assert torch.equal(starts[1], torch.zeros(3, 2, 2)) and torch.equal(state.warm[:, 1], torch.zeros(3, 2))

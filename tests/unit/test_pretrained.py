@@ -9,15 +9,18 @@ import io
 import subprocess
 import sys
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
 
 import choreo
+from choreo.actors.envs import make_env_from_config
 from choreo.launch.runtime.build import env_shapes, make_agent
 from choreo.launch.runtime.config import ConfigError, load_config
 from choreo.launch.runtime.snapshot import Pretrained, rollout
 from choreo.learner.snapshot import SnapshotError, save_snapshot
+from choreo.vocabulary import derive_seed
 
 CODES = 4
 
@@ -96,12 +99,20 @@ def test_policies_carry_the_snapshot_weights(walker):
     assert preset.initial_state(3).skill.tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="unknown behaviour"):
         pre.policy("dance")
-    envs = pre.make_envs(2, seed=4)
+    envs = pre.make_envs(2, seed=4)  # a gymnasium vector environment
     try:
-        assert len(envs) == 2 and tuple(envs[0].observation_space.shape) == pre.obs_shape
+        assert isinstance(envs, gymnasium.vector.SyncVectorEnv) and envs.num_envs == 2
+        assert tuple(envs.single_observation_space.shape) == pre.obs_shape
+        assert envs.single_action_space.shape == (pre.action_dim,)
+        obs, _ = envs.reset()
+        assert obs.shape == (2, *pre.obs_shape)
+        single = make_env_from_config(pre.config.env, seed=derive_seed(4, "env", 1))  # environment 1's own seed
+        np.testing.assert_array_equal(obs[1], single.reset()[0])
+        single.close()
+        obs, reward, terminated, truncated, _ = envs.step(envs.action_space.sample())
+        assert obs.shape == (2, *pre.obs_shape) and reward.shape == (2,) and not terminated.any()
     finally:
-        for env in envs:
-            env.close()
+        envs.close()
 
 
 def test_run_skills_plays_each_environment_with_its_skill(walker):
@@ -126,17 +137,19 @@ def test_run_skills_plays_each_environment_with_its_skill(walker):
     for t in range(4):
         action, state, _ = policy.act(out["observations"][:, t], out["is_first"][:, t], state, mode="mode")
         np.testing.assert_array_equal(action, out["actions"][:, t])
-    # Given environments are used as they are (and left open); "sample" is seeded.
+    # Given environments are used as they are (and left open), the vector environment of make_envs
+    # or its single ones; "sample" is seeded.
     envs = pre.make_envs(2, seed=9)
     try:
         a = pre.run_skills([1, 2], steps=3, envs=envs, mode="sample", seed=5)
-        b = pre.run_skills([1, 2], steps=3, envs=envs, mode="sample", seed=5)
+        b = pre.run_skills([1, 2], steps=3, envs=envs.envs, mode="sample", seed=5)
         np.testing.assert_array_equal(a["actions"], b["actions"])
         c = pre.run_skills([1, 2], steps=3, envs=envs, mode="mode", seed=5)
         assert not np.array_equal(a["actions"], c["actions"])
+        envs.reset()  # and the vector environment still steps
+        assert envs.step(np.zeros((2, 6), np.float32))[0].shape == (2, 24)
     finally:
-        for env in envs:
-            env.close()
+        envs.close()
 
 
 def test_run_skills_refuses_what_it_cannot_run(walker, point_mass):
@@ -159,13 +172,13 @@ def test_run_skills_refuses_what_it_cannot_run(walker, point_mass):
         with pytest.raises(ValueError, match="2 skills for 1 environments"):
             pre.run_skills([0, 1], steps=1, envs=envs)
     finally:
-        envs[0].close()
+        envs.close()
     other = choreo.load_snapshot(point_mass).make_envs(1)
     try:
         with pytest.raises(ValueError, match=rf"environment 0 has observations \(4,\).*{path}"):
             pre.run_skills([0], steps=1, envs=other)
     finally:
-        other[0].close()
+        other.close()
 
 
 def test_dads_skills_are_vectors_and_navigation_reports_positions(point_mass):

@@ -1,4 +1,5 @@
-"""`choreo report`: reading eval.jsonl files, per-task statistics, IQM and optimality gap with
+"""`choreo report`: reading eval.jsonl files, per-task statistics, rliable's aggregates (IQM, mean,
+optimality gap, probability of improvement, performance profiles, IQM over frames) with
 stratified-bootstrap intervals, the tables, Markdown and the plot. Hand-made files, no Ray."""
 
 from __future__ import annotations
@@ -166,6 +167,144 @@ def test_stratified_resample_keeps_the_seed_count_of_every_task():
     np.testing.assert_array_equal(rep.stratified_resample([np.array([0.7])], 5, np.random.default_rng(0)), 0.7)
 
 
+# ----------------------------------------------------------------------------- rliable's other metrics
+#
+# Each against rliable's definition (rliable/metrics.py and library.py) on a small example worked
+# out by hand. rliable holds scores as a [runs, tasks] matrix; here they are grouped by task.
+
+# Two tasks, three runs each (rliable's matrix, runs x tasks: [[0.2, 0.5], [0.4, 1.0], [0.9, 1.5]]).
+TASK_A = np.array([0.2, 0.4, 0.9])
+TASK_B = np.array([0.5, 1.0, 1.5])
+
+
+def test_mean_is_the_mean_of_task_means():
+    # rliable's aggregate_mean: np.mean(np.mean(scores, axis=0)) = mean(1.5 / 3, 3.0 / 3) = 0.75
+    flat = np.concatenate([TASK_A, TASK_B])
+    assert rep.mean_of_task_means(flat, [3, 3]) == pytest.approx(0.75)
+    matrix = np.stack([TASK_A, TASK_B], axis=1)
+    assert rep.mean_of_task_means(flat, [3, 3]) == pytest.approx(np.mean(np.mean(matrix, axis=0)))
+    # replicates along the leading axis, row by row
+    np.testing.assert_allclose(rep.mean_of_task_means(np.stack([flat, flat + 1.0]), [3, 3]), [0.75, 1.75])
+    # unequal runs: every task weighs the same; task C [0, 1] has mean 0.5, task D [1] mean 1
+    # -> (0.5 + 1) / 2 = 0.75 (the mean of the three scores would be 2/3)
+    assert rep.mean_of_task_means(np.array([0.0, 1.0, 1.0]), [2, 1]) == pytest.approx(0.75)
+
+
+def test_performance_profile_is_the_run_score_distribution():
+    flat = np.concatenate([TASK_A, TASK_B])
+    taus = np.array([0.25, 0.5, 1.0])
+    # tau 0.25: A 0.4, 0.9 (2/3), B all (3/3)            -> 5/6
+    # tau 0.5:  A 0.9 (1/3), B 1.0, 1.5 (2/3; 0.5 is not above 0.5) -> 1/2
+    # tau 1.0:  A none, B 1.5 (1/3)                      -> 1/6
+    np.testing.assert_allclose(rep.score_distribution(flat, taus, [3, 3]), [5 / 6, 1 / 2, 1 / 6])
+    # rliable's run_score_deviation: np.mean(scores > tau) over the runs x tasks matrix
+    matrix = np.stack([TASK_A, TASK_B], axis=1)
+    np.testing.assert_allclose(rep.score_distribution(flat, taus, [3, 3]), [np.mean(matrix > t) for t in taus])
+    # replicates [reps, N] -> [reps, T]
+    assert rep.score_distribution(np.stack([flat, flat]), taus, [3, 3]).shape == (2, 3)
+    # unequal runs: C [0, 1] has 1/2 above 0.5, D [1] has 1/1 -> 3/4 (2/3 of all scores)
+    np.testing.assert_allclose(rep.score_distribution(np.array([0.0, 1.0, 1.0]), [0.5], [2, 1]), [0.75])
+
+
+def test_probability_of_improvement_by_hand_and_as_mann_whitney():
+    x = [np.array([0.2, 0.4, 0.9]), np.array([0.5, 1.0, 1.5])]
+    y = [np.array([0.1, 0.4]), np.array([2.0, 0.5])]
+    # task 1, pairs (x, y): (0.2, 0.1) 1, (0.2, 0.4) 0, (0.4, 0.1) 1, (0.4, 0.4) 1/2, (0.9, 0.1) 1,
+    #   (0.9, 0.4) 1 -> 4.5 / 6 = 3/4
+    # task 2: (0.5, 2) 0, (0.5, 0.5) 1/2, (1, 2) 0, (1, 0.5) 1, (1.5, 2) 0, (1.5, 0.5) 1 -> 2.5 / 6 = 5/12
+    # average over the tasks: (9/12 + 5/12) / 2 = 7/12
+    assert rep.improvement(x[0], y[0]) == pytest.approx(0.75)
+    assert rep.improvement(x[1], y[1]) == pytest.approx(5 / 12)
+    assert rep.probability_of_improvement(x, y) == pytest.approx(7 / 12)
+    # rliable: scipy's Mann-Whitney U of X against Y (alternative "greater") / (n_x n_y), per task
+    from scipy.stats import mannwhitneyu
+
+    per_task = [mannwhitneyu(a, b, alternative="greater").statistic / (len(a) * len(b)) for a, b in zip(x, y)]
+    assert rep.probability_of_improvement(x, y) == pytest.approx(np.mean(per_task))
+    # the same runs on both sides: 1/2 (rliable's special case comes out of the ties)
+    assert rep.probability_of_improvement([TASK_A], [TASK_A]) == pytest.approx(0.5)
+    assert rep.probability_of_improvement(y, x) == pytest.approx(1 - 7 / 12)
+    with pytest.raises(ValueError, match="same tasks"):
+        rep.probability_of_improvement(x, y[:1])
+
+
+def test_probability_of_improvement_interval():
+    rng = np.random.default_rng(0)
+    # X beats Y on every pair of every task: every replicate gives 1
+    assert rep.improvement_ci([np.array([2.0, 3.0])], [np.array([0.0, 1.0])], 500, rng) == (1.0, 1.0)
+    x = [np.array([0.2, 0.4, 0.9]), np.array([0.5, 1.0, 1.5])]
+    y = [np.array([0.1, 0.4]), np.array([2.0, 0.5])]
+    lo, hi = rep.improvement_ci(x, y, 2000, np.random.default_rng(1))
+    assert 0.0 <= lo < 7 / 12 < hi <= 1.0
+    assert rep.improvement_ci(x, y, 2000, np.random.default_rng(1)) == (lo, hi)  # reproducible
+
+
+def test_stratified_indices_keep_every_task_in_its_columns():
+    index = rep.stratified_indices([2, 3], reps=300, rng=np.random.default_rng(0))
+    assert index.shape == (300, 5)
+    assert set(np.unique(index[:, :2])) == {0, 1} and set(np.unique(index[:, 2:])) == {2, 3, 4}
+    # the same draws as resampling the scores themselves
+    scores = [np.array([1.0, 2.0]), np.array([10.0, 20.0, 30.0])]
+    np.testing.assert_array_equal(np.concatenate(scores)[rep.stratified_indices([2, 3], 50, np.random.default_rng(4))],
+                                  rep.stratified_resample(scores, 50, np.random.default_rng(4)))
+
+
+def write_curve(path: Path, task: str, seed: int, scores: dict[int, float], mode: str = "finetune") -> None:
+    """A run whose normalised score at each frame is `scores[frame]`."""
+    path.mkdir(parents=True, exist_ok=True)
+    expert = rep.EXPERT_SCORES[task]
+    lines = [json.dumps({"task": task, "seed": seed, "frame": f, "mean_return": s * expert, "mode": mode})
+             for f, s in scores.items()]
+    (path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_iqm_over_frames_by_hand(tmp_path):
+    # four runs, normalised scores at frames 0, 10, 20 (and a fourth frame in one run only):
+    curves = {("walker_stand", 0): {0: 0.0, 10: 0.4, 20: 1.0},
+              ("walker_stand", 1): {0: 0.1, 10: 0.2, 20: 0.9},
+              ("walker_walk", 0): {0: 0.2, 10: 0.8, 20: 0.1},
+              ("walker_walk", 1): {0: 0.3, 10: 0.6, 20: 2.0, 30: 2.0}}
+    for (task, seed), scores in curves.items():
+        write_curve(tmp_path / f"{task}-{seed}", task, seed, scores)
+    report = load(tmp_path, reps=500)
+    (a,) = report.aggregates
+    # IQM of four: trim one from each end, the mean of the middle two
+    # frame 0:  0.0 | 0.1 0.2 | 0.3 -> 0.15;  frame 10: 0.2 | 0.4 0.6 | 0.8 -> 0.5
+    # frame 20: 0.1 | 0.9 1.0 | 2.0 -> 0.95;  frame 30 is left out: not every run evaluated it
+    np.testing.assert_array_equal(a.curve.x, [0, 10, 20])
+    np.testing.assert_allclose(a.curve.value, [0.15, 0.5, 0.95])
+    assert any("the 3 frames that every run evaluated (of 4" in n for n in report.notes)
+    # the band: the same replicates of runs as the other aggregates, each run's whole curve at once
+    matrix = np.array([[0.0, 0.4, 1.0], [0.1, 0.2, 0.9], [0.2, 0.8, 0.1], [0.3, 0.6, 2.0]])
+    index = rep.stratified_indices([2, 2], 500, np.random.default_rng([0, rep.EVAL_MODES.index("finetune")]))
+    lo, hi = np.percentile(rep.iqm(matrix[index].transpose(0, 2, 1)), [2.5, 97.5], axis=0)
+    np.testing.assert_allclose(a.curve.lo, lo)
+    np.testing.assert_allclose(a.curve.hi, hi)
+    assert np.all(a.curve.lo <= a.curve.hi)
+
+
+def test_sweep_aggregates_improvement_and_profile(sweep):
+    report = load(sweep)
+    a, s = report.aggregates
+    # finetune task means 0.75, 2/3, 1.0 -> 29/36 (the same as the mean of all nine: 7.25 / 9)
+    assert a.mean == pytest.approx(29 / 36)
+    assert a.mean_ci[0] <= a.mean <= a.mean_ci[1]
+    # above 0.5: walker 0.75 1.0 (2/3), quadruped 1.0 (1/3), jaco 1.0 1.5 (2/3) -> 5/9;
+    # above 1: jaco's 1.5 only -> 1/9; above 0: all
+    assert a.profile.at(0.5)[0] == pytest.approx(5 / 9)
+    assert a.profile.at(1.0)[0] == pytest.approx(1 / 9)
+    assert a.profile.value[0] == 1.0 and a.profile.x[0] == 0.0
+    assert np.all(np.diff(a.profile.value) <= 0)  # a distribution's tail never grows
+    # the IQM at the last frame is the IQM of the final scores
+    np.testing.assert_array_equal(a.curve.x, [0, 50000, 100000])
+    assert a.curve.value[-1] == pytest.approx(a.iqm)
+    assert s.mean == pytest.approx(0.15)
+    # walker_stand is the one task both ran: 492, 738, 984 against 98.4, 196.8 -> every pair 1
+    (imp,) = report.improvements
+    assert (imp.x, imp.y, imp.tasks, imp.probability, imp.ci) == ("finetune", "scratch", ["walker_stand"], 1.0,
+                                                                  (1.0, 1.0))
+
+
 # ----------------------------------------------------------------------------- input
 
 
@@ -263,6 +402,12 @@ def test_cli_end_to_end(sweep, tmp_path, capsys):
     assert "| task | mode | seeds | final frame | return | expert | normalised |" in text
     assert "| walker_stand | scratch | 2 | 100000 | 147.6 ± 49.2 | 984 | 0.150 ± 0.050 |" in text
     assert "| finetune | 3 | 9 | 0.750 [" in text and "500 replicates, seed 3" in text
+    # rliable's other metrics: the mean beside the IQM, then tables of their own
+    assert "| mode | tasks | runs | IQM | mean | optimality gap |" in text
+    assert "| comparison | tasks | P(X > Y) |" in text
+    assert "| finetune > scratch | 1 | 1.000 [1.000, 1.000] |" in text
+    assert "| mode | tau 0.25 | tau 0.5 | tau 0.75 | tau 1 |" in text
+    assert "| frame | finetune | scratch |" in text and "| 100000 | 0.750 [" in text
 
 
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -305,16 +450,25 @@ def test_plot_panels_and_png(sweep, tmp_path, capsys):
     report = load(sweep, tmp_path / "mw", reps=200)
     fig = rep.plot(report)
     titles = [ax.get_title() for ax in fig.axes]
-    # one panel per domain (walker, quadruped, jaco), one for the task without an expert score,
-    # and the aggregates
-    assert titles == ["walker", "quadruped", "jaco", "mw (no expert score)", "aggregates"]
+    # one panel per domain (walker, quadruped, jaco), one for the task without an expert score, then
+    # every aggregate on an axis of its own (a lower gap is better: never on the IQM's axis)
+    assert titles == ["walker", "quadruped", "jaco", "mw (no expert score)", "IQM (higher is better)",
+                      "mean (higher is better)", "optimality gap (lower is better)", "probability of improvement",
+                      "performance profile", "IQM over frames"]
     walker = fig.axes[0]
     assert [line.get_label() for line in walker.get_lines()] == ["walker_stand (finetune)", "walker_stand (scratch)"]
     frames, mean = walker.get_lines()[0].get_data()
     np.testing.assert_allclose(frames, [0, 50000, 100000])
     np.testing.assert_allclose(mean[-1], 0.75)
-    assert [t.get_text() for t in fig.axes[-1].get_yticklabels()] == [
-        "IQM · finetune", "IQM · scratch", "optimality gap · finetune", "optimality gap · scratch"]
+    a = report.aggregates[0]
+    for ax, value in zip(fig.axes[4:7], (a.iqm, a.mean, a.gap), strict=True):
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["finetune", "scratch"]
+        np.testing.assert_allclose(ax.get_lines()[0].get_xdata().astype(float), [value])  # the first mode's point
+    assert [t.get_text() for t in fig.axes[7].get_yticklabels()] == ["P(finetune > scratch)"]
+    profile, curve = fig.axes[8], fig.axes[9]
+    assert [line.get_label() for line in profile.get_lines()] == ["finetune", "scratch"]
+    np.testing.assert_allclose(profile.get_lines()[0].get_xdata(), a.profile.x)
+    np.testing.assert_allclose(curve.get_lines()[0].get_data(), [a.curve.x, a.curve.value])
 
     png = tmp_path / "curves" / "report.png"
     assert main(["report", str(sweep), "--plot", str(png), "--reps", "100"]) == 0
