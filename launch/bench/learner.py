@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 
-from choreo import vocabulary as B
 from choreo.launch.runtime.build import random_batch
 
 # Walker's shapes: 24-dim states, 6-dim actions; pixels are 3 x 64 x 64.
