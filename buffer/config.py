@@ -32,10 +32,12 @@ class ReplayConfig:
 class DatasetConfig:
     dir: str = ""
     """Offline dataset loaded into replay before training: a folder of per-episode .npz files in
-    ExORL's layout (`choreo pretrain --offline DIR`); empty: none."""
+    ExORL's layout (`choreo pretrain --offline DIR`), or `minari:<dataset id>`, a Minari dataset
+    installed locally (MINARI_DATASETS_PATH, else ~/.minari/datasets; never downloaded); empty: none."""
     collect: bool = False
     """With a dataset: keep collecting with the exploration policy once it is loaded (offline and
     online data in one replay); false: offline only, no environment workers, the learner trains
     for learner.total_updates updates."""
     verify: bool = True
-    """Check every file against the folder's manifest.json (SHA-256) when it has one."""
+    """Check every file against the folder's manifest.json (SHA-256) when it has one (Minari
+    datasets have none)."""

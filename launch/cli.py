@@ -82,6 +82,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export(args)
 
 
+def cmd_export_policy(args: argparse.Namespace) -> int:
+    from choreo.launch.commands.export_policy import main as export_policy
+
+    return export_policy(args)
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
     from choreo.launch.commands.visualize import main as visualize
 
@@ -118,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("bench", help="measure speed and memory (figures, not tests)")
-    p.add_argument("what", choices=["envs", "learner", "actors", "replay", "pretrain", "soak", "dataset", "plan", "learning"])
+    from choreo.launch.bench import BENCHMARKS
+
+    p.add_argument("what", choices=list(BENCHMARKS))
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=cmd_bench)
@@ -127,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _run_args(p)
     p.add_argument("--offline", default=None, metavar="DIR",
-                   help="pretrain from a dataset: a folder of per-episode .npz files (ExORL layout), no "
-                        "environment workers, learner.total_updates updates")
+                   help="pretrain from a dataset: a folder of per-episode .npz files (ExORL layout), or "
+                        "minari:<dataset id> (a Minari dataset installed locally), no environment workers, "
+                        "learner.total_updates updates")
     p.add_argument("--collect", action="store_true",
                    help="with --offline: load the dataset, then keep collecting with the exploration policy")
     p.add_argument("--fit-machine", action="store_true",
@@ -179,10 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. task=point_mass_nav agent.planner.candidates=200 env.goal_reward=sparse")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("export", help="write a run's replay as a dataset of per-episode .npz files with checksums")
+    p = sub.add_parser("export", help="write a run's replay as a dataset: per-episode .npz files with checksums, "
+                                       "or a local Minari dataset")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory whose replay checkpoint to export")
-    p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the dataset")
+    p.add_argument("--format", choices=["npz", "minari"], default="npz",
+                   help="npz: a folder of per-episode .npz files (--out); minari: a dataset in Minari's local "
+                        "datasets folder (MINARI_DATASETS_PATH, else ~/.minari/datasets)")
+    p.add_argument("--out", default=None, metavar="DIR", help="--format npz: new or empty folder for the dataset")
+    p.add_argument("--dataset-id", default=None, metavar="ID",
+                   help="--format minari: the dataset's id, [namespace/]name-v<version> (default: "
+                        "choreo/<run name>-v0)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-policy", help="write a snapshot's acting policy as a TorchScript file that runs with "
+                                              "torch alone, without choreo")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot file whose policy to export")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (parent folders are created)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--skill", default=None, metavar="K",
+                       help="the skill actor holding skill K: a code of the codebook (Choreographer), the index of "
+                            "a discrete DADS skill, or a continuous DADS skill's numbers, --skill=0.5,-0.5")
+    which.add_argument("--explore", action="store_true", help="the exploration (LBS) actor (Choreographer)")
+    which.add_argument("--meta", action="store_true",
+                       help="the meta-controller choosing skills for the fine-tuned skill actor (a fine-tuned "
+                            "Choreographer snapshot)")
+    p.set_defaults(func=cmd_export_policy)
 
     p = sub.add_parser("visualize", help="videos of every skill of a snapshot in the real environment, its decoded "
                                          "codes and a codebook plot")

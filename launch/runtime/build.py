@@ -22,8 +22,8 @@ from choreo import vocabulary as B
 from choreo.actors.random_policy import UniformRandomPolicy
 from choreo.actors.runner import EnvRunner, env_seed
 from choreo.buffer.client import ReplayClient
-from choreo.buffer.dataset import (MANIFEST, STREAM_BASE, DatasetError, EpisodeSpec, LoadSummary, episode_files,
-                                   load_into, missing_from_manifest, read_manifest, split_files)
+from choreo.buffer.dataset import (STREAM_BASE, DatasetError, EpisodeSpec, LoadSummary, episode_label, load_into,
+                                   open_dataset, split_episodes)
 from choreo.buffer.limiter import RateLimiter
 from choreo.buffer.shard import ReplayShard
 from choreo.launch.runtime.config import Config, warmup_steps
@@ -163,14 +163,11 @@ def make_limiter(config: Config, dataset_steps: int = 0) -> RateLimiter:
 
 def check_dataset(config: Config) -> tuple[int, list[str]]:
     """Before anything starts: the dataset folder exists and holds episodes, and its manifest (if
-    any) can be read. Returns (files, warnings: manifest entries whose files are missing); raises
-    DatasetError naming the folder or file."""
-    directory = config.dataset.dir
-    files = episode_files(directory)
-    manifest = read_manifest(directory) if config.dataset.verify else None
-    missing = missing_from_manifest(directory, manifest, files) if manifest else []
-    warnings = [f"{Path(directory) / name}: listed in the dataset's {MANIFEST} but missing" for name in missing]
-    return len(files), warnings
+    any) can be read; or the Minari dataset is installed locally and can be opened. Returns
+    (episodes, warnings: manifest entries whose files are missing); raises DatasetError naming the
+    dataset or file."""
+    source = open_dataset(config.dataset.dir, config.dataset.verify)
+    return len(source.episodes()), source.warnings()
 
 
 def dataset_renderer(config: Config) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -221,29 +218,29 @@ def load_dataset(config: Config, shards: list[ReplayShard], obs_shape: tuple[int
 def report_dataset(config: Config, summary: LoadSummary, shown: int = 20) -> int:
     """Prints the dataset's summary line, then each skipped file with why and each warning (the
     first `shown` of each); raises DatasetError when nothing could be loaded. Returns the steps."""
-    directory = config.dataset.dir
-    for what, lines in (("skipped", [f"skipped {Path(directory) / name}: {why}" for name, why in summary.skipped]),
+    location = config.dataset.dir
+    for what, lines in (("skipped", [f"skipped {episode_label(location, name)}: {why}"
+                                     for name, why in summary.skipped]),
                         ("warnings", [f"warning: {w}" for w in summary.warnings])):
         for line in lines[:shown]:
             print(line, flush=True)
         if len(lines) > shown:
             print(f"... and {len(lines) - shown} more {what}", flush=True)
-    print(summary.line(directory), flush=True)
+    print(summary.line(location), flush=True)
     if not summary.steps:
-        raise DatasetError(f"dataset {directory}: no episode could be loaded ({len(summary.skipped)} files skipped, "
-                           f"reasons above)")
+        raise DatasetError(f"dataset {location}: no episode could be loaded ({summary.count(len(summary.skipped))} "
+                           f"skipped, reasons above)")
     return summary.steps
 
 
 def load_dataset_part(config: Config, shard: ReplayShard, index: int, obs_shape: tuple[int, ...], action_dim: int,
                       progress: Callable[[LoadSummary], None] | None = None) -> LoadSummary:
-    """Loads shard `index`'s part of the run's dataset (every num_shards-th file) into `shard`,
+    """Loads shard `index`'s part of the run's dataset (every num_shards-th episode) into `shard`,
     checked against the folder's manifest when it has one and `dataset.verify` is on."""
-    directory = config.dataset.dir
-    files = split_files(episode_files(directory), config.num_shards)[index]
-    manifest = read_manifest(directory) if config.dataset.verify else None
+    source = open_dataset(config.dataset.dir, config.dataset.verify)
+    part = split_episodes(source.episodes(), config.num_shards)[index]
     spec = EpisodeSpec(tuple(obs_shape), int(action_dim), config.env.task)
-    return load_into(shard, directory, files, spec, dataset_renderer(config), manifest,
+    return load_into(shard, source, part, spec, dataset_renderer(config),
                      first_stream=STREAM_BASE + index * (1 << 32), progress=progress)
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from choreo.buffer.dataset import is_minari
+
 if TYPE_CHECKING:
     from choreo.launch.runtime.config import Config
 
@@ -37,7 +39,7 @@ class RunPlan:
     workers: bool
     """Environment workers collect into replay."""
     dataset: str
-    """A dataset folder loaded into replay before the run starts ("" none)."""
+    """A dataset loaded into replay before the run starts: a folder, or `minari:<dataset id>` ("" none)."""
     unit: Unit
     """What progress counts: the x axis of TensorBoard, the progress line, the evaluation cadence and
     the end of the run."""
@@ -102,7 +104,9 @@ def resolve_plan(config: Config) -> RunPlan:
     """The plan of `config`'s mode. The config was validated (`load_config`): the combinations that
     cannot run were refused there, naming their keys."""
     lc = config.learner
-    dataset = str(Path(config.dataset.dir)) if config.dataset.dir else ""
+    dataset = config.dataset.dir
+    if dataset and not is_minari(dataset):
+        dataset = str(Path(dataset))
     if config.mode in ("evaluate", "plan"):
         return RunPlan(mode=config.mode, phase="none", workers=False, dataset="", unit="episodes",
                        total=config.eval.episodes, eval_every=0, behaviour="meta",

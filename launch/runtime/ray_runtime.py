@@ -51,7 +51,8 @@ whoever debugs Ray.
 
 Workers get `MUJOCO_GL=egl` and one OpenMP/MKL thread (torch then uses one intra-op thread per
 worker: the acting networks are tiny and several workers share the cores), through the job's
-runtime_env.
+runtime_env, and the driver's `MINARI_DATASETS_PATH` when it has one, so that the replay shards
+find a `minari:` dataset where the driver checked it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ WORKER_ENV_VARS = {
 }
 """Environment variables of every Ray worker process of a choreo job."""
 
+DRIVER_ENV_VARS = ("MINARI_DATASETS_PATH",)
+"""Environment variables that Ray workers take from the driver when it has them."""
+
 RAY_MESSAGES_ENV = "CHOREO_RAY_LOGS"
 """Set to 1 to see Ray's own messages (worker deaths, task retries, the workers' output) on the
 terminal, as Ray prints them, instead of in the run directory's file."""
@@ -98,6 +102,7 @@ Bounded, so that a worker that crashes every time surfaces as an error instead o
 
 def _runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
     env_vars = dict(WORKER_ENV_VARS)
+    env_vars.update({name: os.environ[name] for name in DRIVER_ENV_VARS if name in os.environ})
     env_vars.update(extra or {})
     return {"env_vars": env_vars}
 

@@ -34,9 +34,11 @@ def mode_overrides(args: argparse.Namespace, mode: str) -> list[str]:
         if getattr(args, "collect", False) and not getattr(args, "offline", None):
             raise ConfigError("--collect keeps collecting after a dataset is loaded: give it with --offline DIR")
         if getattr(args, "offline", None):
-            directory = Path(args.offline).expanduser()
-            return [f"mode={mode}", f"dataset.dir={directory.resolve()}"] + (["dataset.collect=true"] if args.collect
-                                                                            else [])
+            from choreo.buffer.dataset import is_minari
+
+            # A folder as an absolute path, so that the saved config works from anywhere.
+            location = args.offline if is_minari(args.offline) else Path(args.offline).expanduser().resolve()
+            return [f"mode={mode}", f"dataset.dir={location}"] + (["dataset.collect=true"] if args.collect else [])
         return [f"mode={mode}"]
     if bool(args.snapshot) == bool(args.from_scratch):
         raise ConfigError("choreo finetune needs exactly one of --snapshot FILE (a pretraining snapshot, "
@@ -60,8 +62,8 @@ def check_snapshot(config: Config) -> None:
 
 
 def check_dataset_before_start(config: Config) -> None:
-    """A dataset folder that is missing, empty or has a broken manifest is refused before the run
-    directory is made."""
+    """A dataset folder that is missing, empty or has a broken manifest, or a Minari dataset that
+    is not installed locally (or minari itself is not), is refused before the run directory is made."""
     from choreo.buffer.dataset import DatasetError
     from choreo.launch.runtime.build import check_dataset
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from choreo.buffer.dataset import EpisodeSpec, episode_files, load_into
+from choreo.buffer.dataset import EpisodeSpec, NpzFolder, episode_files, load_into
 from choreo.buffer.shard import ReplayShard
 from choreo.launch import cli
 from choreo.launch.runtime.build import make_shard
@@ -79,6 +79,6 @@ def test_mixed_run_collects_after_the_dataset_and_exports_bit_for_bit(tmp_path, 
         replay.extend(shard.episodes())
     assert sum(len(e["observation"]) for e in replay) >= 360 + 600
     back = ReplayShard(10_000, seed=0)
-    summary = load_into(back, tmp_path / "export", episode_files(tmp_path / "export"), EpisodeSpec((24,), 6))
+    summary = load_into(back, NpzFolder(tmp_path / "export"), episode_files(tmp_path / "export"), EpisodeSpec((24,), 6))
     assert summary.skipped == [] and summary.steps == sum(len(e["observation"]) for e in replay)
     assert digests(back.episodes()) == digests(replay)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +52,7 @@ def test_readme_tour_runs_as_written(tmp_path):
     gifs = sorted((snapshots / "visualize").glob("skill_*.gif"))
     assert len(gifs) == 8, gifs  # the tiny codebook's 8 skills
     assert (snapshots / "visualize" / "codebook.png").is_file()
+    policy = torch.jit.load(str(tour / "skill_3.pt"))  # runs without choreo's classes
+    state = policy.initial_state(1)
+    action, state = policy.step(torch.zeros(1, 24), state)
+    assert action.shape == (1, 6) and int(state["skill"][0]) == 3

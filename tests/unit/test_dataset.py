@@ -13,7 +13,8 @@ import pytest
 
 from choreo import vocabulary as B
 from choreo.buffer.dataset import (MANIFEST, DatasetError, EpisodeError, EpisodeSpec, episode_files,
-                                   export_episodes, load_into, read_episode, read_manifest, split_files)
+                                   NpzFolder, export_episodes, load_into, read_episode, read_manifest,
+                                   split_episodes)
 from choreo.buffer.shard import ReplayShard
 from choreo.launch import cli
 from choreo.launch.runtime.build import dataset_renderer, env_shapes, load_dataset, make_shard
@@ -85,10 +86,10 @@ def test_load_into_adds_every_episode_as_its_own_stream_and_splits_files_over_sh
         write(tmp_path / "buffer" / f"{i}_20.npz", **exorl_episode(20, i))
     files = episode_files(tmp_path)
     assert [f.name for f in files] == [f"{i}_20.npz" for i in range(5)]
-    parts = split_files(files, 2)
+    parts = split_episodes(files, 2)
     assert [[f.name for f in p] for p in parts] == [["0_20.npz", "2_20.npz", "4_20.npz"], ["1_20.npz", "3_20.npz"]]
     shard = ReplayShard(1000, seed=0)
-    summary = load_into(shard, tmp_path, parts[0], SPEC)
+    summary = load_into(shard, NpzFolder(tmp_path), parts[0], SPEC)
     assert (summary.episodes, summary.steps, summary.skipped) == (3, 60, [])
     assert shard.stats()["episodes"] == 3 and shard.num_windows(20) == 3  # no window joins two episodes
     assert "loaded 3 episodes, 60 steps" in summary.line(tmp_path) and "0 files skipped" in summary.line(tmp_path)
@@ -113,7 +114,7 @@ def test_bad_files_are_reported_by_name_while_the_good_ones_load(tmp_path):
     raw = good[0].read_bytes()
     (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
     shard = ReplayShard(1000, seed=0)
-    summary = load_into(shard, tmp_path, episode_files(tmp_path), SPEC)
+    summary = load_into(shard, NpzFolder(tmp_path), episode_files(tmp_path), SPEC)
     assert (summary.episodes, summary.steps) == (2, 30)
     reasons = dict(summary.skipped)
     assert set(reasons) == {*bad, "empty.npz", "truncated.npz"}
@@ -156,7 +157,7 @@ def test_a_shard_that_fills_keeps_the_first_episodes_and_says_so(tmp_path):
     for i in range(4):
         write(tmp_path / f"{i}_30.npz", **exorl_episode(30, i))
     shard = ReplayShard(70, seed=0, name="shard0")
-    summary = load_into(shard, tmp_path, episode_files(tmp_path), SPEC)
+    summary = load_into(shard, NpzFolder(tmp_path), episode_files(tmp_path), SPEC)
     assert (summary.episodes, summary.steps) == (2, 60)
     assert "the last 2 of its 4 files were not loaded" in summary.warnings[0]
 
@@ -192,9 +193,9 @@ def test_export_then_load_gives_back_the_same_steps_bit_for_bit(tmp_path):
     assert sorted(manifest) == sorted(p.name for p in (tmp_path / "data").glob("*.npz"))
     for shards in (1, 2):
         loaded = [ReplayShard(150, seed=1) for _ in range(shards)]
-        parts = split_files(episode_files(tmp_path / "data"), shards)
+        parts = split_episodes(episode_files(tmp_path / "data"), shards)
         for shard, part in zip(loaded, parts):
-            summary = load_into(shard, tmp_path / "data", part, SPEC, manifest=manifest)
+            summary = load_into(shard, NpzFolder(tmp_path / "data"), part, SPEC)
             assert summary.skipped == [] and summary.warnings == []
         back = [e for shard in loaded for e in held(shard)]
         assert sorted(map(digest, back)) == sorted(map(digest, exported))
@@ -225,7 +226,7 @@ def test_a_manifest_reports_changed_missing_and_unlisted_files_by_name(tmp_path)
     listed = read_manifest(data)
     expected = sum(e["steps"] for name, e in listed.items() if name not in (changed.name, files[1].name)) + 10
     assert steps == expected == shard.stats()["steps"]
-    summary = load_into(ReplayShard(1000, 0), data, episode_files(data), SPEC, manifest=listed)
+    summary = load_into(ReplayShard(1000, 0), NpzFolder(data), episode_files(data), SPEC)
     assert summary.skipped == [(changed.name, f"changed on disk since {MANIFEST} was written (SHA-256 differs)")]
     assert any("extra_10.npz: not listed" in w for w in summary.warnings)
     from choreo.launch.runtime.build import check_dataset
@@ -248,7 +249,7 @@ def test_choreo_export_writes_a_runs_replay(tmp_path, capsys):
     assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "out")]) == 0
     assert "exported" in capsys.readouterr().out
     back = ReplayShard(10_000, 0)
-    load_into(back, tmp_path / "out", episode_files(tmp_path / "out"), SPEC)
+    load_into(back, NpzFolder(tmp_path / "out"), episode_files(tmp_path / "out"), SPEC)
     assert sorted(map(digest, held(back))) == sorted(digest(e) for s in sources for e in held(s))
 
     assert cli.main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 2
