@@ -14,7 +14,7 @@ ARGS ?=
 PIP := $(VENV)/bin/pip
 QUIET_PIP := grep -v "^WARNING: Location" || true
 
-.PHONY: venv run test test-fast bench clean-venv
+.PHONY: venv run test test-fast bench clean-venv device-bundle
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,17 @@ test: venv
 
 test-fast: venv
 	@$(MAKE) --no-print-directory test ARGS="-m 'not slow' $(ARGS)"
+
+# What a lent GPU machine lacks for `choreo bench device` (its image has torch, numpy, yaml and
+# msgpack, not gymnasium), as wheels for its Python (3.12) in .device/wheels, to carry there:
+# see docs/performance.md, "On a GPU".
+DEVICE_PYTHON ?= 3.12
+device-bundle: venv
+	rm -rf .device && mkdir -p .device/wheels
+	$(VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w .device/wheels . 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) \
+	  -d .device/wheels gymnasium==1.4.0 farama-notifications==0.0.6 2>&1 | $(QUIET_PIP)
+	@du -sh .device
 
 clean-venv:
 	rm -rf $(VENV)

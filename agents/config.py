@@ -138,7 +138,11 @@ class PrecisionConfig:
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """Mixed precision of the learner: auto = bf16 autocast on CUDA, float32 on the CPU."""
     compile: bool = False
-    """Compile the update's hot modules with torch.compile (CUDA only)."""
+    """Compile the update's hot modules (the recurrent cell and every MLP) with torch.compile. On
+    CUDA it removes kernel launches from the imagination loop; on the CPU it needs a C++ compiler
+    and its figures are in docs/performance.md. Compilation takes a minute or more at start-up."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode; reduce-overhead replays CUDA graphs."""
 
 
 @dataclass(frozen=True)

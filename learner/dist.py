@@ -48,13 +48,14 @@ def rank_device(gpu_ids: Sequence[int | str], visible: str | None) -> torch.devi
 
 
 def join_group(rank: int, world: int, address: str, device: torch.device,
-               timeout_s: float = GROUP_TIMEOUT_S) -> Collective:
+               timeout_s: float = GROUP_TIMEOUT_S, backend: str | None = None) -> Collective:
     """Joins the group of `world` ranks at `address` ("host:port", rank 0's) as `rank`, and
     returns its `Collective`; blocks until all ranks joined. One rank alone gets `SOLO` and forms
-    no group. The backend follows the device: NCCL for CUDA, gloo otherwise."""
+    no group. The backend follows the device unless given: NCCL for CUDA, gloo otherwise (gloo
+    also reduces CUDA tensors, through the host: for ranks that share one GPU, which NCCL refuses)."""
     if world == 1:
         return SOLO
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":  # NCCL binds the rank to the current device
         torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world,

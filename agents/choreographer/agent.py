@@ -61,7 +61,7 @@ from choreo.agents.choreographer.rewards import RunningMagnitude, code_reward, k
 from choreo.agents.choreographer.skills import SkillAutoEncoder, skill_loss
 from choreo.agents.collective import SOLO, Collective
 from choreo.agents.config import AgentConfig
-from choreo.agents.nets import MLP, frozen
+from choreo.agents.nets import MLP, LayerNormGRUCell, compile_forwards, frozen
 from choreo.agents.timing import PartTimer
 from choreo.agents.world_model import WorldModel, world_model_loss
 from choreo.vocabulary import derive_seed
@@ -147,11 +147,8 @@ class ChoreographerAgent(nn.Module):
         self.exploration = True  # the LBS predictor and exploration actor-critic train (see start_offline)
         self.to(self.device)
         self._autocast = _autocast_dtype(cfg.precision.autocast, self.device)
-        if cfg.precision.compile and self.device.type == "cuda":
-            # Compile the recurrent cell's forward (the hot loop of observe and imagine), not the
-            # module, so that state-dict keys, and with them checkpoints and policy weights, stay
-            # the same with and without compilation.
-            self.wm.rssm.gru.forward = torch.compile(self.wm.rssm.gru.forward)
+        if cfg.precision.compile:
+            compile_forwards(self, (LayerNormGRUCell, MLP), cfg.precision.compile_mode)
 
     # ------------------------------------------------------------------ optimisers and modes
 

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "dataset": "choreo.launch.bench.dataset",
     "plan": "choreo.launch.bench.plan",
     "learning": "choreo.launch.bench.learning",
+    "device": "choreo.launch.bench.device",
 }
 
 

@@ -45,7 +45,10 @@ def test_ray_processes_run_outside_this_process_group(local_ray):
     only, so that it can write its final checkpoint before it stops Ray itself."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    def rays(p: psutil.Process) -> bool:  # not another test's helper (multiprocessing's resource tracker)
+        return "ray" in p.name() or any("ray" in part for part in p.cmdline()[:3])
+
+    children = [p for p in psutil.Process().children(recursive=True) if rays(p)]
     assert any(p.name().startswith("raylet") for p in children)
     in_group = [(p.pid, p.name()) for p in children if os.getpgid(p.pid) == os.getpgrp()]
     assert not in_group, f"Ray processes in the driver's process group: {in_group}"

@@ -334,3 +334,27 @@ def test_imagine_shapes_detaching_and_dynamics_gradients():
     # and nothing flows back into the (detached) start states
     encoder_grads = torch.autograd.grad(traj.feat[-1].sum(), list(wm.encoder.parameters()), allow_unused=True)
     assert all(g is None for g in encoder_grads)
+
+
+def test_the_convolutions_run_channels_last_with_the_values_and_gradients_of_the_plain_layout():
+    torch.manual_seed(0)
+    enc, dec = ConvEncoder(depth=4), ConvDecoder(FEAT, depth=4)
+    image = torch.randn(2, 3, 3, 64, 64)  # [B, T, C, H, W]
+    feat = torch.randn(2, 3, FEAT)
+
+    def plain_encoder(x):  # the same layers on the contiguous (NCHW) layout, flattened as [C, H, W]
+        return enc.net(x.reshape(-1, 3, 64, 64).contiguous()).reshape(2, 3, -1)
+
+    def plain_decoder(f):
+        return dec.net(dec.linear(f).reshape(-1, 32 * 4, 1, 1).contiguous()).reshape(2, 3, 3, 64, 64)
+
+    for module, fast, plain, x in ((enc, enc, plain_encoder, image), (dec, dec, plain_decoder, feat)):
+        out = fast(x)
+        grads = torch.autograd.grad(out.square().sum(), list(module.parameters()))
+        ref = plain(x)
+        ref_grads = torch.autograd.grad(ref.square().sum(), list(module.parameters()))
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert enc(image).is_contiguous()  # flattened: the next layers see an ordinary vector
