@@ -48,6 +48,13 @@ def env_seed(seed: int, runner_id: int, env_index: int) -> int:
     return derive_seed(seed, "runner", runner_id, "env", env_index)
 
 
+def skill_counts(skills: np.ndarray) -> dict[str, int]:
+    """{skill index: steps} of one episode's per-step skills `[T]`; -1 (no skill) is left out.
+    String keys: the form JSON gives them back in."""
+    values, counts = np.unique(np.asarray(skills).reshape(-1), return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts) if v >= 0}
+
+
 class EnvRunner:
     """Steps `envs` with `policy`; see the module docstring for the row layout, streams and seeding.
 
@@ -252,15 +259,22 @@ class EnvRunner:
         {"returns": each episode's return, "max_rewards": its largest step reward (a sparse reward
         was found when it reaches the threshold)}, in episode order; with `positions` (navigation
         tasks) also "xy": each episode's x-y positions [T + 1, 2] from its reset on, and "goals":
-        its goal, from the environments' `info["xy"]` and `info["goal"]`. Nothing is written to chunks
+        its goal, from the environments' `info["xy"]` and `info["goal"]`. A policy that chooses its
+        own skills (behaviour "meta") also gives "skill_counts": per episode, {skill index (as a
+        string): agent steps it conditioned}, when any step had one. Nothing is written to chunks
         and the training streams are not touched (an evaluation runner does nothing else).
         Environment i plays episodes i, i + N, ...; each episode starts with a reset that continues
         the environment's own random stream."""
         if episodes < 1:
             raise ValueError(f"episodes must be at least 1, got {episodes}")
+        picks = getattr(self.policy, "behaviour", None) == "meta"
         played = rollout(self.policy, self.envs, episodes=episodes, mode=self.mode,
-                         record=("xy", "goals") if positions else ())
+                         record=(("xy", "goals") if positions else ()) + (("skill",) if picks else ()))
         out: dict[str, list] = {"returns": played["returns"], "max_rewards": played["max_rewards"]}
+        if picks:
+            counts = [skill_counts(skills) for skills in played["skill"]]
+            if any(counts):
+                out["skill_counts"] = counts
         if positions:
             if "xy" not in played:
                 task = getattr(self.envs[0].unwrapped, "task_id", "the task")

@@ -1,13 +1,15 @@
 """`choreo bench learning`: evidence that the system learns, at the `small` size, within a budget.
 
-    choreo bench learning                              # 60 minutes, into runs/bench-learning-<time>/
-    choreo bench learning --budget-minutes 180 --out learning-report
+    choreo bench learning --quick                      # 60 minutes, into runs/bench-learning-<time>/
+    choreo bench learning --quick --budget-minutes 180 --out learning-report
     choreo bench learning --budget-minutes 10 --stages resampling,planning
-    choreo bench learning --threads 1                  # while other processes share the cores
+    choreo bench learning --threads 1 --quick          # while other processes share the cores
+    choreo bench learning --stages finetune --snapshot A.pt --snapshot B.pt --seeds 3   # claim 4, hours
 
 It runs the whole pipeline (pretraining, pictures, zero-shot evaluation, fine-tuning, planning) at
 `configs/size/small.yaml` with fixed seeds, scaled to the budget, one run after another in this
-process (`--local`), and writes `report.md` (tables, PNG plots made with matplotlib's Agg canvas,
+process (`--local`), except the fine-tuning stage, which runs the paper's protocol outside the
+budget unless `--quick` scales it down too; and writes `report.md` (tables, PNG plots made with matplotlib's Agg canvas,
 the pictures of `choreo visualize`) and `results.json` (every number) into the output folder. The
 claims, one stage each:
 
@@ -28,10 +30,19 @@ claims, one stage each:
                episode; success = return > 0 or > 1e-4) against random actions,
                on fewer goals and episodes than the paper. Target: the skills find the reward at
                least as often as random actions, on each task.
-4. finetune    Fine-tuning the walker snapshot beats learning from scratch (`choreo finetune`,
-               `--from-scratch`, seeds 0, 1, 2; walker_walk too from 120 budget minutes on;
-               `choreo report` on their eval.jsonl). Target: on walker_stand, fine-tuned above
-               scratch by more than two standard errors of the difference.
+4. finetune    Fine-tuning a walker snapshot beats learning from scratch (`choreo finetune`,
+               `--from-scratch`) on walker_stand, at the paper's protocol (100k frames, an
+               evaluation of 10 episodes every 10k; `--quick`: runs scaled to the budget), over
+               seeds (`--seeds`) and snapshots (`--snapshot`, repeatable; default stage 1's), with
+               a control whose executor is frozen (`agent.finetune.freeze_skills=true`). Beside
+               the curves, on each snapshot: every skill held for one episode, the best 5 of
+               those measured again on fresh episodes, random actions; the skills the
+               meta-controller chose in each evaluation episode (eval.jsonl's `skill_counts`)
+               against the held ones; the fine-tuned skill actors held as the snapshot's were
+               (executor drift); a reading of what the figures point to. Target, two lines:
+               fine-tuned above scratch by more than two standard errors of the difference over
+               the second half of the budget and at the last evaluation; fine-tuned at least as
+               good as the best held skill measured again.
 5. planning    Zero-shot planning on point_mass_nav (`choreo plan`): DADS planning with its skill
                dynamics, and planning over Choreographer's codebook with its world model, each
                against random skills. Target: a lower normalised distance than random skills by
@@ -41,8 +52,11 @@ Budget: after a short calibration (the learner's update of each kind timed on ra
 each stage gets a fraction of the time left (`FRACTIONS`: 36%, 4%, 16%, 30%, 14%, re-planned over
 the remaining stages whenever one starts, so time a stage leaves unused goes to the later ones).
 Within a stage: resampling, half per run; diversity, 60% rollouts and 30% pictures; sparse, 40%
-per pretraining and 20% for the evaluations; fine-tuning, an equal share per run, evaluations
-included; planning, 15% DADS, 65% Choreographer, 20% the four planning evaluations. A run is sized
+per pretraining and 20% for the evaluations; fine-tuning (`--quick`), the held-skill episodes
+first, then an equal share per run, evaluations included; planning, 15% DADS, 65% Choreographer,
+20% the four planning evaluations. Without `--quick` the fine-tuning stage takes no share: its
+runs are the preset's own, and the time it takes is added to the budget, so that the stages after
+it keep theirs. A run is sized
 from the measured update cost: frames = warm-up + updates x the steps an update stands for at the
 preset's replay ratio (the preset's warm-up, `replay.min_size`, unless the run cannot afford as
 many steps after it). A run that overruns its plan by half is stopped like Ctrl-C (final
@@ -50,7 +64,9 @@ checkpoint; pretraining: its snapshot taken from that checkpoint) and reported a
 with the machine's load average. A stage that fails is recorded with its error, and the others go
 on; results.json and report.md are rewritten after every stage.
 
-Where the runs execute: one process, every run `--local`. Measured here (2 cores, a 5,000-frame
+Where the runs execute: every run `--local`, one after another in this process; the fine-tuning
+runs `--parallel` at a time where the cores allow (one per CORES_PER_RUN cores by default), each
+then a job of the job runner in a process of its own. Measured here (2 cores, a 5,000-frame
 small-size walker pretraining, 4,000 of them warm-up): 2 min 13 s in this process against 7 min
 30 s on the embedded Ray, where the two environment workers, the shard and the learner share the
 2 cores and the learner is the slow side (0.9 against 0.2 updates/s). The process is warmed up
@@ -96,8 +112,6 @@ TITLES = {
     "planning": "Zero-shot planning on point-mass navigation",
 }
 DEFAULT_MINUTES = 60.0
-WALK_MINUTES = 120.0
-"""Budgets from this many minutes on also fine-tune on walker_walk."""
 REPORT_RESERVE_S = 5.0
 """Seconds kept back for writing the report."""
 
@@ -133,6 +147,11 @@ WALKER_EPISODE = 1000
 """Agent steps of a walker episode (an evaluation's length)."""
 WATCHDOG_FACTOR, WATCHDOG_SLACK_S = 1.5, 30.0
 """A run is stopped after max(factor x its planned seconds, planned + slack)."""
+PROTOCOL_WATCHDOG_FACTOR = 3.0
+"""The same for the fine-tuning protocol's runs, whose length is fixed: only a run that hangs is stopped."""
+CORES_PER_RUN = 2
+"""Cores a fine-tuning run `--local` keeps busy (its environment steps, its learner's torch threads):
+`--parallel`'s default is the cores over this, so a 2-core machine runs one at a time in this process."""
 
 # Skill diversity: a grid over the walker torso's x position and height.
 CELL_X, CELL_Z = 0.25, 0.1
@@ -351,8 +370,52 @@ class Heartbeat:
         self._thread.join(timeout=1.0)
 
 
+def watchdog_limit(planned: float, factor: float = WATCHDOG_FACTOR) -> float:
+    return max(factor * planned, planned + WATCHDOG_SLACK_S)
+
+
+def execute_run(config: Any, logdir: str, log: str, limit_s: float) -> dict[str, Any]:
+    """One run of `config` in this process (`--local`), in a new run directory under `logdir`, its
+    output appended to `log`, stopped like Ctrl-C after `limit_s` seconds (final checkpoint).
+    Returns {"rc", "run_dir", "seconds", "cut"}. The user's Ctrl-C (or a SIGTERM) is raised again."""
+    from choreo.launch.runtime.local import run_local
+    from choreo.launch.runtime.rundir import RunDir
+
+    start = time.monotonic()
+    run_dir = None
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), \
+            Watchdog(limit_s) as dog:
+        try:
+            run_dir = RunDir.create(config, logdir)
+            with stop_on_signals():
+                rc = run_local(config, run_dir.path)
+        except KeyboardInterrupt:
+            if not dog.fired:
+                raise
+            rc = 130
+    if rc == 130 and not dog.fired:
+        raise KeyboardInterrupt  # the user's Ctrl-C or a SIGTERM: the bench stops
+    return {"rc": rc, "run_dir": None if run_dir is None else str(run_dir.path),
+            "seconds": time.monotonic() - start, "cut": dog.fired}
+
+
+def execute_job(config: Any, logdir: str, log: str, limit_s: float) -> dict[str, Any]:
+    """`execute_run` as a job of `run_jobs` in a process of its own: its failure comes back as
+    {"error": ...}, so that the runs beside it keep their results."""
+    try:
+        return execute_run(config, logdir, log, limit_s)
+    except Exception as e:  # noqa: BLE001 - reported by the bench with the run's name and log
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def default_parallel(cpus: int | None = None) -> int:
+    """Fine-tuning runs at once by default: one per CORES_PER_RUN cores, at least one."""
+    return max(1, (cpus or os.cpu_count() or 1) // CORES_PER_RUN)
+
+
 class Bench:
-    def __init__(self, out: Path, budget: Budget, stream: Any, stages: Sequence[str], threads: int = 0) -> None:
+    def __init__(self, out: Path, budget: Budget, stream: Any, stages: Sequence[str], threads: int = 0,
+                 quick: bool = False, seeds: int = len(FINETUNE_SEEDS), parallel: int = 0) -> None:
         self.out, self.budget, self.stream, self.stages = out, budget, stream, list(stages)
         self.threads = threads or os.cpu_count() or 1
         """Torch threads of every run's learner and of this process's acting (`--threads`)."""
@@ -363,7 +426,17 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.costs: Costs | None = None
         self.walker_snapshot: Path | None = None
-        """Stage 1's snapshot (with resampling): what stages 2 and 4 start from."""
+        """Stage 1's snapshot (with resampling), or the first `--snapshot`: what stage 2 plays."""
+        self.snapshots: list[Path] = []
+        """The `--snapshot` files stage 4 fine-tunes (none: stage 1's)."""
+        self.quick = quick
+        """Stage 4 at a size scaled to the budget (`--quick`) instead of the paper's protocol."""
+        self.seeds = seeds
+        """Fine-tuning seeds 0 .. seeds - 1 (`--seeds`)."""
+        self.parallel = parallel or default_parallel()
+        """Fine-tuning runs at once (`--parallel`); 1: one after another in this process."""
+        self.outside: list[str] = []
+        """Stages of a fixed size (the fine-tuning protocol): their time is added to the budget."""
         self.stage = ""
         self.stage_start = time.monotonic()
         self.results: dict[str, Any] = {}
@@ -403,7 +476,7 @@ class Bench:
     def base_config(self, overrides: Sequence[str]) -> Any:
         from choreo.launch.runtime.config import load_config
 
-        return load_config([PRESET], [*overrides, *self.common])
+        return load_config([PRESET], [*self.common, *overrides])
 
     def plan(self, kind: str, overrides: Sequence[str], seconds: float, step_s: float) -> RunPlan:
         """The run of `kind` ("pretrain", "finetune", "dads") on `overrides` that fits `seconds`."""
@@ -416,71 +489,133 @@ class Bench:
         return plan_run(seconds, getattr(self.costs, kind), steps_per_update, warmup_steps(config), min_warm, step_s,
                         config.env.action_repeat)
 
+    def run_config(self, name: str, kind: str, overrides: Sequence[str], plan: RunPlan, logdir: Path,
+                   extra: Sequence[str] = (), sized: bool = True) -> Any:
+        """The config of one run of `plan` in `<logdir>/<name>/`; `sized`: its length, warm-up and
+        evaluations from `plan` (else the preset's own, the paper's fine-tuning protocol)."""
+        ar = plan.action_repeat
+        resized = []
+        if sized:
+            resized = [f"learner.total_frames={plan.frames}", f"replay.min_size={plan.warm * ar}",
+                       f"replay.capacity={max(plan.steps, 1000)}"]
+            if kind == "pretrain":
+                resized += [f"learner.seed_frames={plan.warm * ar}", f"learner.snapshot_frames=[{plan.frames}]"]
+            elif kind == "dads":
+                resized += [f"learner.snapshot_frames=[{plan.frames}]"]
+            else:
+                resized += [f"eval.every_frames={plan.eval_every}", f"eval.episodes={plan.eval_episodes}"]
+        return self.base_config([*overrides, *resized, *NO_PICTURES, *extra, f"logdir={logdir}", f"run_name={name}"])
+
     def train(self, name: str, kind: str, overrides: Sequence[str], plan: RunPlan, step_s: float,
-              logdir: Path | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+              logdir: Path | None = None, extra: Sequence[str] = (), sized: bool = True,
+              watchdog: float = WATCHDOG_FACTOR) -> dict[str, Any]:
         """One run of `plan` (`choreo pretrain` or `choreo finetune`, `--local`) in
         `<logdir>/<name>/`, its output in logs/<name>.log. Returns what it did: frames, updates,
-        seconds, its snapshot (pretraining), whether the watchdog cut it short."""
-        from choreo.launch.runtime.local import run_local
+        seconds, its snapshot (a fine-tuning run's: its final checkpoint's agent), whether the
+        watchdog cut it short."""
         from choreo.launch.runtime.plan import resolve_plan
-        from choreo.launch.runtime.rundir import RunDir
         from choreo.launch.runtime.run import check_snapshot
+
+        logdir = logdir or self.runs
+        config = self.run_config(name, kind, overrides, plan, logdir, extra, sized)
+        if resolve_plan(config).start == "snapshot":
+            check_snapshot(config)
+        self.announce(name, plan)
+        with Heartbeat(self.say, name, plan.seconds):
+            done = execute_run(config, str(logdir), str(self.logs / f"{name}.log"),
+                               watchdog_limit(plan.seconds, watchdog))
+        return self.finish_run(name, kind, config, plan, done)
+
+    def announce(self, name: str, plan: RunPlan) -> None:
+        ar = plan.action_repeat
+        self.say(f"{self.stage}: {name}: {plan.frames:,} frames ({plan.warm * ar:,} warm-up), ~{plan.updates:,} "
+                 f"updates, ~{fmt_s(plan.seconds)}")
+
+    def finish_run(self, name: str, kind: str, config: Any, plan: RunPlan, done: dict[str, Any],
+                   observe: bool = True) -> dict[str, Any]:
+        """What `execute_run` left of run `name`: its counters from the final checkpoint, its
+        snapshot (the last one it wrote, else one made from that checkpoint), the update cost
+        observed (`observe`, unless the watchdog cut it short)."""
+        from choreo.launch.runtime.rundir import RunDir
         from choreo.learner.learner import load_torch_file
         from choreo.learner.snapshot import save_snapshot
 
-        logdir = logdir or self.runs
-        ar = plan.action_repeat
-        sized = [f"learner.total_frames={plan.frames}", f"replay.min_size={plan.warm * ar}",
-                 f"replay.capacity={max(plan.steps, 1000)}"]
-        if kind == "pretrain":
-            sized += [f"learner.seed_frames={plan.warm * ar}", f"learner.snapshot_frames=[{plan.frames}]"]
-        elif kind == "dads":
-            sized += [f"learner.snapshot_frames=[{plan.frames}]"]
-        else:
-            sized += [f"eval.every_frames={plan.eval_every}", f"eval.episodes={plan.eval_episodes}"]
-        config = self.base_config([*overrides, *sized, *NO_PICTURES, *extra, f"logdir={logdir}", f"run_name={name}"])
-        if resolve_plan(config).start == "snapshot":
-            check_snapshot(config)
-        self.say(f"{self.stage}: {name}: {plan.frames:,} frames ({plan.warm * ar:,} warm-up), ~{plan.updates:,} "
-                 f"updates, ~{fmt_s(plan.seconds)}")
-        limit = max(WATCHDOG_FACTOR * plan.seconds, plan.seconds + WATCHDOG_SLACK_S)
-        start = time.monotonic()
-        run_dir = None
-        with self.logged(name), Heartbeat(self.say, name, plan.seconds), Watchdog(limit) as dog:
-            try:
-                run_dir = RunDir.create(config, logdir)
-                with stop_on_signals():
-                    rc = run_local(config, run_dir.path)
-            except KeyboardInterrupt:
-                if not dog.fired:
-                    raise
-                rc = 130
-        seconds = time.monotonic() - start
-        if rc == 130 and not dog.fired:
-            raise KeyboardInterrupt  # the user's Ctrl-C or a SIGTERM: the bench stops
+        log = self.rel(self.logs / f"{name}.log")
+        if done.get("error"):
+            raise RuntimeError(f"run {name} failed: {done['error']}; see {log}")
+        rc, seconds, cut = done["rc"], done["seconds"], done["cut"]
         if rc not in (0, 130):
-            raise RuntimeError(f"run {name} ended with exit code {rc}; see {self.rel(self.logs / (name + '.log'))}")
+            raise RuntimeError(f"run {name} ended with exit code {rc}; see {log}")
+        run_dir = RunDir(done["run_dir"]) if done.get("run_dir") else None
         if run_dir is None or not run_dir.checkpoint.is_file():
             raise RuntimeError(f"run {name} was stopped after {fmt_s(seconds)} before it wrote a checkpoint")
         state = load_torch_file(run_dir.checkpoint)
         frames, updates = int(state["counters"]["frames"]), int(state["updates"])
-        snapshot = None
-        if kind != "finetune":
-            snapshots = run_dir.snapshot_files()
-            if snapshots:
-                snapshot = snapshots[-1]
-            else:  # cut short before its last frame: its final checkpoint is the snapshot
-                snapshot = save_snapshot(run_dir.snapshot(frames), state["agent"], config, frames, updates)
-        cut = dog.fired
-        if not cut:  # a run cut short says nothing reliable about the update's cost
+        snapshots = run_dir.snapshot_files()
+        if snapshots:
+            snapshot = snapshots[-1]
+        else:  # cut short before its last frame, or a fine-tuning run: its final checkpoint is the snapshot
+            snapshot = save_snapshot(run_dir.snapshot(frames), state["agent"], config, frames, updates)
+        if observe and not cut:  # a run cut short says nothing reliable about the update's cost
             self.costs.observe(kind, seconds, plan)
         self.say(f"{self.stage}: {name}: {'cut short by the watchdog at' if cut else 'done,'} {frames:,} frames, "
                  f"{updates:,} updates in {fmt_s(seconds)} (load average {os.getloadavg()[0]:.1f})")
         return {"name": name, "run_dir": self.rel(run_dir.path), "frames": frames, "planned_frames": plan.frames,
                 "load_1m": os.getloadavg()[0],
-                "warm_frames": plan.warm * ar, "updates": updates, "seconds": seconds,
+                "warm_frames": plan.warm * plan.action_repeat, "updates": updates, "seconds": seconds,
                 "planned_seconds": plan.seconds, "cut_short": cut, "snapshot": self.rel(snapshot),
-                "log": self.rel(self.logs / f"{name}.log")}
+                "log": log}
+
+    def train_runs(self, specs: Sequence[RunSpec], plan: RunPlan, logdir: Path, parallel: int, sized: bool,
+                   watchdog: float, finished: Callable[[RunSpec, dict[str, Any] | None, BaseException | None], None]
+                   ) -> None:
+        """The fine-tuning runs `specs` of `plan`: one after another in this process (`parallel` 1),
+        or `parallel` at a time, each a job of `run_jobs` in a process of its own (an embedded Ray),
+        its learner on the cores over `parallel` torch threads. `finished(spec, run, error)` after
+        each (for jobs, after each batch of `parallel`): a run that failed does not stop the others."""
+        from choreo.launch.runtime.jobs import run_jobs
+        from choreo.launch.runtime.plan import resolve_plan
+        from choreo.launch.runtime.run import check_snapshot
+
+        step_s = STEP_S["walker"]
+        if parallel <= 1:
+            for spec in specs:
+                try:
+                    run = self.train(spec.name, "finetune", spec.overrides, plan, step_s, logdir=logdir, sized=sized,
+                                     watchdog=watchdog)
+                except Exception as e:  # noqa: BLE001 - recorded with the run; the others go on
+                    finished(spec, None, e)
+                else:
+                    finished(spec, run, None)
+            return
+        threads = max(1, self.threads // parallel)
+        limit = watchdog_limit(plan.seconds, watchdog)
+        for i in range(0, len(specs), parallel):
+            batch, calls = [], []
+            for spec in specs[i:i + parallel]:
+                config = self.run_config(spec.name, "finetune", spec.overrides, plan, logdir,
+                                         [f"learner.threads={threads}"], sized)
+                try:
+                    if resolve_plan(config).start == "snapshot":
+                        check_snapshot(config)
+                except Exception as e:  # noqa: BLE001 - as above
+                    finished(spec, None, e)
+                    continue
+                self.announce(spec.name, plan)
+                batch.append((spec, config))
+                calls.append((config, str(logdir), str(self.logs / f"{spec.name}.log"), limit))
+            if not calls:
+                continue
+            with Heartbeat(self.say, f"{len(calls)} runs at once", plan.seconds):
+                done = run_jobs(execute_job, calls, local=False, cpus=threads, unit="runs",
+                                label="bench learning: fine-tuning", stream=self.stream)
+            for (spec, config), result in zip(batch, done):
+                try:
+                    run = self.finish_run(spec.name, "finetune", config, plan, result, observe=False)
+                except Exception as e:  # noqa: BLE001 - as above
+                    finished(spec, None, e)
+                else:
+                    finished(spec, run, None)
 
     # ------------------------------------------------------------------ stages
 
@@ -491,7 +626,9 @@ class Bench:
         allot = self.budget.allot(stage, remaining)
         self.stage = f"stage {index}/{len(self.stages)} {stage}"
         self.stage_start = time.monotonic()
-        self.say(f"{self.stage}: {TITLES[stage]} (allotted {fmt_s(allot)})")
+        self.say(f"{self.stage}: {TITLES[stage]} "
+                 + ("(the paper's protocol, outside the budget)" if stage in self.outside else
+                    f"(allotted {fmt_s(allot)})"))
         section: dict[str, Any] = {"title": TITLES[stage], "allotted_s": allot, "status": "running"}
         self.results["stages"][stage] = section
         try:
@@ -510,6 +647,8 @@ class Bench:
                 section["target"] = JUDGES[stage](section)
             section["seconds"] = time.monotonic() - self.stage_start
             self.results["budget"]["stages"][stage] = {"allotted_s": allot, "used_s": section["seconds"]}
+            if stage in self.outside:  # the later stages keep the time they were planned with
+                self.budget.seconds += section["seconds"]
             self.results["estimates"] = _costs_dict(self.costs)
             self.save()
         verdict = section.get("target", {}).get("met")
@@ -853,9 +992,73 @@ def judge_sparse(section: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 4. fine-tuning
 
 
+FINETUNE_TASK = "walker_stand"
+TOP_SKILLS = 5
+"""The held skills chosen on their single episodes and measured again: the best and the top 5."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BesideSizes:
+    """Episodes of the measurements beside the fine-tuning curves, on each snapshot."""
+
+    remeasure: int
+    """Fresh episodes of each of the TOP_SKILLS skills best on their single episodes."""
+    random: int | None
+    """Episodes of uniform random actions (None: as many as the skills held, one each)."""
+    drift_skills: int | None
+    """Skills the fine-tuned skill actors are held with (None: every one), spread over the codebook."""
+    drift_every_run: bool
+    """Every fine-tuned run's skill actors held (else the first seed's of each snapshot); the
+    `agent.finetune.freeze_skills` control's always."""
+
+
+PROTOCOL_SIZES = BesideSizes(remeasure=10, random=None, drift_skills=None, drift_every_run=True)
+QUICK_SIZES = BesideSizes(remeasure=2, random=16, drift_skills=16, drift_every_run=False)
+HELD_STEP_S = 0.0004
+"""Seconds per environment step of a held-skill or random-action episode here (walker, a batched
+policy call for up to 64 environments at the small size, one torch thread)."""
+PAPER_FINETUNE = "2M pretraining frames; 100k fine-tuning frames, an evaluation of 10 episodes every 10k, 10 seeds"
+REFERENCE_META = ("a new skill every step once the reward gate opens (a batch held a reward >= 1e-4), before "
+                  "that a random skill held for 125 steps; the executor (skill actor) fine-tuned with it")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One fine-tuning run of the stage."""
+
+    name: str
+    start: str
+    """"finetune" (from a snapshot), "scratch" (random weights) or "freeze" (from a snapshot,
+    `agent.finetune.freeze_skills=true`: the executor keeps its pretrained weights)."""
+    seed: int
+    snapshot: str | None
+    """The label of the snapshot it starts from."""
+    overrides: tuple[str, ...]
+
+
+def finetune_specs(snapshots: Sequence[Path], labels: Sequence[str], seeds: Sequence[int],
+                   task: str = FINETUNE_TASK) -> list[RunSpec]:
+    """Seed by seed, the run from scratch (one per seed: it does not depend on the snapshot) and
+    the fine-tuning of each snapshot, so that a stage stopped early leaves comparable sets; then
+    the control with a frozen executor, on the first snapshot and seed."""
+    base = ("mode=finetune", f"env.task={task}")
+    specs = []
+    for seed in seeds:
+        specs.append(RunSpec(f"{task}-scratch-seed{seed}", "scratch", seed, None,
+                             (*base, f"seed={seed}", "from_scratch=true")))
+        for label, path in zip(labels, snapshots):
+            specs.append(RunSpec(f"{task}-{label}-finetune-seed{seed}", "finetune", seed, label,
+                                 (*base, f"seed={seed}", f"snapshot={Path(path).resolve()}")))
+    specs.append(RunSpec(f"{task}-{labels[0]}-freeze-seed{seeds[0]}", "freeze", seeds[0], labels[0],
+                         (*base, f"seed={seeds[0]}", f"snapshot={Path(snapshots[0]).resolve()}",
+                          "agent.finetune.freeze_skills=true")))
+    return specs
+
+
 def finetune_plan(b: Bench, seconds: float, overrides: Sequence[str]) -> RunPlan:
-    """A fine-tuning run that fits `seconds` with its evaluations: at frame 0 and every quarter
-    of the run (10 episodes) when it can afford them, else fewer episodes at the start and the end."""
+    """`--quick`: a fine-tuning run that fits `seconds` with its evaluations: at frame 0 and every
+    quarter of the run (10 episodes) when it can afford them, else fewer episodes at the start and
+    the end."""
     evals = 5 if seconds >= 120 else 2
     episodes = int(np.clip(seconds / 15, 2, 10))
     eval_s = evals * WALKER_EPISODE * (EVAL_STEP_S + episodes * STEP_S["walker"] / 5)
@@ -869,53 +1072,124 @@ def finetune_plan(b: Bench, seconds: float, overrides: Sequence[str]) -> RunPlan
     return plan
 
 
-def stage_finetune(b: Bench, allot: float, section: dict[str, Any]) -> None:
-    from choreo.launch.commands import report
+def protocol_plan(b: Bench, overrides: Sequence[str]) -> RunPlan:
+    """The paper's fine-tuning run as the preset states it (configs/mode/finetune.yaml: 100k frames,
+    an evaluation of 10 episodes at frame 0 and every 10k), with its estimated seconds."""
+    from choreo.launch.runtime.config import warmup_steps
 
-    if b.walker_snapshot is None or not b.walker_snapshot.is_file():
-        raise StageSkipped("needs the walker snapshot of stage 1 (resampling), which did not come")
-    minutes = b.budget.seconds / 60
-    tasks = ["walker_stand"] + (["walker_walk"] if minutes >= WALK_MINUTES else [])
-    runs_n = len(tasks) * len(FINETUNE_SEEDS) * 2
-    snapshot = f"snapshot={b.walker_snapshot.resolve()}"
-    plan = finetune_plan(b, allot / runs_n, ["mode=finetune", "env.task=walker_stand", snapshot])
-    parent = b.runs / "finetune"
-    section["scale"] = {"tasks": tasks, "seeds": list(FINETUNE_SEEDS), "frames": plan.frames,
-                        "warm_frames": plan.warm * plan.action_repeat, "eval_every": plan.eval_every,
-                        "eval_episodes": plan.eval_episodes, "snapshot": b.rel(b.walker_snapshot),
-                        "paper": "2M pretraining frames; 100k fine-tuning frames, 10 evaluation episodes, 10 seeds"}
-    if minutes < WALK_MINUTES:
-        section["notes"] = [f"walker_walk is left out below {WALK_MINUTES:.0f} budget minutes"]
-    runs = section["runs"] = []
-    for task in tasks:
-        for seed in FINETUNE_SEEDS:  # seed by seed, both modes: a budget cut short leaves pairs
-            for mode in ("finetune", "scratch"):
-                start = ["from_scratch=true"] if mode == "scratch" else [snapshot]
-                overrides = ["mode=finetune", f"env.task={task}", f"seed={seed}", *start]
-                run = b.train(f"{task}-{mode}-seed{seed}", "finetune", overrides, plan, STEP_S["walker"], logdir=parent)
-                run.update(task=task, seed=seed, mode=mode, curve=read_eval_curve(b.out / run["run_dir"]))
-                run["final_return"] = run["curve"][-1][1] if run["curve"] else None
-                runs.append(run)
-                b.save()
-    # `choreo report` over the runs' eval.jsonl: its tables and plot, and its numbers for the verdict.
-    buffer = io.StringIO()
-    rc = report.run([str(parent)], plot_path=str(b.out / "finetune" / "report.png"),
-                    markdown_path=str(b.out / "finetune" / "report.md"), out=buffer, err=buffer)
-    section["report"] = {"text": buffer.getvalue(), "rc": rc, "markdown": "finetune/report.md",
-                         "plot": "finetune/report.png"}
-    files, _ = report.find_eval_files([parent])
-    summary = report.summarise(report.collect_runs(files), reps=1000, seed=SEED)
-    section["summary"] = {}
-    for t in summary.tasks:
-        section["summary"].setdefault(t.task, {})[t.mode] = {
-            "mean": t.final_return[0], "se": t.final_return[1], "n": t.n,
-            "normalised": t.normalised[0] if t.normalised else None,
-            "final_frames": sorted({r.final_frame for r in t.runs})}
-    for modes in section["summary"].values():
-        if "finetune" in modes and "scratch" in modes:
-            f, s = modes["finetune"], modes["scratch"]
-            modes["difference"] = f["mean"] - s["mean"]
-            modes["difference_se"] = math.sqrt(f["se"] ** 2 + s["se"] ** 2)
+    config = b.base_config(overrides)
+    rb, ar = config.replay, config.env.action_repeat
+    steps_per_update = rb.batch_size * rb.batch_length / rb.samples_per_insert
+    steps, warm = config.learner.total_frames // ar, warmup_steps(config)
+    updates = max(int((steps - warm) / steps_per_update), 0)
+    every, episodes = config.eval.every_frames, config.eval.episodes
+    evals = config.learner.total_frames // every + 1 if every else 0
+    eval_s = evals * WALKER_EPISODE * (EVAL_STEP_S + episodes * HELD_STEP_S)
+    seconds = RUN_OVERHEAD_S + steps * STEP_S["walker"] + updates * b.costs.finetune + eval_s
+    return RunPlan(steps, warm, updates, ar, seconds, steps_per_update, eval_every=every, eval_episodes=episodes)
+
+
+def beside_seconds(sizes: BesideSizes, skills: int, snapshots: int, drift_runs: int) -> float:
+    """Estimated seconds of the held-skill, random-action and drift episodes."""
+    episodes = snapshots * (skills + TOP_SKILLS * sizes.remeasure + (sizes.random or skills))
+    episodes += drift_runs * (sizes.drift_skills or skills)
+    return episodes * WALKER_EPISODE * HELD_STEP_S
+
+
+def drift_codes(num_skills: int, count: int | None) -> list[int]:
+    """The codes the fine-tuned skill actors are held with: every one, or `count` spread over them."""
+    if count is None or count >= num_skills:
+        return list(range(num_skills))
+    return sorted({int(round(c)) for c in np.linspace(0, num_skills - 1, count)})
+
+
+def held_seed(code: int, episode: int | None = None) -> int:
+    """The reset seed of skill `code`'s selection episode (None), or of its fresh episode `episode`:
+    a skill meets the same episodes from the snapshot and from a fine-tuned run."""
+    from choreo.vocabulary import derive_seed
+
+    return derive_seed(SEED, "held", code) if episode is None else derive_seed(SEED, "held", code, "fresh", episode)
+
+
+def play_episodes(policy: Any, envs: Sequence[Any], seeds: Sequence[int], state: Any = None,
+                  mode: str = "mode") -> list[float]:
+    """One episode of each environment (environment i reset with `seeds[i]`), `policy` acting from
+    `state` (`choreo.actors.rollout.rollout`): their returns. One torch thread: batched calls this
+    small gain nothing from a second, and lose several times over when another process shares
+    the cores."""
+    from choreo.actors.rollout import rollout
+
+    with keep_threads(1):
+        return [float(r) for r in rollout(policy, envs, episodes=len(envs), state=state, mode=mode, seeds=seeds,
+                                          record=())["returns"]]
+
+
+def held_returns(pre: Any, codes: Sequence[int], seeds: Sequence[int]) -> list[float]:
+    """Skill `codes[i]` of the loaded snapshot `pre` (`load_snapshot`) held for one episode of
+    environment i (reset with `seeds[i]`), mean actions as the fine-tuning evaluations act."""
+    vector = pre.make_envs(len(codes), seed=SEED)
+    try:
+        policy = pre.policy("skill", seed=SEED)
+        return play_episodes(policy, vector.envs, seeds, policy.initial_state(len(codes), skill=np.asarray(codes)))
+    finally:
+        vector.close()
+
+
+def random_returns(pre: Any, episodes: int) -> list[float]:
+    """Uniform random actions for `episodes` episodes of `pre`'s task."""
+    from choreo.actors.random_policy import UniformRandomPolicy
+    from choreo.vocabulary import derive_seed
+
+    vector = pre.make_envs(episodes, seed=SEED)
+    try:
+        return play_episodes(UniformRandomPolicy(pre.action_dim, SEED), vector.envs,
+                             [derive_seed(SEED, "random", i) for i in range(episodes)], mode="sample")
+    finally:
+        vector.close()
+
+
+def describe_snapshot(b: Bench, label: str, path: Path) -> dict[str, Any]:
+    """A snapshot and its pretraining, as the report names it."""
+    from choreo.launch.runtime.snapshot import Snapshot
+
+    snap = Snapshot.open(path)
+    c = snap.config
+    return {"label": label, "path": b.rel(path), "frames": snap.frames, "updates": snap.updates, "size": c.size,
+            "task": c.env.task, "obs": c.env.obs, "seed": c.seed, "num_skills": c.agent.choreographer.num_codes,
+            "status": "running"}
+
+
+def measure_beside(b: Bench, entry: dict[str, Any], path: Path, sizes: BesideSizes) -> None:
+    """On one snapshot: every skill held for one episode; the TOP_SKILLS best of those measured again
+    on `sizes.remeasure` fresh episodes each; uniform random actions."""
+    from choreo.launch.runtime.snapshot import load_snapshot
+
+    pre = load_snapshot(path, task=FINETUNE_TASK)
+    k = pre.num_skills
+    codes = list(range(k))
+    b.say(f"{b.stage}: {entry['label']}: {k} skills held for an episode each")
+    entry["held"] = {"codes": codes, "returns": held_returns(pre, codes, [held_seed(c) for c in codes])}
+    b.save()
+    top = top_skills(entry["held"]["returns"], TOP_SKILLS)
+    b.say(f"{b.stage}: {entry['label']}: skills {', '.join(map(str, top))} again, {sizes.remeasure} fresh "
+          f"episodes each")
+    repeated = [c for c in top for _ in range(sizes.remeasure)]
+    fresh = held_returns(pre, repeated, [held_seed(c, j) for c in top for j in range(sizes.remeasure)])
+    entry["remeasure"] = {"codes": top, "returns": {str(c): fresh[i * sizes.remeasure:(i + 1) * sizes.remeasure]
+                                                    for i, c in enumerate(top)}}
+    b.save()
+    episodes = sizes.random or k
+    b.say(f"{b.stage}: {entry['label']}: {episodes} episodes of random actions")
+    entry["random"] = {"returns": random_returns(pre, episodes)}
+
+
+def finetuned_held(b: Bench, run: dict[str, Any], codes: Sequence[int]) -> dict[str, Any]:
+    """The fine-tuned skill actors of `run` (its final agent) held as the snapshot's were: the same
+    codes on the same episodes."""
+    from choreo.launch.runtime.snapshot import load_snapshot
+
+    pre = load_snapshot(b.out / run["final_agent"], task=FINETUNE_TASK)
+    return {"codes": list(codes), "returns": held_returns(pre, codes, [held_seed(c) for c in codes])}
 
 
 def read_eval_curve(run_dir: Path) -> list[list[float]]:
@@ -926,13 +1200,292 @@ def read_eval_curve(run_dir: Path) -> list[list[float]]:
     return [[r.frame, r.mean_return] for r in records]
 
 
-def judge_finetune(section: dict[str, Any], task: str = "walker_stand") -> dict[str, Any]:
-    modes = section.get("summary", {}).get(task, {})
-    diff, se = modes.get("difference"), modes.get("difference_se")
-    met = None if diff is None else bool(diff > 2 * se) if se else bool(diff > 0)
-    return {"text": f"on {task}, the final return fine-tuned from the snapshot above the one from scratch by more "
-                    f"than two standard errors of the difference (sqrt(se_f^2 + se_s^2), over seeds)",
-            "measured": diff, "two_se": None if se is None else 2 * se, "met": met}
+def read_eval_picks(run_dir: Path) -> list[list[Any]]:
+    """[[frame, [{skill: steps} per episode]], ...]: the skills the meta-controller chose in each
+    evaluation episode (eval.jsonl's `skill_counts`)."""
+    from choreo.launch.runtime.rundir import RunDir
+
+    records = sorted(RunDir(run_dir).read_evals(), key=lambda r: r.frame)
+    return [[r.frame, r.extra["skill_counts"]] for r in records if r.extra.get("skill_counts")]
+
+
+def stage_finetune(b: Bench, allot: float, section: dict[str, Any]) -> None:
+    snapshots = b.snapshots or ([b.walker_snapshot] if b.walker_snapshot and b.walker_snapshot.is_file() else [])
+    if not snapshots:
+        raise StageSkipped("needs a walker snapshot: stage 1's (resampling), which did not come, or --snapshot FILE")
+    sizes = QUICK_SIZES if b.quick else PROTOCOL_SIZES
+    seeds = list(range(b.seeds))
+    labels = [f"S{i}" for i in range(1, len(snapshots) + 1)]
+    entries = section["snapshots"] = [describe_snapshot(b, label, path) for label, path in zip(labels, snapshots)]
+    specs = finetune_specs(snapshots, labels, seeds)
+    drifted = {s.name for s in specs if s.start == "freeze" or (s.start == "finetune" and (
+        sizes.drift_every_run or s.seed == seeds[0]))}
+    skills = entries[0]["num_skills"]
+    first = list(specs[1].overrides)
+    if b.quick:
+        beside = beside_seconds(sizes, skills, len(snapshots), len(drifted))
+        plan = finetune_plan(b, max(allot - beside, 0.0) / len(specs), first)
+    else:
+        plan = protocol_plan(b, first)
+    parallel = min(b.parallel, len(specs))
+    config = b.base_config(first)
+    section["scale"] = {
+        "protocol": "quick" if b.quick else "paper", "task": FINETUNE_TASK, "seeds": seeds,
+        "frames": plan.frames, "warm_frames": plan.warm * plan.action_repeat, "planned_updates": plan.updates,
+        "eval_every": plan.eval_every, "eval_episodes": plan.eval_episodes, "second_half_from": plan.frames // 2,
+        "parallel": parallel, "threads_per_run": b.threads if parallel == 1 else max(1, b.threads // parallel),
+        "top": TOP_SKILLS, "remeasure_episodes": sizes.remeasure, "random_episodes": sizes.random or skills,
+        "drift_skills": len(drift_codes(skills, sizes.drift_skills)), "num_skills": skills,
+        "random_skill_every": config.agent.choreographer.random_skill_every, "preset": PRESET,
+        "paper": PAPER_FINETUNE, "reference": REFERENCE_META}
+    b.say(f"{b.stage}: {len(specs)} runs of {plan.frames:,} frames ({len(seeds)} seeds from scratch, from each of "
+          f"{len(snapshots)} snapshot{'s' if len(snapshots) > 1 else ''}, one with a frozen executor), {parallel} at a "
+          f"time; ~{fmt_s(plan.seconds * math.ceil(len(specs) / parallel))} of runs")
+    for entry, path in zip(entries, snapshots):
+        with _part(b, entry):
+            measure_beside(b, entry, path, sizes)
+    runs = section["runs"] = []
+    parent = b.runs / "finetune"
+
+    def finished(spec: RunSpec, run: dict[str, Any] | None, error: BaseException | None) -> None:
+        run = run or {"name": spec.name}
+        # In the stage, "snapshot" is the one a run starts from; the run's own final agent goes apart.
+        run["final_agent"] = run.pop("snapshot", None)
+        run.update(task=FINETUNE_TASK, seed=spec.seed, start=spec.start, snapshot=spec.snapshot)
+        runs.append(run)
+        with _part(b, run):
+            if error is not None:
+                raise error
+            run_dir = b.out / run["run_dir"]
+            run["curve"] = read_eval_curve(run_dir)
+            run["picks"] = read_eval_picks(run_dir)
+            run["final_return"] = run["curve"][-1][1] if run["curve"] else None
+            entry = next(e for e in entries if e["label"] == spec.snapshot) if spec.snapshot else None
+            if spec.name in drifted and entry is not None and entry.get("held"):
+                b.say(f"{b.stage}: {spec.name}: its skill actors held as the snapshot's were")
+                run["held"] = finetuned_held(b, run, drift_codes(len(entry["held"]["returns"]), sizes.drift_skills))
+            section["analysis"] = analyse_finetune(section)
+
+    b.train_runs(specs, plan, parent, parallel, sized=b.quick,
+                 watchdog=WATCHDOG_FACTOR if b.quick else PROTOCOL_WATCHDOG_FACTOR, finished=finished)
+    section["reports"] = [finetune_report(b, entry["label"], runs) for entry in entries]
+    section["analysis"] = analyse_finetune(section)
+    _finish_parts(section, {**{e["label"]: e for e in entries}, **{r["name"]: r for r in runs}})
+
+
+def finetune_report(b: Bench, label: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`choreo report` on the eval.jsonl of one snapshot's fine-tuning runs and of the runs from
+    scratch: its tables and plot (bootstrap intervals, probability of improvement)."""
+    from choreo.launch.commands import report
+
+    dirs = [str(b.out / r["run_dir"]) for r in runs if r.get("run_dir") and r.get("status") == "ok"
+            and (r["start"] == "scratch" or (r["start"] == "finetune" and r["snapshot"] == label))]
+    buffer = io.StringIO()
+    out = b.out / "finetune"
+    rc = report.run(dirs, plot_path=str(out / f"report-{label}.png"), markdown_path=str(out / f"report-{label}.md"),
+                    out=buffer, err=buffer)
+    return {"label": label, "text": buffer.getvalue(), "rc": rc, "markdown": f"finetune/report-{label}.md",
+            "plot": f"finetune/report-{label}.png"}
+
+
+# The arithmetic of the stage (pure: hand-made numbers in, numbers out).
+
+
+def mean_se(values: Sequence[float]) -> dict[str, Any]:
+    """{"mean", "se", "n"}: the standard error with ddof=1 (0 for one value); None values for none."""
+    from choreo.launch.commands.report import mean_se as report_mean_se
+
+    values = [float(v) for v in values]
+    if not values:
+        return {"mean": None, "se": None, "n": 0}
+    mean, se = report_mean_se(values)
+    return {"mean": mean, "se": se, "n": len(values)}
+
+
+def second_half(curve: Sequence[Sequence[float]], start: float) -> float | None:
+    """The mean of a run's evaluations from frame `start` on (None when it has none there)."""
+    values = [v for f, v in curve if f >= start]
+    return float(np.mean(values)) if values else None
+
+
+def above_by_two_se(better: Sequence[float], worse: Sequence[float]) -> dict[str, Any]:
+    """Whether the mean of `better` (one value per run) exceeds that of `worse` by more than two
+    standard errors of the difference, sqrt(se_b^2 + se_w^2); not measured (met None) with fewer
+    than two runs on either side, where a standard error says nothing."""
+    a, b = mean_se(better), mean_se(worse)
+    if not a["n"] or not b["n"]:
+        return {"better": a, "worse": b, "difference": None, "se": None, "met": None}
+    difference, se = a["mean"] - b["mean"], math.hypot(a["se"], b["se"])
+    met = bool(difference > 2 * se) if a["n"] > 1 and b["n"] > 1 else None
+    return {"better": a, "worse": b, "difference": difference, "se": se, "met": met}
+
+
+def top_skills(returns: Sequence[float], k: int = TOP_SKILLS) -> list[int]:
+    """The `k` skills with the highest returns, best first (a tie: the lower index first)."""
+    order = sorted(range(len(returns)), key=lambda i: (-returns[i], i))
+    return order[:k]
+
+
+def held_summary(returns: Sequence[float], remeasured: dict[str, Sequence[float]], k: int = TOP_SKILLS
+                 ) -> dict[str, Any]:
+    """The held-skill baselines: the best skill and the top `k`, chosen on their single episodes
+    (`returns`, one per skill), and their returns on fresh episodes (`remeasured`, skill -> returns);
+    the median and the mean of all skills' single episodes."""
+    top = top_skills(returns, k)
+    fresh = {int(c): [float(v) for v in vs] for c, vs in remeasured.items()}
+    measured = [c for c in top if fresh.get(c)]
+    best = top[0] if top else None
+    out: dict[str, Any] = {"skills": len(returns), "top": top, "best": best, "order": top_skills(returns, len(returns)),
+                           "best_selection": float(returns[best]) if best is not None else None,
+                           "top_selection": float(np.mean([returns[c] for c in top])) if top else None,
+                           "median": float(np.median(returns)) if len(returns) else None,
+                           "mean": float(np.mean(returns)) if len(returns) else None,
+                           "remeasured": {str(c): mean_se(fresh[c]) for c in measured}}
+    out["best_remeasured"] = mean_se(fresh.get(best, [])) if best is not None else mean_se([])
+    out["top_remeasured"] = mean_se([v for c in measured for v in fresh[c]])
+    if measured:
+        winner = max(measured, key=lambda c: (np.mean(fresh[c]), -c))
+        out["best_of_top_remeasured"] = {"skill": winner, **mean_se(fresh[winner])}
+    return out
+
+
+def pick_counts(picks: Sequence[Sequence[Any]], num_skills: int) -> dict[int, np.ndarray]:
+    """frame -> steps each skill was chosen `[num_skills]`, summed over the episodes of every
+    evaluation at that frame (`picks`: the runs' [frame, [{skill: steps} per episode]] lists, concatenated)."""
+    out: dict[int, np.ndarray] = {}
+    for frame, episodes in picks:
+        counts = out.setdefault(int(frame), np.zeros(num_skills, np.int64))
+        for episode in episodes:
+            for skill, steps in episode.items():
+                counts[int(skill)] += int(steps)
+    return dict(sorted(out.items()))
+
+
+def pick_ranking(counts: np.ndarray, held: Sequence[float], k: int = TOP_SKILLS) -> dict[str, Any]:
+    """How the skills chosen (`counts [K]`, steps per skill) rank against the skills held still
+    (`held [K]`, one return each): the share of the steps on the top `k` held skills (and what a
+    uniform choice would give), the most chosen skill and its held rank (1: the best), and the
+    held return of the choices weighted by their steps against the mean of all."""
+    counts, held = np.asarray(counts, np.float64), np.asarray(held, np.float64)
+    total = counts.sum()
+    if not total:
+        return {"steps": 0}
+    top = top_skills(list(held), k)
+    ranks = np.empty(len(held), np.int64)
+    ranks[top_skills(list(held), len(held))] = np.arange(1, len(held) + 1)
+    most = int(np.argmax(counts))
+    return {"steps": int(total), "share_top": float(counts[top].sum() / total), "chance_top": len(top) / len(held),
+            "most_picked": most, "most_picked_share": float(counts[most] / total),
+            "most_picked_rank": int(ranks[most]), "skills_picked": int((counts > 0).sum()),
+            "weighted_held": float((counts * held).sum() / total), "mean_held": float(held.mean())}
+
+
+def picks_per_episode(picks: Sequence[Sequence[Any]]) -> dict[int, float]:
+    """frame -> the mean number of distinct skills chosen in an evaluation episode."""
+    out: dict[int, list[int]] = {}
+    for frame, episodes in picks:
+        out.setdefault(int(frame), []).extend(len(e) for e in episodes)
+    return {f: float(np.mean(v)) for f, v in sorted(out.items())}
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties ranked by position); None when either side is constant."""
+    if len(x) < 2:
+        return None
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    if rx.std() == 0 or ry.std() == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def drift(before: Sequence[float], after: Sequence[float], top: Sequence[int] = ()) -> dict[str, Any]:
+    """How far held-skill returns moved, skill by skill (`before`, `after`: the same skills on the
+    same episodes): mean change, mean absolute change, rank correlation; on the positions `top`
+    (the snapshot's best skills among them) their mean before and after."""
+    b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    out = {"skills": len(b), "mean_before": float(b.mean()), "mean_after": float(a.mean()),
+           "mean_change": float((a - b).mean()), "mean_abs_change": float(np.abs(a - b).mean()),
+           "rank_correlation": rank_correlation(b, a)}
+    if len(top):
+        out.update(top_before=float(b[list(top)].mean()), top_after=float(a[list(top)].mean()))
+    return out
+
+
+def analyse_finetune(section: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of the stage from its runs and snapshots: the claim over seeds and snapshots
+    (second half of the budget, last evaluation), and per snapshot the held-skill and random-action
+    baselines, the meta-controller's choices at each evaluation and the executor's drift."""
+    scale = section.get("scale", {})
+    k = scale.get("top", TOP_SKILLS)
+    start = scale.get("second_half_from", 0)
+    runs = [r for r in section.get("runs", []) if r.get("curve")]
+
+    def values(origin: str, label: str | None = None, late: bool = False) -> list[float]:
+        chosen = [r for r in runs if r["start"] == origin and (label is None or r.get("snapshot") == label)]
+        got = [second_half(r["curve"], start) if late else r["curve"][-1][1] for r in chosen]
+        return [v for v in got if v is not None]
+
+    out: dict[str, Any] = {"claim": {"second_half": above_by_two_se(values("finetune", late=True),
+                                                                    values("scratch", late=True)),
+                                     "last": above_by_two_se(values("finetune"), values("scratch"))},
+                           "snapshots": {}}
+    for entry in section.get("snapshots", []):
+        label = entry["label"]
+        s: dict[str, Any] = {"finetune_last": mean_se(values("finetune", label)),
+                             "finetune_second_half": mean_se(values("finetune", label, late=True)),
+                             "claim": {"second_half": above_by_two_se(values("finetune", label, late=True),
+                                                                      values("scratch", late=True)),
+                                       "last": above_by_two_se(values("finetune", label), values("scratch"))}}
+        held = (entry.get("held") or {}).get("returns")
+        if entry.get("random"):
+            s["random"] = mean_se(entry["random"]["returns"])
+        if held:
+            s["held"] = held_summary(held, (entry.get("remeasure") or {}).get("returns", {}), k)
+            tuned, best = s["finetune_last"]["mean"], s["held"]["best_remeasured"]["mean"]
+            s["versus_held"] = {"finetune_last": tuned, "best_remeasured": best,
+                                "met": None if tuned is None or best is None else bool(tuned >= best)}
+            for mode in ("finetune", "freeze"):
+                picks = [p for r in runs if r["start"] == mode and r.get("snapshot") == label
+                         for p in r.get("picks", [])]
+                if picks:
+                    distinct = picks_per_episode(picks)
+                    s[f"picks_{mode}"] = [{"frame": f, "counts": c.tolist(), "distinct_per_episode": distinct.get(f),
+                                           **pick_ranking(c, held, k)}
+                                          for f, c in pick_counts(picks, len(held)).items()]
+            s["drift"] = []
+            for r in runs:
+                if r.get("snapshot") == label and r.get("held"):
+                    codes = r["held"]["codes"]
+                    before = [held[c] for c in codes]
+                    top = [i for i, c in enumerate(codes) if c in s["held"]["top"]]
+                    s["drift"].append({"run": r["name"], "start": r["start"], "seed": r["seed"],
+                                       **drift(before, r["held"]["returns"], top)})
+        out["snapshots"][label] = s
+    return out
+
+
+def judge_finetune(section: dict[str, Any]) -> dict[str, Any]:
+    """Two lines: fine-tuned above scratch by two standard errors over seeds and snapshots, over the
+    second half of the budget and at the last evaluation; fine-tuned at least as good as the best
+    held skill re-measured, on every snapshot."""
+    analysis = section.get("analysis") or analyse_finetune(section)
+    scale = section.get("scale", {})
+    claim = analysis["claim"]
+    halves = [claim["second_half"]["met"], claim["last"]["met"]]
+    above = False if False in halves else (True if all(v is True for v in halves) else None)
+    held = {label: s.get("versus_held", {}).get("met") for label, s in analysis["snapshots"].items()}
+    lines = {"above scratch": above, "at least the best held skill": _all_met(held) if held else None}
+    return {"text": f"(1) on {scale.get('task', FINETUNE_TASK)}, fine-tuned from the snapshot above from scratch by "
+                    f"more than two standard errors of the difference (sqrt(se_f^2 + se_s^2), over seeds and "
+                    f"snapshots), both over the second half of the budget (evaluations from "
+                    f"{_num(scale.get('second_half_from'))} frames on) and at the last evaluation "
+                    f"({_num(scale.get('frames'))} frames); (2) fine-tuned, at the last evaluation, at least as good "
+                    f"as the best held skill measured again on fresh episodes, on each snapshot",
+            "per_line": lines, "second_half": claim["second_half"], "last": claim["last"],
+            "versus_held": {label: s.get("versus_held") for label, s in analysis["snapshots"].items()},
+            "measured": claim["second_half"]["difference"],
+            "two_se": None if claim["second_half"]["se"] is None else 2 * claim["second_half"]["se"],
+            "met": _all_met(lines)}
 
 
 # ---------------------------------------------------------------------------- 5. planning
@@ -1041,33 +1594,52 @@ def run(rest: list[str], as_json: bool = False) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of every run (learner.threads) and of the evaluations in this process "
                         "(default 0: every core; 1 holds up better while other processes share the cores)")
-    p.add_argument("--snapshot", default=None, metavar="FILE",
-                   help="a walker_stand snapshot from states (small size) for the diversity and finetune stages, "
-                        "in place of the one the resampling stage writes")
+    p.add_argument("--snapshot", action="append", default=[], metavar="FILE",
+                   help="a walker snapshot from states (small size) for the diversity and finetune stages, in place "
+                        "of the one the resampling stage writes; repeat it to fine-tune several (diversity plays the "
+                        "first)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated stages to run, in their order (default all: {','.join(STAGES)})")
+    p.add_argument("--quick", action="store_true",
+                   help="the finetune stage scaled to its share of the budget (minutes), instead of the paper's "
+                        "protocol (100k frames per run, hours), which runs outside the budget")
+    p.add_argument("--seeds", type=int, default=len(FINETUNE_SEEDS),
+                   help=f"fine-tuning seeds 0..N-1 (default {len(FINETUNE_SEEDS)})")
+    p.add_argument("--parallel", type=int, default=0,
+                   help=f"fine-tuning runs at once, each in a process of its own with the cores shared between them "
+                        f"(default 0: one per {CORES_PER_RUN} cores, here {default_parallel()}; 1: one after another "
+                        f"in this process)")
     args = p.parse_args(rest)
     if not args.budget_minutes > 0:
         p.error("--budget-minutes must be positive")
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    if args.parallel < 0:
+        p.error("--parallel must be 0 (automatic) or more")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         p.error(f"--stages: unknown {', '.join(unknown) or 'none given'}; choose from {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
-    if args.snapshot and not Path(args.snapshot).is_file():
-        p.error(f"--snapshot {args.snapshot}: no such file")
+    for snapshot in args.snapshot:
+        if not Path(snapshot).is_file():
+            p.error(f"--snapshot {snapshot}: no such file")
     os.environ.setdefault("MUJOCO_GL", "egl")
     out = Path(args.out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
     if out.exists() and any(out.iterdir()):
         p.error(f"--out {out} is not empty; the bench writes into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     stream = sys.stderr if as_json else sys.stdout
-    budget = Budget(args.budget_minutes * 60.0, {s: FRACTIONS[s] for s in stages})
-    bench = Bench(out, budget, stream, stages, threads=max(args.threads, 0))
+    outside = [] if args.quick else [s for s in stages if s == "finetune"]
+    budget = Budget(args.budget_minutes * 60.0, {s: 0.0 if s in outside else FRACTIONS[s] for s in stages})
+    bench = Bench(out, budget, stream, stages, threads=max(args.threads, 0), quick=args.quick, seeds=args.seeds,
+                  parallel=args.parallel)
+    bench.outside = outside
     if args.snapshot:
-        bench.walker_snapshot = Path(args.snapshot).resolve()
+        bench.snapshots = [Path(f).resolve() for f in args.snapshot]
+        bench.walker_snapshot = bench.snapshots[0]
     bench.results = new_results(args.budget_minutes, stages, " ".join(["choreo bench learning", *rest]),
-                                bench.threads)
+                                bench.threads, seeds=args.seeds, outside=outside)
     bench.say(f"writing into {out}; stages {', '.join(stages)}; preset {PRESET}, every run in this process (--local)")
     rc = 0
     try:
@@ -1098,7 +1670,8 @@ def run(rest: list[str], as_json: bool = False) -> int:
     return rc
 
 
-def new_results(minutes: float, stages: Sequence[str], command: str, threads: int) -> dict[str, Any]:
+def new_results(minutes: float, stages: Sequence[str], command: str, threads: int, seeds: int = len(FINETUNE_SEEDS),
+                outside: Sequence[str] = ()) -> dict[str, Any]:
     import torch
 
     from choreo.launch.runtime.config import load_config
@@ -1107,11 +1680,12 @@ def new_results(minutes: float, stages: Sequence[str], command: str, threads: in
 
     return {"format": "choreo-bench-learning", "version": 1, "command": command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "preset": PRESET, "seed": SEED,
-            "finetune_seeds": list(FINETUNE_SEEDS), "execution": "local",
+            "finetune_seeds": list(range(seeds)), "execution": "local",
             "machine": {"cpus": os.cpu_count(), "learner_threads": threads, "learner_device": learner.device,
                         "gpu": bool(torch.cuda.is_available()), "load_1m_at_start": os.getloadavg()[0]},
-            "budget": {"minutes": minutes, "seconds": minutes * 60.0, "fractions": {s: FRACTIONS[s] for s in stages},
-                       "stages": {}},
+            "budget": {"minutes": minutes, "seconds": minutes * 60.0,
+                       "fractions": {s: FRACTIONS[s] for s in stages if s not in outside},
+                       "outside": list(outside), "stages": {}},
             "calibration": {}, "estimates": {}, "selected": list(stages), "stages": {}}
 
 
@@ -1154,6 +1728,8 @@ def _verdict(met: bool | None) -> str:
 def _target_verdict(target: dict[str, Any]) -> str:
     """The verdict of a target; one not measured as a whole says which of its parts it met."""
     met = target.get("met")
+    if target.get("per_line"):  # a verdict of several lines gives each
+        return "; ".join(f"{name}: {_verdict(v)}" for name, v in target["per_line"].items())
     parts = target.get("per_task") or target.get("per_agent") or {}
     if met is not None or not any(v is not None for v in parts.values()):
         return _verdict(met)
@@ -1286,34 +1862,6 @@ def plot_sparse(section: dict[str, Any], out: Path) -> str | None:
     return _save(fig, out, "sparse.png")
 
 
-def plot_finetune(section: dict[str, Any], out: Path) -> str | None:
-    runs = [r for r in section.get("runs", []) if r.get("curve")]
-    if not runs:
-        return None
-    tasks = sorted({r["task"] for r in runs})
-    fig, axes = _figure(6 * len(tasks), 4, len(tasks))
-    for ax, task in zip(axes, tasks):
-        for mode, colour in (("finetune", "C0"), ("scratch", "C3")):
-            members = [r for r in runs if r["task"] == task and r["mode"] == mode]
-            if not members:
-                continue
-            for r in members:
-                curve = np.array(r["curve"], dtype=float)
-                ax.plot(curve[:, 0], curve[:, 1], color=colour, alpha=0.3, linewidth=0.8)
-            frames = sorted({f for r in members for f, _ in r["curve"]})
-            stats = [[v for r in members for f2, v in r["curve"] if f2 == f] for f in frames]
-            mean = np.array([np.mean(s) for s in stats])
-            se = np.array([np.std(s, ddof=1) / math.sqrt(len(s)) if len(s) > 1 else 0.0 for s in stats])
-            ax.plot(frames, mean, color=colour, marker="o", label=f"{mode} (mean of {len(members)} seeds)")
-            ax.fill_between(frames, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0)
-        ax.set_title(task, fontsize=10)
-        ax.set_xlabel("fine-tuning frames")
-        ax.set_ylabel("evaluation return")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
-    return _save(fig, out, "finetune.png")
-
-
 def plot_planning(section: dict[str, Any], out: Path) -> str | None:
     agents = {a: e for a, e in section.get("agents", {}).items() if e.get("plan") and e.get("random")}
     if not agents:
@@ -1360,8 +1908,11 @@ def _needs(results: dict[str, Any]) -> dict[str, str]:
                      f"paper's 2M frames",
         "sparse": f"longer pretraining on each domain (the paper: 2M frames; 100k frames would take {_hours(small)} "
                   f"here per domain) and more goals and episodes",
-        "finetune": f"a longer pretraining and fine-tuning: 100k pretraining frames ({_hours(small)} here) and the "
-                    f"protocol's 100k fine-tuning frames per run ({_hours(9600 * ft)} per run, x6 runs)",
+        "finetune": (f"the paper's protocol (without --quick): 100k fine-tuning frames per run ({_hours(9600 * ft)} "
+                     f"per run here), and a longer pretraining (100k frames: {_hours(small)} here)"
+                     if results.get("stages", {}).get("finetune", {}).get("scale", {}).get("protocol") != "paper" else
+                     "more seeds (the paper: 10) or snapshots, or a longer pretraining (the paper: 2M frames); see "
+                     "what the measurements point to above"),
         "planning": "more pretraining frames on point_mass_nav (DADS: the 20k frames of docs/dads-and-planning.md plan to Delta 0.35; "
                     "Choreographer's world model and codebook: likely 50-100k frames)",
     }
@@ -1420,7 +1971,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     rows = []
     for stage in selected:
         spent = budget.get("stages", {}).get(stage, {})
-        rows.append([stage, f"{budget.get('fractions', {}).get(stage, 0):.0%}", fmt_s(spent.get("allotted_s")),
+        share = ("outside (fixed protocol)" if stage in budget.get("outside", [])
+                 else f"{budget.get('fractions', {}).get(stage, 0):.0%}")
+        rows.append([stage, share, "-" if stage in budget.get("outside", []) else fmt_s(spent.get("allotted_s")),
                      fmt_s(spent.get("used_s")), stages.get(stage, {}).get("status", "not run")])
     lines += _table(["stage", "fraction", "allotted", "used", "status"], rows)
 
@@ -1457,7 +2010,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             lines += [f"- note: {note}"]
         if section.get("notes"):
             lines += [""]
-        lines += [f"Stage time: {fmt_s(section.get('seconds'))} of {fmt_s(section.get('allotted_s'))} allotted.", ""]
+        if stage in budget.get("outside", []):
+            lines += [f"Stage time: {fmt_s(section.get('seconds'))}, outside the budget (a fixed protocol).", ""]
+        else:
+            lines += [f"Stage time: {fmt_s(section.get('seconds'))} of {fmt_s(section.get('allotted_s'))} allotted.",
+                      ""]
     path = out / "report.md"
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
@@ -1489,13 +2046,15 @@ def _summary_measure(stage: str, section: dict[str, Any]) -> str:
                     parts.append(f"{task}: {e.get('status')}")
             return "; ".join(parts)
         if stage == "finetune":
-            parts = []
-            for task, modes in section["summary"].items():
-                f, s = modes.get("finetune"), modes.get("scratch")
-                if f and s:
-                    parts.append(f"{task}: {f['mean']:.1f} ± {f['se']:.1f} vs {s['mean']:.1f} ± {s['se']:.1f} "
-                                 f"scratch")
-            return "; ".join(parts) or "-"
+            analysis = section["analysis"]
+            half, last = analysis["claim"]["second_half"], analysis["claim"]["last"]
+            parts = [f"second half {_ms(half['better'])} fine-tuned vs {_ms(half['worse'])} scratch",
+                     f"at {_num(section['scale']['frames'])} frames {_ms(last['better'])} vs {_ms(last['worse'])}"]
+            for label, s in analysis["snapshots"].items():
+                best = (s.get("held") or {}).get("best_remeasured", {}).get("mean")
+                if best is not None:
+                    parts.append(f"{label}: best held skill {best:.1f} on fresh episodes")
+            return "; ".join(parts)
         if stage == "planning":
             parts = []
             for name, e in section["agents"].items():
@@ -1624,38 +2183,407 @@ def _report_sparse(section: dict[str, Any], out: Path, lines: list[str]) -> None
     _plot(plot_sparse, section, out, lines, "sparse rewards found")
 
 
+def _ms(stats: dict[str, Any] | None, digits: int = 1) -> str:
+    """mean ± s.e. (n) of a `mean_se` dict."""
+    if not stats or stats.get("mean") is None:
+        return "-"
+    return f"{stats['mean']:.{digits}f} ± {stats['se']:.{digits}f} ({stats['n']})"
+
+
 def _report_finetune(section: dict[str, Any], out: Path, lines: list[str]) -> None:
     scale = section.get("scale", {})
-    lines += [f"Fine-tuning (`choreo finetune`) of the walker snapshot (`{scale.get('snapshot')}`) against the same "
-              f"protocol from random weights (`--from-scratch`), on {', '.join(scale.get('tasks', []))}, seeds "
+    analysis = section.get("analysis") or {}
+    protocol = scale.get("protocol") == "paper"
+    lines += [f"Fine-tuning (`choreo finetune`, each run `--local`) on {scale.get('task')} from each snapshot and the "
+              f"same protocol from random weights (`--from-scratch`), seeds "
               f"{', '.join(map(str, scale.get('seeds', [])))}: {_num(scale.get('frames'))} frames per run "
               f"({_num(scale.get('warm_frames'))} before the first update), an evaluation of "
-              f"{scale.get('eval_episodes')} episodes at frame 0 and every {_num(scale.get('eval_every'))} frames. "
-              f"The paper's protocol: {scale.get('paper')}. Final return: each seed's last evaluation, mean ± "
-              f"standard error over seeds, as `choreo report` computes it.", ""]
+              f"{scale.get('eval_episodes')} episodes (mean actions) at frame 0 and every "
+              f"{_num(scale.get('eval_every'))} frames; {scale.get('parallel')} run(s) at a time. "
+              + ("The paper's protocol for the fine-tuning budget (configs/mode/finetune.yaml at the "
+                 f"`{scale.get('preset', PRESET)}` size). " if protocol else
+                 "**`--quick`: runs scaled to the budget**, far below the paper's fine-tuning budget. ")
+              + f"The paper: {scale.get('paper')}. A control run from the first snapshot keeps the executor "
+              f"(skill actor) frozen (`agent.finetune.freeze_skills=true`). Beside the curves, on each snapshot: every "
+              f"one of its {scale.get('num_skills')} skills held for one episode (mean actions); the best and the "
+              f"top {scale.get('top')}, chosen on those episodes, measured again on {scale.get('remeasure_episodes')} "
+              f"fresh episodes each (the maximum of many single episodes is partly luck); the median of all; "
+              f"uniform random actions over {scale.get('random_episodes')} episodes.", ""]
+    snapshots = section.get("snapshots", [])
+    if snapshots:
+        lines += _table(["snapshot", "file", "pretraining", "status"],
+                        [[e["label"], f"`{e.get('path')}`",
+                          f"{_num(e.get('frames'))} frames, {_num(e.get('updates'))} updates, size "
+                          f"`{e.get('size')}`, {e.get('task')} from {e.get('obs')}, seed {e.get('seed')}",
+                          e.get("status", "-") + (f": {e['error']}" if e.get("error") else "")] for e in snapshots])
     runs = section.get("runs", [])
+    start = scale.get("second_half_from", 0)
     if runs:
-        lines += _table(["task", "mode", "seed", "frames", "updates", "time", "final return", "run"],
-                        [[r.get("task"), r.get("mode"), str(r.get("seed")), _num(r.get("frames")),
+        lines += _table(["run", "snapshot", "seed", "frames", "updates", "time", "second half", "last evaluation",
+                         "directory"],
+                        [[r.get("start"), r.get("snapshot") or "-", str(r.get("seed")), _num(r.get("frames")),
                           _num(r.get("updates")),
                           fmt_s(r.get("seconds")) + (f" ({_cut(r)})" if r.get("cut_short") else ""),
-                          _num(r.get("final_return"), 1), f"`{r.get('run_dir')}`"] for r in runs])
+                          _num(second_half(r["curve"], start), 1) if r.get("curve") else r.get("status", "-"),
+                          _num(r.get("final_return"), 1),
+                          f"`{r.get('run_dir')}`" if r.get("run_dir") else f"failed: {r.get('error')}"]
+                         for r in runs])
+    claim = analysis.get("claim")
+    if claim:
+        lines += [f"**Claim 4, over seeds and snapshots** (mean ± standard error (runs); second half: each run's "
+                  f"mean of its evaluations from {_num(start)} frames on):", ""]
+        rows = []
+        for what, key in (("second half of the budget", "second_half"), ("last evaluation", "last")):
+            c = claim[key]
+            rows.append([what, _ms(c["better"]), _ms(c["worse"]), _num(c["difference"], 1),
+                         _num(None if c["se"] is None else 2 * c["se"], 1), _verdict(c["met"])])
+        for label, s in analysis.get("snapshots", {}).items():
+            if len(analysis.get("snapshots", {})) > 1:
+                for what, key in (("second half", "second_half"), ("last evaluation", "last")):
+                    c = s["claim"][key]
+                    rows.append([f"{label} alone, {what}", _ms(c["better"]), _ms(c["worse"]),
+                                 _num(c["difference"], 1), _num(None if c["se"] is None else 2 * c["se"], 1),
+                                 _verdict(c["met"])])
+        lines += _table(["", "fine-tuned", "from scratch", "difference", "2 s.e.", "above by 2 s.e."], rows)
     rows = []
-    for task, modes in section.get("summary", {}).items():
-        f, s = modes.get("finetune"), modes.get("scratch")
-        rows.append([task, f"{f['mean']:.1f} ± {f['se']:.1f} ({f['n']})" if f else "-",
-                     f"{s['mean']:.1f} ± {s['se']:.1f} ({s['n']})" if s else "-",
-                     _num(modes.get("difference"), 1), _num(modes.get("difference_se"), 1)])
+    for label, s in analysis.get("snapshots", {}).items():
+        h = s.get("held")
+        if not h:
+            continue
+        best_top = h.get("best_of_top_remeasured") or {}
+        rows.append([label, f"skill {h['best']}: {h['best_selection']:.1f} -> {_ms(h['best_remeasured'])}",
+                     f"{h['top_selection']:.1f} -> {_ms(h['top_remeasured'])}",
+                     f"skill {best_top.get('skill')}: {_ms(best_top)}" if best_top else "-",
+                     _num(h["median"], 1), _ms(s.get("random")), _ms(s.get("finetune_last")),
+                     _verdict((s.get("versus_held") or {}).get("met"))])
     if rows:
-        lines += _table(["task", "fine-tuned (seeds)", "from scratch (seeds)", "difference", "s.e. of the difference"],
-                        rows)
+        lines += ["**Held skills and random actions** (selection episode -> fresh episodes, mean ± s.e. (episodes)); "
+                  "the last column: fine-tuned (last evaluation) at least as good as the best skill measured again:",
+                  ""]
+        lines += _table(["snapshot", "best skill", f"top {scale.get('top')}", f"best of the top {scale.get('top')} "
+                         "on fresh episodes", "median of all", "random actions", "fine-tuned (last)",
+                         "fine-tuned >= best held"], rows)
     _plot(plot_finetune, section, out, lines, "fine-tuning curves")
-    rep = section.get("report")
-    if rep:
-        lines += [f"`choreo report` on the runs' eval.jsonl: [{rep.get('markdown')}]({rep.get('markdown')}), "
-                  f"[{rep.get('plot')}]({rep.get('plot')}).", ""]
-        if rep.get("text"):
-            lines += ["```", rep["text"].rstrip(), "```", ""]
+    rows = []
+    for label, s in analysis.get("snapshots", {}).items():
+        for mode in ("finetune", "freeze"):
+            for p in s.get(f"picks_{mode}", []):
+                if p.get("steps"):
+                    rows.append([label, "fine-tuned" if mode == "finetune" else "frozen executor", _num(p["frame"]),
+                                 _num(p.get("distinct_per_episode"), 1),
+                                 f"{p['share_top']:.0%} ({p['chance_top']:.0%})",
+                                 f"skill {p['most_picked']} ({p['most_picked_share']:.0%}; held rank "
+                                 f"{p['most_picked_rank']})", f"{p['weighted_held']:.1f} ({p['mean_held']:.1f})"])
+    if rows:
+        lines += ["**What the meta-controller chooses** in the evaluation episodes (mean actions: its most likely "
+                  "skill at every step once the reward gate is open; at frame 0 the gate is closed and random skills "
+                  f"are held {scale.get('random_skill_every')} steps each), against the skills held still on the "
+                  "snapshot: the share of its steps on the held top 5 (a uniform choice's in brackets), its most "
+                  "chosen skill, and the held return of its choices weighted by their steps (the mean of all skills in "
+                  "brackets):", ""]
+        lines += _table(["snapshot", "run", "frame", "skills per episode", f"steps on the top {scale.get('top')}",
+                         "most chosen", "held return of the choices"], rows)
+        _plot(plot_finetune_picks, section, out, lines, "skills chosen by the meta-controller")
+    rows = []
+    for label, s in analysis.get("snapshots", {}).items():
+        for d in s.get("drift", []):
+            rows.append([label, d["run"], str(d["skills"]), f"{d['mean_before']:.1f} -> {d['mean_after']:.1f}",
+                         _num(d["mean_change"], 1), _num(d["mean_abs_change"], 1), _num(d["rank_correlation"], 2),
+                         f"{d['top_before']:.1f} -> {d['top_after']:.1f}" if "top_before" in d else "-"])
+    if rows:
+        lines += ["**Executor drift**: the skill actors of the fine-tuned agent (its world model's filter too) held "
+                  "as the snapshot's were, the same skills on the same episodes; the frozen-executor run is the "
+                  "control, where only the world model and the meta-controller changed:", ""]
+        lines += _table(["snapshot", "run", "skills", "mean held return", "mean change", "mean |change|",
+                         "rank correlation", f"snapshot's top {scale.get('top')}"], rows)
+        _plot(plot_finetune_drift, section, out, lines, "executor drift")
+    reading = finetune_reading(section)
+    if reading:
+        lines += ["**What the measurements point to**, set against the reference's meta-controller "
+                  f"({scale.get('reference', REFERENCE_META)}), which this one reproduces:", ""]
+        lines += [f"- {r}" for r in reading] + [""]
+    for rep in section.get("reports", []):
+        if rep.get("rc") == 0:
+            lines += [f"`choreo report` on {rep.get('label')}'s runs and those from scratch: "
+                      f"[{rep.get('markdown')}]({rep.get('markdown')}), [{rep.get('plot')}]({rep.get('plot')}).", ""]
+        else:
+            lines += [f"`choreo report` on {rep.get('label')}'s runs and those from scratch failed: "
+                      f"`{rep.get('text', '').strip()}`", ""]
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.1f}"
+
+
+def _sentence(prefix: str, text: str) -> str:
+    text = prefix + text
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def pick_lean(pick: dict[str, Any]) -> str:
+    """How much the meta-controller's choices favour the held top skills: "concentrate", "lean" or
+    "none", from the share of its steps there above a uniform choice's, as a fraction of the most
+    it could be above (1 - chance), so that the words mean the same for any number of skills."""
+    chance = pick["chance_top"]
+    excess = (pick["share_top"] - chance) / max(1.0 - chance, 1e-9)
+    return "concentrate" if excess >= 0.5 else "lean" if excess >= 0.15 else "none"
+
+
+def finetune_reading(section: dict[str, Any]) -> list[str]:
+    """Sentences on what the stage's figures point to, each conditional on them (none where a
+    figure is missing)."""
+    analysis = section.get("analysis") or {}
+    scale = section.get("scale", {})
+    out: list[str] = []
+    claim = analysis.get("claim", {})
+    half, last = claim.get("second_half", {}), claim.get("last", {})
+    if half.get("difference") is not None and last.get("difference") is not None:
+        d, two = half["difference"], 2 * (half["se"] or 0.0)
+        where = f"over the second half ({_signed(d)}, 2 s.e. {two:.1f}) and at the last evaluation " \
+                f"({_signed(last['difference'])}, 2 s.e. {2 * (last['se'] or 0.0):.1f})"
+        if half["met"] is None or last["met"] is None:
+            out.append(f"Fine-tuned minus scratch {where}; with one run on a side a standard error says nothing, so "
+                       f"claim 4 is not decided (more seeds: `--seeds`).")
+        elif half["met"] and last["met"]:
+            out.append(f"Fine-tuning from the snapshot beats learning from scratch by more than two standard errors "
+                       f"{where}: claim 4 holds at this budget.")
+        elif half["met"] or last["met"]:
+            out.append(f"Fine-tuning is ahead of learning from scratch {where}, by two standard errors on one of the "
+                       f"two only: claim 4 holds in part.")
+        elif d > 0:
+            out.append(f"Fine-tuning is ahead of learning from scratch {where}, but within two standard errors: "
+                       f"with these seeds the curves are not told apart.")
+        else:
+            out.append(f"Fine-tuning is not ahead of learning from scratch {where}.")
+    snaps = analysis.get("snapshots", {})
+    if len(snaps) > 1:
+        diffs = {label: s["claim"]["second_half"]["difference"] for label, s in snaps.items()
+                 if s["claim"]["second_half"]["difference"] is not None}
+        if len(diffs) > 1:
+            spread_ = max(diffs.values()) - min(diffs.values())
+            out.append(f"Per snapshot, over the second half: {', '.join(f'{k} {_signed(v)}' for k, v in diffs.items())}"
+                       + (f"; the snapshots differ by {spread_:.1f}, more than the pooled two standard errors "
+                          f"({2 * (half.get('se') or 0.0):.1f}): the answer depends on the snapshot."
+                          if spread_ > 2 * (half.get("se") or 0.0) else "; they agree within the pooled two standard "
+                                                                         "errors."))
+    for label, s in snaps.items():
+        h, versus = s.get("held"), s.get("versus_held") or {}
+        if not h or h["best_remeasured"]["mean"] is None:
+            continue
+        prefix = f"{label}: " if len(snaps) > 1 else ""
+        drop = h["best_selection"] - h["best_remeasured"]["mean"]
+        text = (f"the best held skill returns {h['best_selection']:.1f} on the episode it was chosen on and "
+                f"{h['best_remeasured']['mean']:.1f} on fresh ones"
+                + (f" (its one episode overstated it by {drop:.1f})" if drop > 0 else "")
+                + f"; the median skill {h['median']:.1f}")
+        if s.get("random", {}).get("mean") is not None:
+            r = s["random"]["mean"]
+            text += f", random actions {r:.1f} ({'above' if r > h['median'] else 'below'} the median skill)"
+        tuned = versus.get("finetune_last")
+        if tuned is not None:
+            text += (f". Fine-tuned, the agent ends at {tuned:.1f}: "
+                     + ("above the best skill held still, so fine-tuning adds to what the single best skill gives."
+                        if versus.get("met") else
+                        "below the best skill held still, so the meta-controller has not found a way of acting as "
+                        "good as holding that one skill."))
+        out.append(_sentence(prefix, text))
+        picks = [p for p in s.get("picks_finetune", []) if p.get("steps") and p["frame"] > 0]
+        if picks:
+            p = picks[-1]
+            how = {"concentrate": "its choices concentrate on the skills that do best held still",
+                   "lean": "its choices lean towards the skills that do best held still",
+                   "none": "its choices do not favour the skills that do best held still"}[pick_lean(p)]
+            switching = p.get("distinct_per_episode")
+            text = (f"at the last evaluation the meta-controller spends {p['share_top']:.0%} of its steps on "
+                    f"the held top {scale.get('top', TOP_SKILLS)} (a uniform choice: {p['chance_top']:.0%}): {how}; "
+                    f"its most chosen skill ranks {p['most_picked_rank']} of {len(p['counts'])} held still")
+            if switching is not None:
+                text += (f", and an episode uses {switching:.1f} skills on average"
+                         + (" (a choice at every step, as in the reference, settles on few)" if switching <= 3 else
+                            " (a choice at every step, as in the reference, switches among many)"))
+            out.append(_sentence(prefix, text))
+        tuned_drift = [d for d in s.get("drift", []) if d["start"] == "finetune"]
+        frozen = [d for d in s.get("drift", []) if d["start"] == "freeze"]
+        if tuned_drift:
+            change = float(np.mean([d["mean_change"] for d in tuned_drift]))
+            moved = float(np.mean([d["mean_abs_change"] for d in tuned_drift]))
+            rhos = [d["rank_correlation"] for d in tuned_drift if d["rank_correlation"] is not None]
+            text = (f"held still after fine-tuning, the skills return {_signed(change)} on average against "
+                    f"the snapshot's (mean |change| {moved:.1f}"
+                    + (f", rank correlation {np.mean(rhos):.2f}" if rhos else "") + ")")
+            if change > 0 and moved > 0:
+                text += (": the skills themselves got better at the task, so part of any gain is the executor's, not "
+                         "the choice among skills")
+            elif change < 0:
+                text += ": the executor moved away from what its pretrained skills did"
+            if frozen:
+                f = frozen[0]
+                text += (f"; with the executor frozen, {_signed(f['mean_change'])} (mean |change| "
+                         f"{f['mean_abs_change']:.1f}): "
+                         + ("most of the drift comes from training the executor, not from the world model's features"
+                            if moved > 1.5 * f["mean_abs_change"] else
+                            "the frozen control moves about as much, so the features the skills act on move with "
+                            "the world model"))
+            out.append(_sentence(prefix, text))
+        freeze = [r for r in section.get("runs", []) if r.get("start") == "freeze" and r.get("snapshot") == label
+                  and r.get("final_return") is not None]
+        tuned_runs = [r for r in section.get("runs", []) if r.get("start") == "finetune" and r.get("snapshot") == label
+                      and r.get("final_return") is not None]
+        if freeze and tuned_runs:
+            f = freeze[0]
+            same = [r for r in tuned_runs if r["seed"] == f["seed"]]
+            if same:
+                gap = f["final_return"] - same[0]["final_return"]
+                out.append(_sentence(prefix, f"with the executor frozen the run ends at {f['final_return']:.1f}, "
+                                             f"against {same[0]['final_return']:.1f} fine-tuned at the same seed "
+                                             f"({_signed(gap)}; one seed)"))
+    lasts = [s["picks_finetune"][-1] for s in snaps.values() if s.get("picks_finetune")
+             and s["picks_finetune"][-1].get("steps") and s["picks_finetune"][-1]["frame"] > 0]
+    if out and lasts:
+        ahead = half.get("met") is True and last.get("met") is True
+        leaning = all(pick_lean(p) != "none" for p in lasts)
+        beats_held = all(s.get("versus_held", {}).get("met") for s in snaps.values())
+        if leaning and beats_held:
+            out.append("Together: the meta-controller uses the skills as the reference intends, choosing good ones and "
+                       "ending above the best of them held still"
+                       + (", and ahead of learning from scratch." if ahead else
+                          "; that it is not also ahead of learning from scratch by two standard errors at both points "
+                          "says the snapshot's head start is not resolved with these runs."))
+        elif not leaning:
+            gain = half.get("difference")
+            out.append("Together: the meta-controller's choices do not single out the skills that do best held still"
+                       + ("; what fine-tuning gains over learning from scratch looks more like the executor and the "
+                          "world model learning the task than like a choice among skills"
+                          if gain is not None and gain > 0 else
+                          ", and fine-tuning gains nothing over learning from scratch here")
+                       + ". Changes these figures suggest trying, each against the "
+                       "reference's behaviour on the same seeds: holding a chosen skill for several steps, freezing "
+                       "the executor, or starting from a skill ranked before acting (a search over skills in the first "
+                       "frames as CIC does, IRM's matching of intrinsic and task rewards, or each skill's return "
+                       "imagined under the learned reward once the gate opens).")
+        else:
+            out.append("Together: the meta-controller leans towards good skills but does not yet beat holding the best "
+                       "one still; ranking the skills before acting (imagined returns under the learned reward, a "
+                       "search over skills in the first frames, IRM) is the change these figures suggest trying first.")
+    return out
+
+
+def plot_finetune(section: dict[str, Any], out: Path) -> str | None:
+    runs = [r for r in section.get("runs", []) if r.get("curve")]
+    if not runs:
+        return None
+    analysis = section.get("analysis") or {}
+    labels = [e["label"] for e in section.get("snapshots", [])] or [None]
+    fig, axes = _figure(6 * len(labels), 4.2, len(labels))
+
+    def band(ax: Any, members: list[dict[str, Any]], colour: str, label: str) -> None:
+        for r in members:
+            curve = np.array(r["curve"], dtype=float)
+            ax.plot(curve[:, 0], curve[:, 1], color=colour, alpha=0.3, linewidth=0.8)
+        frames = sorted({f for r in members for f, _ in r["curve"]})
+        stats = [[v for r in members for f2, v in r["curve"] if f2 == f] for f in frames]
+        mean = np.array([np.mean(v) for v in stats])
+        se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in stats])
+        ax.plot(frames, mean, color=colour, marker="o", markersize=3, label=f"{label} ({len(members)} runs)")
+        ax.fill_between(frames, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0)
+
+    for ax, label in zip(axes, labels):
+        tuned = [r for r in runs if r["start"] == "finetune" and r.get("snapshot") == label]
+        scratch = [r for r in runs if r["start"] == "scratch"]
+        frozen = [r for r in runs if r["start"] == "freeze" and r.get("snapshot") == label]
+        for members, colour, name in ((tuned, "C0", "fine-tuned"), (scratch, "C3", "from scratch"),
+                                      (frozen, "C2", "executor frozen")):
+            if members:
+                band(ax, members, colour, name)
+        s = analysis.get("snapshots", {}).get(label, {})
+        h = s.get("held")
+        lines = []
+        if h and h["best_remeasured"]["mean"] is not None:
+            lines.append((h["best_remeasured"]["mean"], "--", "C1", "best held skill, fresh episodes"))
+        if h and h["top_remeasured"]["mean"] is not None:
+            lines.append((h["top_remeasured"]["mean"], "-.", "C1", "top-5 held skills, fresh episodes"))
+        if h:
+            lines.append((h["median"], ":", "C7", "median held skill"))
+        if s.get("random", {}).get("mean") is not None:
+            lines.append((s["random"]["mean"], "--", "C7", "random actions"))
+        for y, style, colour, name in lines:
+            ax.axhline(y, linestyle=style, color=colour, linewidth=1, label=name)
+        task = section.get("scale", {}).get("task", FINETUNE_TASK)
+        ax.set_title(task + (f", snapshot {label}" if label else ""), fontsize=10)
+        ax.set_xlabel("fine-tuning frames")
+        ax.set_ylabel("evaluation return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return _save(fig, out, "finetune.png")
+
+
+def plot_finetune_picks(section: dict[str, Any], out: Path) -> str | None:
+    snaps = {label: s for label, s in (section.get("analysis") or {}).get("snapshots", {}).items()
+             if s.get("picks_finetune") and s.get("held")}
+    if not snaps:
+        return None
+    fig, axes = _figure(12, 4.2 * len(snaps), 2)
+    if len(snaps) > 1:
+        fig.clear()
+        axes = list(fig.subplots(len(snaps), 2, squeeze=False).reshape(-1))
+    for i, (label, s) in enumerate(snaps.items()):
+        heat, line = axes[2 * i], axes[2 * i + 1]
+        picks = s["picks_finetune"]
+        top = s["held"]["top"]
+        counts = np.array([p["counts"] for p in picks], dtype=float)  # [E, K]
+        k = counts.shape[1]
+        order = s["held"].get("order") or top + [c for c in range(k) if c not in top]
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        image = heat.imshow(shares[:, order].T, aspect="auto", cmap="viridis", origin="upper",
+                            extent=(-0.5, len(picks) - 0.5, k - 0.5, -0.5))
+        heat.set_xticks(range(len(picks)), [f"{p['frame'] // 1000}k" if p["frame"] % 1000 == 0 and p["frame"] else
+                                            f"{p['frame']:,}" for p in picks], fontsize=7)
+        heat.axhline(len(top) - 0.5, color="white", linewidth=0.8, linestyle="--")
+        every = max(1, k // 8)
+        heat.set_yticks(range(0, k, every), [str(r + 1) for r in range(0, k, every)], fontsize=7)
+        heat.set_xlabel("evaluation (frames)")
+        heat.set_ylabel(f"skills by held rank (1: best; dashed: top {len(top)})")
+        heat.set_title(f"{label}: share of the meta-controller's steps per skill", fontsize=10)
+        fig.colorbar(image, ax=heat, fraction=0.04)
+        for mode, colour, name in (("finetune", "C0", "fine-tuned"), ("freeze", "C2", "executor frozen")):
+            rows = [p for p in s.get(f"picks_{mode}", []) if p.get("steps")]
+            if rows:
+                line.plot([p["frame"] for p in rows], [p["share_top"] for p in rows], marker="o", color=colour,
+                          label=name)
+        line.axhline(picks[0]["chance_top"], color="C7", linestyle="--", linewidth=1, label="a uniform choice")
+        line.set_ylim(0, 1.02)
+        line.set_xlabel("fine-tuning frames")
+        line.set_ylabel(f"share of steps on the held top {len(top)}")
+        line.set_title(f"{label}: choices on the skills best held still", fontsize=10)
+        line.grid(alpha=0.3)
+        line.legend(fontsize="x-small")
+    return _save(fig, out, "finetune_picks.png")
+
+
+def plot_finetune_drift(section: dict[str, Any], out: Path) -> str | None:
+    entries = {e["label"]: e for e in section.get("snapshots", []) if (e.get("held") or {}).get("returns")}
+    runs = [r for r in section.get("runs", []) if r.get("held") and r.get("snapshot") in entries]
+    if not runs:
+        return None
+    labels = sorted({r["snapshot"] for r in runs}, key=list(entries).index)
+    fig, axes = _figure(5 * len(labels), 4.5, len(labels))
+    for ax, label in zip(axes, labels):
+        before_all = entries[label]["held"]["returns"]
+        low, high = math.inf, -math.inf
+        for r in [r for r in runs if r["snapshot"] == label]:
+            before = [before_all[c] for c in r["held"]["codes"]]
+            after = r["held"]["returns"]
+            colour = "C2" if r["start"] == "freeze" else "C0"
+            ax.scatter(before, after, s=12, alpha=0.6, color=colour,
+                       label=f"{'executor frozen' if r['start'] == 'freeze' else 'fine-tuned'}, seed {r['seed']}")
+            low, high = min(low, *before, *after), max(high, *before, *after)
+        ax.plot([low, high], [low, high], color="C7", linestyle="--", linewidth=1, label="unchanged")
+        ax.set_xlabel("held return, snapshot")
+        ax.set_ylabel("held return, after fine-tuning")
+        ax.set_title(f"{label}: each skill on the same episode", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return _save(fig, out, "finetune_drift.png")
 
 
 def _report_planning(section: dict[str, Any], out: Path, lines: list[str]) -> None:

@@ -270,9 +270,10 @@ class RunCore:
         update): the side that advances the count waits for it, so that no evaluation of the
         schedule is skipped however long one takes."""
         return self.evaluating and self.log_step >= (self._eval_at // self.eval_every + 1) * self.eval_every
-    def evaluated(self, frame: int, returns: list[float]) -> None:
+    def evaluated(self, frame: int, returns: list[float], skill_counts: list[dict[str, int]] | None = None) -> None:
         """An evaluation's episode returns: to TensorBoard (`eval/*` at `frame`), one line of
-        `eval.jsonl` (task, seed, frame, mean return, every return, mode) and the terminal."""
+        `eval.jsonl` (task, seed, frame, mean return, every return, mode; `skill_counts`, the skills
+        a meta-controller chose in each episode, when given) and the terminal."""
         every = self.eval_every
         self.evaluating = False
         self.next_eval = (frame // every + 1) * every
@@ -284,7 +285,7 @@ class RunCore:
         c = self.config
         RunDir(self.run_dir).append_eval(EvalRecord.of(
             c.env.task, c.seed, self.frames if self.plan.unit == "updates" else int(frame), self.updates,
-            self.plan.label, values))
+            self.plan.label, values, **({"skill_counts": skill_counts} if skill_counts else {})))
         print(f"\nevaluation at {frame:,} {self.plan.unit}: return {mean:.1f} +- {se:.1f} over {len(values)} episodes",
               flush=True)
 

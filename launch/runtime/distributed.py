@@ -629,7 +629,7 @@ class Driver:
             self.core.eval_lost()
             return
         self.eval_failures = 0
-        self.core.evaluated(self.eval_frame, returns["returns"])
+        self.core.evaluated(self.eval_frame, returns["returns"], returns.get("skill_counts"))
 
     def _restart_learner(self, exc: BaseException) -> None:
         if self.core.stopping:

@@ -93,11 +93,11 @@ class Progress:
 
 def run_jobs(fn: Callable[..., Any], calls: Sequence[tuple], *, local: bool = False, address: str | None = None,
              sizes: Sequence[int] | None = None, unit: str = "episodes", label: str = "",
-             stream: TextIO | None = None) -> list[Any]:
+             stream: TextIO | None = None, cpus: float = 1.0) -> list[Any]:
     """`fn(*call)` for every call; results in call order.
 
     local: one after another in this process (an exception of a job is raised as it is);
-    otherwise Ray tasks of one CPU each, on the cluster at `address` or an embedded Ray with all
+    otherwise Ray tasks of `cpus` CPUs each, on the cluster at `address` or an embedded Ray with all
     cores (Ray queues what does not fit and retries a task whose process died; a job that raised
     ends the command with SystemExit naming `label` and the error). Ray is stopped afterwards.
     sizes: each call's units of work (`unit`, e.g. its episodes) for the progress display.
@@ -117,14 +117,14 @@ def run_jobs(fn: Callable[..., Any], calls: Sequence[tuple], *, local: bool = Fa
                 units += size(i)
                 progress.update(i + 1, units)
         else:
-            _run_on_ray(fn, calls, address, results, progress, size, label or "choreo")
+            _run_on_ray(fn, calls, address, results, progress, size, label or "choreo", cpus)
     finally:
         progress.close()
     return results
 
 
 def _run_on_ray(fn: Callable[..., Any], calls: list[tuple], address: str | None, results: list[Any],
-                progress: Progress, size: Callable[[int], int], label: str) -> None:
+                progress: Progress, size: Callable[[int], int], label: str, cpus: float = 1.0) -> None:
     from choreo.launch.runtime.ray_runtime import connect_ray, shutdown_ray, start_local_ray
 
     if address:
@@ -134,7 +134,7 @@ def _run_on_ray(fn: Callable[..., Any], calls: list[tuple], address: str | None,
     import ray
 
     try:
-        task = ray.remote(num_cpus=1, max_retries=3)(fn)
+        task = ray.remote(num_cpus=cpus, max_retries=3)(fn)
         # Large arguments (acting weights) go to the object store once, not once per task.
         shared: dict[int, Any] = {}
         pending = {}

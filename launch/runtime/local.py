@@ -102,7 +102,8 @@ def _run(config: Config, run_dir: Path, resume: bool) -> int:
             if stop_requested():
                 raise KeyboardInterrupt
             if core.eval_due():
-                core.evaluated(core.start_eval(), evaluator.evaluate(config.eval.episodes)["returns"])
+                frame, result = core.start_eval(), evaluator.evaluate(config.eval.episodes)
+                core.evaluated(frame, result["returns"], result.get("skill_counts"))
             if runner is not None and core.may_collect(0, steps_per_call):
                 for stream, chunk in runner.step():
                     shard.add(chunk, stream)

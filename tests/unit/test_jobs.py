@@ -104,11 +104,13 @@ def test_a_shorter_line_pads_over_a_longer_one():
 def test_run_jobs_goes_to_ray_unless_local(monkeypatch):
     seen = {}
 
-    def fake_ray(fn, calls, address, results, progress, size, label):
-        seen.update(address=address, label=label, calls=calls)
+    def fake_ray(fn, calls, address, results, progress, size, label, cpus):
+        seen.update(address=address, label=label, calls=calls, cpus=cpus)
         for i, call in enumerate(calls):
             results[i] = fn(*call)
 
     monkeypatch.setattr(jobs, "_run_on_ray", fake_ray)
     assert run_jobs(abs, [(-1,), (-2,)], address="10.0.0.1:6379", label="choreo plan", stream=io.StringIO()) == [1, 2]
-    assert seen == {"address": "10.0.0.1:6379", "label": "choreo plan", "calls": [(-1,), (-2,)]}
+    assert seen == {"address": "10.0.0.1:6379", "label": "choreo plan", "calls": [(-1,), (-2,)], "cpus": 1.0}
+    run_jobs(abs, [(-1,)], label="runs", stream=io.StringIO(), cpus=2)
+    assert seen["cpus"] == 2

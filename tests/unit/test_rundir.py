@@ -168,12 +168,13 @@ def test_the_run_core_writes_records_that_report_reads(tmp_path):
                    monitor=Monitor(tmp_path, 1000, stream=io.StringIO()))
     core.evaluated(0, [1.0, 2.0])
     core.updates = 40
-    core.evaluated(100, [4.0])
+    core.evaluated(100, [4.0], skill_counts=[{"3": 10}])
     core.monitor.close()
     (run,) = rep.read_eval_file(RunDir(tmp_path).eval_file)
     assert (run.task, run.seed, run.mode) == (config.env.task, 4, "scratch")
     assert run.curve == {0: 1.5, 100: 4.0}
     assert [r.updates for r in RunDir(tmp_path).read_evals()] == [0, 40]
+    assert [r.extra for r in RunDir(tmp_path).read_evals()] == [{}, {"skill_counts": [{"3": 10}]}]
 
 
 def test_plan_and_fine_tuning_records_report_side_by_side(tmp_path, monkeypatch):

@@ -373,6 +373,27 @@ def test_evaluate_plays_fresh_episodes_in_order_without_chunks():
         runner.evaluate(0)
 
 
+class MetaPolicy(FakePolicy):
+    """Chooses its own skills: skill = (episode step) % 2 + 10 x env index, -1 at an episode's first step."""
+
+    behaviour = "meta"
+
+    def act(self, observation, is_first, state, mode="sample"):
+        action, new_state, _ = super().act(observation, is_first, state, mode)
+        t = np.asarray(observation)[:, 0].astype(np.int32)
+        skill = np.where(t == 0, -1, t % 2 + 10 * np.arange(len(t)))
+        return action, new_state, {"skill": skill.astype(np.int32)}
+
+
+def test_evaluate_counts_the_skills_a_meta_policy_chose_in_each_episode():
+    envs = [CounterEnv(length=4, tag=float(i)) for i in range(2)]
+    out = EnvRunner(envs, MetaPolicy(), chunk_length=4, runner_id=0, seed=1, mode="mode").evaluate(3)
+    # steps at t = 0, 1, 2, 3: no skill, then 1, 0, 1 (+ 10 in env 1); episode 2 is env 0's second
+    assert out["skill_counts"] == [{"0": 1, "1": 2}, {"10": 1, "11": 2}, {"0": 1, "1": 2}]
+    assert "skill_counts" not in EnvRunner([CounterEnv()], FakePolicy(), chunk_length=4, runner_id=0,
+                                           seed=1).evaluate(1)
+
+
 class StepKeysPolicy(FakePolicy):
     """Declares extras stored with every row: a skill vector [2] and a log-probability."""
 
