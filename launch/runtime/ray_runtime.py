@@ -356,7 +356,7 @@ class RunnerActor:
         return chunks, {"steps": steps * len(self.runner.envs), "incarnation": self.incarnation,
                         "version": self.runner.version, **_where()}
 
-    def evaluate(self, episodes: int) -> dict[str, list[float]]:
+    def evaluate(self, episodes: int) -> dict[str, list]:
         return self.runner.evaluate(episodes)
 
     def set_weights(self, arrays: dict, version: int) -> int:

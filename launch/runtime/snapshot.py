@@ -90,8 +90,9 @@ class Pretrained:
         """An acting policy of the run's algorithm with the snapshot's acting weights (on the CPU):
         `initial_state(n, skill=...)`, `act(observation [N, ...], is_first [N], state, mode) ->
         (action [N, A], state, extras)`. behaviour: "skill" (the skills you give), "explore"
-        (Choreographer's exploration actor) or "meta" (the meta-controller; a snapshot's reward
-        gate is closed, so it holds random codes). skill: the skills `initial_state(n)` gives
+        (Choreographer's exploration actor) or "meta" (the meta-controller: a new code every step
+        once the snapshot's reward gate has opened, which only fine-tuning does; random codes held
+        for `random_skill_every` steps before that, so a pretraining snapshot's). skill: the skills `initial_state(n)` gives
         without any (`set_skills`). seed: the policy's random draws (mode "sample")."""
         from choreo.agents.registry import make_policy
 
